@@ -1,0 +1,264 @@
+"""Run configuration: one dataclass per stage, each field with its default and its reason.
+
+Presets (`vlmdet/presets/*.yaml`) are data over these dataclasses. The CLI options
+(`--train.max_steps 10`) and the flow's `overrides` parameter are derived from the fields here,
+never re-typed, so a default lives in exactly one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake: the message names the field, the value and the fix."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("synth:240", "Dataset spec: synth:N (generated, seeded), coco:PATH, hub:ORG/NAME[@bbox=yxyx-norm].")
+    seed: int = _f(0, "Seed for synthetic data and the train/val/test split.")
+    val_fraction: float = _f(0.1, "Share of images held out for validation (training-time eval).")
+    test_fraction: float = _f(0.15, "Share of images held out for the reported mAP; never trained on.")
+    category: str = _f("nutrition-table", "The category to detect; the label written in answers.")
+    image_size: list[int] = _f([320, 240], "Synthetic images only: width, height in pixels.")
+    max_images: int = _f(0, "Use at most this many images after validation (0 = all): quick checks.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"data.val_fraction={self.val_fraction} and data.test_fraction={self.test_fraction} must each be in "
+                "[0, 1) with test > 0 and their sum < 1 so that some images remain for training.")
+
+
+@dataclass
+class ModelConfig:
+    base: str = _f("tiny:qwen2_vl", "Base model: a Hub id, a local folder, or tiny:FAMILY for a random tiny model built in-process.")
+    family: str = _f("qwen2_vl", "Model family (answer format and prompt): qwen2_vl, qwen2_5_vl or qwen3_vl.")
+    quantization: str = _f("none", "nf4 (4-bit QLoRA, needs CUDA) or none. nf4 uses double quant and bf16 compute.")
+    dtype: str = _f("auto", "Weights dtype when not quantized: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
+    min_pixels: int = _f(64 * 28 * 28, "Processor pixel budget, lower bound (multiples of 28x28 = one visual token after the 2x2 merge).")
+    max_pixels: int = _f(1024 * 28 * 28, "Processor pixel budget, upper bound: larger photos are resized to fit, boxes mapped back.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.")
+    prompt: str = _f("Detect the {category} in this image.", "User prompt; {category} is filled in.")
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("nf4", "none"):
+            raise ConfigError(f"model.quantization={self.quantization!r} is not supported; use 'nf4' or 'none'.")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"model.dtype={self.dtype!r}; use auto, bfloat16, float16 or float32.")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"model.min_pixels={self.min_pixels} exceeds model.max_pixels={self.max_pixels}.")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(64, "LoRA rank: more capacity for spatial detail, more memory.")
+    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r={self.r} must be a positive integer.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(3.0, "Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs). 10 is a good first check of a preset.")
+    per_device_batch: int = _f(2, "Samples per device per forward pass.")
+    grad_accum: int = _f(8, "Gradient accumulation steps: effective batch = per_device_batch x grad_accum x GPUs.")
+    learning_rate: float = _f(1e-5, "Peak learning rate.")
+    scheduler: str = _f("cosine", "Learning-rate schedule (transformers SchedulerType).")
+    warmup_steps: int = _f(50, "Linear warm-up steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    bf16: bool = _f(True, "bf16 autocast (on CUDA only; CPU runs fp32).")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: ~half the memory, ~30% slower.")
+    save_steps: int = _f(50, "Checkpoint every N steps; a crashed or killed run resumes from the last one.")
+    save_total_limit: int = _f(2, "Keep this many checkpoints.")
+    logging_steps: int = _f(1, "Log the loss every N steps.")
+    seed: int = _f(0, "Training seed.")
+    num_processes: int = _f(1, "GPUs for this step: >1 launches the child with `accelerate launch`.")
+    timeout_s: int = _f(6 * 3600, "Kill the training child after this many seconds.")
+    dataloader_workers: int = _f(0, "DataLoader worker processes.")
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_batch", "grad_accum", "save_steps", "num_processes", "timeout_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1.")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
+            raise ConfigError(f"train.max_steps={self.max_steps}, train.epochs={self.epochs}: set max_steps > 0 or epochs > 0.")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, "Images per generate call.")
+    max_new_tokens: int = _f(128, "Longest answer; a one-box Qwen2-VL answer is ~24 tokens.")
+    split: str = _f("test", "Split the reported mAP is measured on.")
+    eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.")
+    preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.")
+    timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
+
+
+@dataclass
+class GateConfig:
+    threshold: float = _f(0.5, "Publish only when the metric is at least this.")
+    metric: str = _f("map50", "Which metric the gate reads: map, map50 or map75.")
+    min_delta: float = _f(0.0, "The new model must beat the published champion by at least this.")
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("map", "map50", "map75"):
+            raise ConfigError(f"gate.metric={self.metric!r}; use map, map50 or map75.")
+
+
+@dataclass
+class PublishConfig:
+    target: str = _f("local:published", "Where the merged model goes: local:DIR (relative to the workdir) or hub:ORG/NAME.")
+    endpoint: str = _f("", "Hub endpoint URL (empty = huggingface_hub's default / HF_ENDPOINT).")
+    private: bool = _f(True, "Create the Hub repo private.")
+    token_secret: str = _f("hf-token", "Prefect Secret block holding the Hub token (HF_TOKEN is used when absent).")
+    license: str = _f("apache-2.0", "License written in the model card.")
+    merge_timeout_s: int = _f(3600, "Kill the merge child after this many seconds.")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("custom", "Preset name, recorded in the model card and summary.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return _build(cls, data, "")
+
+    def override(self, overrides: dict[str, Any]) -> "RunConfig":
+        """Return a copy with dotted keys set, e.g. {"train.max_steps": 10}; values may be strings."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            hints = _field_types(RunConfig)
+            if section not in hints or (name and not dataclasses.is_dataclass(hints[section])):
+                raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(all_keys()))}")
+            if not name:
+                data[section] = _coerce(value, hints[section], key)
+                continue
+            sub = _field_types(hints[section])
+            if name not in sub:
+                raise ConfigError(f"unknown setting {key!r}; {section} has: {', '.join(sorted(sub))}")
+            data[section][name] = _coerce(value, sub[name], key)
+        return RunConfig.from_dict(data)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = _field_types(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in sorted(unknown))}; "
+                          f"{prefix.rstrip('.') or 'the preset'} has: {', '.join(sorted(hints))}")
+    kwargs = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Turn a CLI string (or YAML scalar) into the field's type, with an error naming the field."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ, origin = args[0], typing.get_origin(args[0])
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ in (int, float, str):
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return typ(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            (inner,) = typing.get_args(typ)
+            return [_coerce(v, inner, key) for v in value]
+        if origin is dict or typ is dict:
+            return dict(yaml.safe_load(value) if isinstance(value, str) else value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from err
+    return value
+
+
+def all_keys() -> list[str]:
+    """Every overridable dotted key, e.g. train.max_steps."""
+    keys = []
+    for section, typ in _field_types(RunConfig).items():
+        if dataclasses.is_dataclass(typ):
+            keys += [f"{section}.{f.name}" for f in dataclasses.fields(typ)]
+        else:
+            keys.append(section)
+    return keys
+
+
+def field_help() -> dict[str, tuple[Any, str]]:
+    """dotted key -> (default, help) for CLI generation."""
+    out = {}
+    for section, typ in _field_types(RunConfig).items():
+        if dataclasses.is_dataclass(typ):
+            default = typ()
+            for f in dataclasses.fields(typ):
+                out[f"{section}.{f.name}"] = (getattr(default, f.name), f.metadata.get("help", ""))
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A preset by name (vlmdet/presets/NAME.yaml) or by path, then the overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset {name_or_path!r} not found; choose one of: {', '.join(list_presets())} "
+                          "or pass a path to a YAML file.")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.setdefault("name", path.stem)
+    return RunConfig.from_dict(data).override(overrides or {})

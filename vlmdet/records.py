@@ -1,0 +1,129 @@
+"""The small typed records that flow one way through the pipeline.
+
+prepare_data -> DatasetRef -> train -> AdapterRef -> evaluate -> EvalReport -> gate -> GateDecision
+-> merge -> MergedRef -> publish -> Publication. Each is a dataclass that round-trips through JSON:
+heavy steps run in a child process that writes its result record as JSON for the task to read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Record:
+    """JSON round trip for the records below (plain dataclasses of JSON-able fields)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        tmp.replace(path)  # atomic: a reader never sees half a record
+        return path
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        return cls.from_dict(json.loads(Path(path).read_text()))  # type: ignore[attr-defined]
+
+
+@dataclass
+class QuarantineEntry(Record):
+    """One image or annotation kept out of training, and why."""
+
+    file: str
+    reason: str  # a short machine-readable reason: unreadable, truncated, box-outside, zero-area, ...
+    detail: str = ""
+
+
+@dataclass
+class DatasetRef(Record):
+    """Prepared data: COCO files per split, all with file_name relative to `root`."""
+
+    fingerprint: str
+    root: str
+    splits: dict[str, str]  # split name -> COCO annotations.json path
+    counts: dict[str, dict[str, int]]  # split -> {"images": n, "boxes": m}
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+    source: str = ""
+    category: str = "nutrition-table"
+
+    @property
+    def quarantine_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for q in self.quarantine:
+            out[q["reason"]] = out.get(q["reason"], 0) + 1
+        return out
+
+
+@dataclass
+class AdapterRef(Record):
+    """A trained LoRA adapter."""
+
+    path: str
+    base_model: str
+    family: str
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+    loss_curve: str | None = None  # PNG of the training loss
+    resumed_from: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport(Record):
+    """COCO bbox AP of one model on one split, with every prediction kept."""
+
+    map: float
+    map50: float
+    map75: float
+    split: str
+    num_images: int
+    parse_failures: int
+    predictions: str  # COCO results JSON path
+    per_image: str | None = None  # JSON with raw answers, boxes and scores per image
+    model: str = ""
+    data_fingerprint: str = ""
+    preview: str | None = None  # PNG grid of predictions on a few images
+
+    def metrics(self) -> dict[str, float]:
+        return {"map": self.map, "map50": self.map50, "map75": self.map75}
+
+
+@dataclass
+class GateDecision(Record):
+    passed: bool
+    threshold: float
+    metric: str
+    value: float
+    reason: str
+    champion: float | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
+class MergedRef(Record):
+    path: str
+    base_model: str
+    max_abs_logit_diff: float
+
+
+@dataclass
+class Publication(Record):
+    target: str  # a folder or a Hub repo id
+    kind: str  # "local" or "hub"
+    revision: str | None = None
+    url: str | None = None
+    files: list[str] = field(default_factory=list)
