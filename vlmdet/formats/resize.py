@@ -7,9 +7,11 @@ Qwen2.5-VL, 32 = 16 px x 2 for Qwen3-VL.
 
 This copies transformers' `models/qwen2_vl/image_processing_qwen2_vl.smart_resize` (identical in
 5.17 and 5.24), because the transformers processor is what resizes the image in training and
-inference here. `qwen_vl_utils.smart_resize` (the Qwen team's helper) agrees except for images
-with a side under factor/2 px: transformers rounds that side to 0 and so scales up to
-`min_pixels`, qwen_vl_utils clamps it to `factor` first. tests/test_formats.py checks both.
+inference here. `qwen_vl_utils.smart_resize` (the Qwen team's helper, 0.0.14) agrees except on
+very thin images: a side under factor/2 px rounds to 0 in transformers, which then scales the
+image up to `min_pixels`, while qwen_vl_utils clamps it to `factor` first; and a side that
+shrinking to `max_pixels` floors to 0 stays 0 in qwen_vl_utils but is clamped to `factor` here.
+tests/test_formats.py checks both.
 """
 from __future__ import annotations
 
