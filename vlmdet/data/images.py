@@ -1,0 +1,100 @@
+"""Open any image the way a viewer would show it: RGB, EXIF orientation applied.
+
+Real product photos come as CMYK JPEGs, 16-bit greyscale PNGs, palette GIFs with a transparent
+colour, RGBA screenshots and phone JPEGs whose pixels are stored sideways with an EXIF
+orientation tag. Everything downstream (boxes, the processor, drawing) assumes the image as
+displayed, so this is the one place that turns a file into pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageError
+
+# EXIF tag 0x0112: values 5-8 store the pixels transposed (width and height swap when displayed).
+ORIENTATION_TAG = 0x0112
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of the file's bytes (duplicates are found by this, before decoding)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image as displayed, in RGB. Raises ImageError(reason, detail) when it cannot be used."""
+    return load_image(path)[0]
+
+
+def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, bool]:
+    """(RGB image as displayed, the file's format e.g. "JPEG", whether pixels differ from the file's).
+
+    The third value tells prepare() whether the file's bytes can be kept as they are: only an RGB
+    file without a rotating EXIF tag is already in normalised form.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("empty-file", "0 bytes")
+        fh: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        fh = Path(source)
+        if fh.stat().st_size == 0:
+            raise ImageError("empty-file", f"{fh} has 0 bytes")
+    try:
+        # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above; both are "too
+        # large" here. The filter is local: the global limit stays in force for everyone else.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fh)
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError("too-large", str(err)) from err
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...
+        message = str(err) or type(err).__name__
+        reason = "truncated" if _looks_truncated(message) else "unreadable"
+        raise ImageError(reason, message) from err
+    fmt = im.format
+    orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    try:
+        shown = ImageOps.exif_transpose(im)
+    except Exception:  # a corrupt EXIF block: keep the stored orientation rather than lose the image
+        shown = im
+        orientation = 1
+    rgb = to_rgb(shown)
+    changed = im.mode != "RGB" or orientation not in (None, 1)
+    return rgb, fmt, changed
+
+
+def _looks_truncated(message: str) -> bool:
+    lowered = message.lower()
+    return any(s in lowered for s in ("truncated", "broken data stream", "premature end", "unexpected end"))
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB pixels for any Pillow mode: alpha is composited on white, 16-bit scaled to 8-bit."""
+    if im.mode == "RGB":
+        return im
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        # convert("L") would clip 16-bit values at 255 (an almost white picture); scale instead.
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if im.mode == "F":
+            low, top = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = arr - low
+            top = max(top - low, 1e-12)
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    return im.convert("RGB")
