@@ -111,6 +111,9 @@ class GateDecision(Record):
     reason: str
     champion: float | None = None
     min_delta: float = 0.0
+    champion_data_fingerprint: str | None = None  # data the champion's metric was measured on
+    champion_source: str | None = None  # where the champion was read (folder, or repo@revision)
+    same_data: bool | None = None  # None: no champion compared; False: gate fell back to the threshold
 
 
 @dataclass
@@ -127,3 +130,6 @@ class Publication(Record):
     revision: str | None = None
     url: str | None = None
     files: list[str] = field(default_factory=list)
+    tag: str | None = None  # the per-run tag (Hub) or run id (local folder)
+    run_id: str = ""
+    reused: bool = False  # True when a retry found this run's commit already landed and did not commit again

@@ -1,0 +1,73 @@
+"""Publishing a merged model with its card, to a local folder or a Hub repo, and reading the champion.
+
+    publish(merged, report, dataset, adapter, decision, config, workdir, token) -> Publication
+    read_champion(config, workdir, token) -> Champion | None
+
+`config.publish.target` is `local:DIR` (DIR relative to the workdir unless absolute) or `hub:ORG/NAME`
+(on `config.publish.endpoint`). Nothing is written when the gate decision did not pass.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from vlmdet.config import ConfigError, RunConfig
+from vlmdet.gate import Champion
+from vlmdet.publishing import card as cardlib
+from vlmdet.publishing.errors import PermanentPublishError, PublishError, TransientPublishError
+from vlmdet.publishing.files import make_run_id, plan
+from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
+
+__all__ = ["publish", "read_champion", "parse_target", "PublishError", "PermanentPublishError",
+           "TransientPublishError", "make_run_id"]
+
+
+def parse_target(target: str, workdir: str | Path = ".") -> tuple[str, str]:
+    """("local", absolute folder) or ("hub", repo id); a ConfigError naming publish.target otherwise."""
+    kind, sep, where = target.partition(":")
+    if not sep or not where or kind not in ("local", "hub"):
+        raise ConfigError(f"publish.target={target!r} is not understood; use local:DIR (a folder, relative to the "
+                          "workdir) or hub:ORG/NAME (a Hub model repo).")
+    if kind == "local":
+        path = Path(where).expanduser()
+        return "local", str(path if path.is_absolute() else Path(workdir) / path)
+    return "hub", where
+
+
+def _model_name(config: RunConfig, kind: str, where: str) -> str:
+    return where.split("/")[-1] if kind == "hub" else Path(where).name or config.name
+
+
+def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, decision: GateDecision,
+            config: RunConfig, workdir: str | Path = ".", token: str | None = None, run_id: str | None = None,
+            sleep: Callable[[float], None] = time.sleep, retry_policy=None) -> Publication:
+    """Publish the merged model with its card in one atomic step (a folder swap, or one Hub commit)."""
+    if not decision.passed:
+        raise PermanentPublishError(f"refusing to publish: the gate did not pass ({decision.reason})")
+    kind, where = parse_target(config.publish.target, workdir)
+    run_id = run_id or make_run_id(merged, report, dataset, adapter)
+    name = _model_name(config, kind, where)
+    files = plan(merged, report, dataset, adapter, decision, config, run_id, name)
+    if kind == "local":
+        from vlmdet.publishing.local import publish_folder
+
+        return publish_folder(Path(where), files, run_id)
+    from vlmdet.publishing import hub
+
+    meta = cardlib.build_metadata(report=report, dataset=dataset, adapter=adapter, decision=decision, config=config,
+                                  run_id=run_id, model_name=name)
+    return hub.publish_repo(where, files, meta, run_id, endpoint=config.publish.endpoint, token=token,
+                            private=config.publish.private, policy=retry_policy, sleep=sleep)
+
+
+def read_champion(config: RunConfig, workdir: str | Path = ".", token: str | None = None,
+                  sleep: Callable[[float], None] = time.sleep, retry_policy=None) -> Champion | None:
+    """The model now published at config.publish.target, as the gate's champion (None when there is none)."""
+    kind, where = parse_target(config.publish.target, workdir)
+    if kind == "local":
+        return cardlib.read_champion_folder(where)
+    from vlmdet.publishing import hub
+
+    return hub.read_champion_repo(where, endpoint=config.publish.endpoint, token=token, policy=retry_policy,
+                                  sleep=sleep)

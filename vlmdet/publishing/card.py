@@ -1,0 +1,192 @@
+"""The model card (README.md with YAML front matter) and `vlmdet.json`, written and read back.
+
+The card is what the Hub shows and indexes: its `model-index` carries mAP, mAP50 and mAP75 on the
+named split, with the evaluation data's fingerprint as `dataset.revision`, so the next run's gate can
+tell whether the champion was measured on the same data. `vlmdet.json` holds the same facts in full
+(config, metrics, fingerprint, gate) for machines; the card is the source of truth when both exist
+because it is the file people edit on the Hub.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_results
+
+from vlmdet.config import RunConfig
+from vlmdet.gate import Champion, decision_markdown
+from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision
+
+META_FILE = "vlmdet.json"
+CARD_FILE = "README.md"
+LOSS_CURVE = "assets/loss_curve.png"
+PREVIEW = "assets/predictions.png"
+METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_dataset_id(source: str) -> str | None:
+    """`hub:ORG/NAME[@...]` -> ORG/NAME; other specs (synthetic, local COCO) have no Hub id."""
+    if not source.startswith("hub:"):
+        return None
+    name = source[4:].split("@", 1)[0]
+    return name if _REPO_ID.match(name) else None
+
+
+def dataset_label(source: str) -> str:
+    """A readable dataset name that never leaks a local path beyond its last component."""
+    if hub := hub_dataset_id(source):
+        return hub
+    if source.startswith("coco:"):
+        return "coco:" + Path(source[5:]).name
+    return source or "unknown"
+
+
+def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, decision: GateDecision,
+                   config: RunConfig, run_id: str, model_name: str) -> dict[str, Any]:
+    """The content of vlmdet.json: everything a later run (or a person) needs to judge this model."""
+    return {
+        "run_id": run_id,
+        "preset": config.name,
+        "base_model": adapter.base_model or config.model.base,
+        "family": config.model.family,
+        "model_name": model_name,
+        "metrics": report.metrics(),
+        "eval": {"split": report.split, "num_images": report.num_images, "parse_failures": report.parse_failures,
+                 "data_fingerprint": report.data_fingerprint or dataset.fingerprint},
+        "dataset": {"source": dataset_label(dataset.source), "fingerprint": dataset.fingerprint,
+                    "counts": dataset.counts, "quarantine": dataset.quarantine_counts, "category": dataset.category},
+        "adapter": {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None},
+        "gate": decision.to_dict(),
+        "config": config.to_dict(),
+    }
+
+
+def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, has_loss_curve: bool,
+                has_preview: bool) -> str:
+    """README.md text: YAML front matter (model-index etc.) and a body for people."""
+    ev = meta["eval"]
+    ds = meta["dataset"]
+    hub_ds = hub_dataset_id(meta["config"]["data"]["dataset"])
+    base = meta["base_model"]
+    results = [
+        EvalResult(task_type="object-detection", task_name="Object Detection",
+                   dataset_type=hub_ds or ds["source"], dataset_name=ds["source"], dataset_split=ev["split"],
+                   dataset_revision=ev["data_fingerprint"] or None,
+                   metric_type=key, metric_name=METRIC_NAMES[key], metric_value=round(float(val), 6))
+        for key, val in meta["metrics"].items()
+    ]
+    data = ModelCardData(
+        model_name=meta["model_name"], license=license, library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        # base_model must be a Hub id for the Hub to accept the card; tiny:/local bases are not.
+        base_model=base if _REPO_ID.match(base or "") else None,
+        datasets=[hub_ds] if hub_ds else None,
+        tags=["vlmdet", "object-detection", meta["family"], "qlora" if meta["config"]["model"]["quantization"] == "nf4"
+              else "lora", ds.get("category", "nutrition-table")],
+        metrics=["map"], eval_results=results,
+    )
+    m = meta["metrics"]
+    config_yaml = yaml.safe_dump(meta["config"], sort_keys=False).strip()
+    body = [
+        f"# {meta['model_name']}",
+        "",
+        f"A {meta['family']} vision-language model fine-tuned with LoRA by vlmdet to detect "
+        f"**{ds.get('category', 'nutrition-table')}** regions in photos. It answers a detection prompt with boxes in the "
+        "family's native format; vlmdet parses them into xyxy pixel boxes.",
+        "",
+        "## Intended use and limits",
+        "",
+        f"- Intended: locating {ds.get('category')} regions on product photos similar to the training data, as a "
+        "first stage before OCR or human review.",
+        "- Not intended: safety-critical decisions, or images unlike the training distribution (other languages, "
+        "layouts, heavy blur) without re-measuring mAP on them.",
+        "- Scores are mean log-probabilities of the box tokens, not calibrated probabilities.",
+        f"- Measured on {ev['num_images']} held-out images only; {ev['parse_failures']} answers could not be parsed.",
+        "",
+        "## Evaluation",
+        "",
+        f"COCO bbox AP (pycocotools) on the `{ev['split']}` split of `{ds['source']}`.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {METRIC_NAMES[k]} | {float(v):.4f} |" for k, v in m.items()),
+        "",
+        "## Dataset",
+        "",
+        f"- Source: `{ds['source']}`",
+        f"- Fingerprint: `{ds['fingerprint']}` (evaluation data: `{ev['data_fingerprint']}`)",
+        f"- Counts: `{json.dumps(ds['counts'])}`",
+        f"- Quarantined: `{json.dumps(ds['quarantine'])}`",
+        "",
+        "## Publication gate",
+        "",
+        decision_markdown(decision),
+    ]
+    if has_preview:
+        body += ["## Predictions on test images", "", f"![predictions]({PREVIEW})", ""]
+    if has_loss_curve:
+        body += ["## Training loss", "", f"![loss curve]({LOSS_CURVE})", ""]
+    body += [
+        "## Training configuration",
+        "",
+        f"Base model: `{base}`; adapter trained for {meta['adapter']['global_step']} steps; run `{meta['run_id']}`.",
+        "",
+        "```yaml",
+        config_yaml,
+        "```",
+        "",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, source: str) -> Champion | None:
+    """The champion's metrics from a card's model-index (preferred) or vlmdet.json; None if neither has any."""
+    metrics: dict[str, float] = {}
+    fingerprint = split = ""
+    if card_text:
+        card = ModelCard(card_text, ignore_metadata_errors=True)
+        index = card.data.to_dict().get("model-index")
+        if index:
+            try:
+                _, results = model_index_to_eval_results(index)
+            except (KeyError, TypeError, ValueError):
+                results = []  # a hand-edited, malformed model-index: fall back to vlmdet.json
+            for r in results:
+                key = str(r.metric_type).lower().replace("@", "").replace(".", "")
+                if key in METRIC_NAMES and isinstance(r.metric_value, (int, float)):
+                    metrics[key] = float(r.metric_value)
+                    fingerprint = fingerprint or (r.dataset_revision or "")
+                    split = split or (r.dataset_split or "")
+    run_id = ""
+    if meta:
+        for k, v in (meta.get("metrics") or {}).items():
+            if k in METRIC_NAMES and isinstance(v, (int, float)):
+                metrics.setdefault(k, float(v))
+        ev = meta.get("eval") or {}
+        fingerprint = fingerprint or ev.get("data_fingerprint", "")
+        split = split or ev.get("split", "")
+        run_id = meta.get("run_id", "")
+    if not metrics:
+        return None
+    return Champion(metrics=metrics, data_fingerprint=fingerprint, split=split, source=source, run_id=run_id)
+
+
+def read_champion_folder(folder: str | Path) -> Champion | None:
+    """The champion published in a local repo-shaped folder, or None when nothing is there."""
+    folder = Path(folder)
+    card = folder / CARD_FILE
+    meta = folder / META_FILE
+    card_text = card.read_text() if card.is_file() else None
+    meta_data = None
+    if meta.is_file():
+        try:
+            meta_data = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            meta_data = None
+    return champion_from_card(card_text, meta_data, str(folder))
