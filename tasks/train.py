@@ -1,0 +1,55 @@
+"""Task: QLoRA fine-tuning in a child process (vlmdet.steps train).
+
+Not retried on ordinary failures: a flow-run retry restarts it and training resumes from the last
+checkpoint of the same run folder. Out of GPU memory is retried once with half the per-device
+batch and twice the accumulation (same effective batch); the halving shows in the retry history.
+"""
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import task_run
+
+from tasks.common import image_markdown, run_key, step_dir
+from vlmdet.config import RunConfig
+from vlmdet.records import AdapterRef, DatasetRef
+from vlmdet.runner import OutOfMemory, run_step
+
+
+def _retry_on_oom(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except OutOfMemory:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def halved_for_retry(config: RunConfig, attempt: int) -> RunConfig:
+    """Attempt 2+ after an OOM: the same effective batch in smaller pieces."""
+    if attempt <= 1 or config.train.per_device_batch == 1:
+        return config
+    return config.override({"train.per_device_batch": max(1, config.train.per_device_batch // 2),
+                            "train.grad_accum": config.train.grad_accum * 2})
+
+
+@task(name="train", retries=1, retry_delay_seconds=0, retry_condition_fn=_retry_on_oom)
+def train(dataset: DatasetRef, config: RunConfig, workdir: str) -> AdapterRef:
+    log = get_run_logger()
+    config = halved_for_retry(config, task_run.run_count)
+    if task_run.run_count > 1:
+        log.warning("retrying after out of GPU memory with per_device_batch=%d grad_accum=%d",
+                    config.train.per_device_batch, config.train.grad_accum)
+    out = step_dir(workdir, "train", run_key(config, dataset.fingerprint))
+    record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
+                      out / "step", timeout_s=config.train.timeout_s, num_processes=config.train.num_processes)
+    adapter = AdapterRef.from_dict(record)
+    log.info("adapter at %s after %d steps%s", adapter.path, adapter.global_step,
+             f" (resumed from {adapter.resumed_from})" if adapter.resumed_from else "")
+    losses = adapter.losses
+    create_markdown_artifact(
+        f"## Training\n\n- steps: {adapter.global_step}\n- loss: {losses[0]:.4f} -> {losses[-1]:.4f}\n"
+        f"- adapter: `{adapter.path}`\n- resumed from: {adapter.resumed_from or 'no'}\n\n"
+        + image_markdown(adapter.loss_curve, "loss curve"), key="training") if losses else None
+    return adapter

@@ -1,0 +1,208 @@
+"""The `vlmdet` command.
+
+Settings options (`--train.max_steps 10`) are generated from the config dataclasses, so their
+defaults and help live in one place (vlmdet/config.py). Commands that run the Prefect flow or read
+the Prefect API import it lazily: the library itself never imports Prefect.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlmdet.config import ConfigError, field_help, list_presets, load_preset
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings (override the preset; see vlmdet/config.py)")
+    for key, (default, help_) in field_help().items():
+        g.add_argument(f"--{key}", dest=f"set:{key}", default=None, metavar="V", help=f"{help_} [default {default!r}]")
+    g.add_argument("--set", dest="set_pairs", action="append", default=[], metavar="KEY=VALUE",
+                   help="Any setting by dotted key, repeatable.")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
+    for pair in args.set_pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
+        out[key] = value
+    return out
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from vlmdet.data.synth import generate
+
+    path = generate(Path(args.out), args.num, seed=args.seed, size=tuple(args.size))
+    print(path)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from vlmdet.metrics import coco_map
+
+    gt = json.loads(Path(args.gt).read_text())
+    pred = json.loads(Path(args.pred).read_text())
+    print(json.dumps(coco_map(gt, pred)))
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain
+
+    overrides = _overrides(args)
+    load_preset(args.preset, overrides)  # fail on a bad setting before Prefect starts
+    summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
+                      overrides=overrides, force=args.force)
+    _print_summary(Path(args.workdir), summary)
+    return 0
+
+
+def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
+    m, g = s["metrics"], s["gate"]
+    print()
+    if s.get("skipped"):
+        print(f"Nothing new: {s.get('skip_reason')}. Pass --force to retrain.")
+    print(f"mAP {m['map']:.3f}  mAP50 {m['map50']:.3f}  mAP75 {m['map75']:.3f}", end="")
+    if s.get("base_metrics"):
+        b = s["base_metrics"]
+        print(f"   (base model: mAP {b['map']:.3f}  mAP50 {b['map50']:.3f})", end="")
+    print(f"\ngate: {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
+    print(f"adapter:   {s['adapter']}")
+    if s.get("published"):
+        print(f"published: {s['published']['target']}")
+    if s.get("evaluation", {}).get("preview"):
+        print(f"preview:   {s['evaluation']['preview']}")
+    print(f"summary:   {(workdir / 'summary.json').resolve()}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlmdet.data import materialize, prepare
+    from vlmdet.training.train import train
+
+    config = load_preset(args.preset, _overrides(args))
+    wd = Path(args.workdir)
+    raw = materialize(config.data.dataset, wd / "data" / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
+    data = prepare(raw, wd / "data" / "prepared", config.data, source=config.data.dataset)
+    adapter = train(data, config, wd / "train")
+    print(json.dumps({"adapter": adapter.path, "global_step": adapter.global_step, "data": data.to_dict()}, indent=1))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vlmdet.data import materialize, prepare
+    from vlmdet.evaluation import evaluate
+
+    config = load_preset(args.preset, _overrides(args))
+    wd = Path(args.workdir)
+    raw = materialize(config.data.dataset, wd / "data" / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
+    data = prepare(raw, wd / "data" / "prepared", config.data, source=config.data.dataset)
+    report = evaluate(args.model, data, config, wd / "eval")
+    print(json.dumps(report.metrics()))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vlmdet.prediction.cli import predict_files
+
+    config = load_preset(args.preset, _overrides(args))
+    files = []
+    for item in args.images:
+        p = Path(item)
+        files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    if not files:
+        raise ConfigError("no images given: pass image files or folders holding .jpg/.png files")
+    explicit = set(_overrides(args))
+    out = predict_files(args.model, files, Path(args.out), config, explicit)
+    print(out)
+    return 0
+
+
+def cmd_retries(args: argparse.Namespace) -> int:
+    from flows.retries import format_attempts, task_run_attempts
+
+    print(format_attempts(task_run_attempts(args.flow_run)))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name in list_presets():
+        print(name)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vlmdet", description=__doc__.splitlines()[0] + " Train, measure and publish "
+                                 "a Qwen2-VL-family nutrition-table detector.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="Generate a synthetic COCO dataset of nutrition tables.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("score", help="COCO bbox mAP of a predictions file against ground truth (JSON to stdout).")
+    p.add_argument("--gt", required=True, help="COCO annotations JSON")
+    p.add_argument("--pred", required=True, help="COCO results JSON (image_id, category_id, bbox xywh, score)")
+    p.set_defaults(fn=cmd_score)
+
+    for name, fn, help_ in [("retrain", cmd_retrain, "Run the retrain flow: prepare, train, evaluate, gate, merge, publish."),
+                            ("train", cmd_train, "Prepare data and train an adapter, without Prefect."),
+                            ("evaluate", cmd_evaluate, "mAP of a model (adapter or merged folder) on the preset's data.")]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--preset", default="smoke", help=f"one of {', '.join(list_presets())}, or a YAML path")
+        p.add_argument("--workdir", default="runs/latest")
+        if name == "retrain":
+            p.add_argument("--threshold", type=float, default=None, help="shortcut for --gate.threshold")
+            p.add_argument("--dataset", default=None, help="shortcut for --data.dataset: synth:N, coco:PATH, hub:ORG/NAME")
+            p.add_argument("--force", action="store_true", help="retrain even when nothing changed since the last success")
+        if name == "evaluate":
+            p.add_argument("--model", required=True)
+        _add_settings(p)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("predict", help="Detect on images; writes OUT/predictions.json and a drawn image per input.")
+    p.add_argument("--model", required=True, help="a merged model folder or an adapter folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="smoke", help="settings source for pixel budget, prompt, batch size")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    _add_settings(p)
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("retries", help="Every attempt of every task run of a flow run, with its error.")
+    p.add_argument("flow_run", help="flow run id")
+    p.set_defaults(fn=cmd_retries)
+
+    p = sub.add_parser("presets", help="List the shipped presets.")
+    p.set_defaults(fn=cmd_presets)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"vlmdet: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from vlmdet.data import DataError
+
+        if isinstance(err, DataError):
+            print(f"vlmdet: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Evaluation: detect on a held-out split, score COCO bbox AP with pycocotools."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from vlmdet.config import RunConfig
+from vlmdet.formats import get_format
+from vlmdet.metrics import coco_map
+from vlmdet.modeling.load import load_for_inference
+from vlmdet.prediction.draw import draw, grid
+from vlmdet.prediction.predict import Detector
+from vlmdet.records import DatasetRef, EvalReport
+from vlmdet.samples import load_split
+
+log = logging.getLogger(__name__)
+
+
+def detector_for(model_path: str, config: RunConfig) -> Detector:
+    model, processor = load_for_inference(model_path, config.model)
+    fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
+    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)
+
+
+def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str | Path, split: str | None = None) -> EvalReport:
+    """mAP of the model (merged folder or adapter folder) on `split` (default config.eval.split)."""
+    from vlmdet.data.images import open_image
+
+    split = split or config.eval.split
+    if split not in dataset.splits:
+        raise ValueError(f"eval split {split!r} not in the prepared data (has: {', '.join(dataset.splits)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples, coco = load_split(dataset.splits[split])
+    det = detector_for(model_path, config)
+    preds = det.detect_all(((s.file, lambda s=s: open_image(s.file)) for s in samples), len(samples),
+                           config.eval.batch_size, desc=f"evaluate {split}")
+    cat_id = next((c["id"] for c in coco["categories"] if c["name"] == config.data.category), 1)
+    results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
+               for s, p in zip(samples, preds) for b in p.boxes]
+    metrics = coco_map(coco, results)
+    (out / "predictions.json").write_text(json.dumps(results))
+    per_image = [dict(p.to_dict(), image_id=s.image_id, truth=[[b.x1, b.y1, b.x2, b.y2] for b in s.boxes])
+                 for s, p in zip(samples, preds)]
+    (out / "per_image.json").write_text(json.dumps(per_image, indent=1))
+    n = config.eval.preview_images
+    preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
+                   out / "preview.png") if n else None
+    failures = sum(not p.parse_ok for p in preds)
+    log.info("%s on %s: mAP %.3f mAP50 %.3f mAP75 %.3f (%d images, %d unparsable answers)", model_path, split,
+             metrics["map"], metrics["map50"], metrics["map75"], len(samples), failures)
+    return EvalReport(map=metrics["map"], map50=metrics["map50"], map75=metrics["map75"], split=split,
+                      num_images=len(samples), parse_failures=failures, predictions=str((out / "predictions.json").resolve()),
+                      per_image=str((out / "per_image.json").resolve()), model=str(model_path),
+                      data_fingerprint=dataset.fingerprint, preview=preview)

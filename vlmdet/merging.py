@@ -1,0 +1,80 @@
+"""Merge a LoRA adapter into its base, unquantized, and prove the merge changed nothing.
+
+QLoRA trains against a 4-bit base, but the published model must be plain weights: the base is
+reloaded in bf16 (fp32 on a CPU), the adapter merged in, the result saved as safetensors with the
+processor, then reloaded from disk and compared with base + adapter on a fixed batch. A merge that
+does not reproduce the adapter's logits fails loudly instead of publishing a different model.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlmdet.config import RunConfig
+from vlmdet.modeling.load import adapter_base, load_model, load_processor, torch_dtype
+from vlmdet.records import AdapterRef, MergedRef
+from vlmdet.samples import user_message
+
+log = logging.getLogger(__name__)
+
+
+class MergeMismatch(RuntimeError):
+    pass
+
+
+def check_batch(processor, images: list, config: RunConfig) -> dict:
+    text = processor.apply_chat_template([user_message(config.model.prompt, config.data.category)], add_generation_prompt=True)
+    return processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left")
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    batch = batch.to(model.device)
+    return model(**batch).logits.float().cpu()  # [batch, seq, vocab]
+
+
+def tolerance(dtype: torch.dtype, scale: float) -> float:
+    # fp32 merges agree to rounding; bf16 keeps 8 mantissa bits, so W + BA rounds differently from
+    # W x + B(A x): allow a few bf16 ulps of the logits' scale.
+    return (1e-4 if dtype == torch.float32 else 4e-2) * max(1.0, scale)
+
+
+def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images: list) -> MergedRef:
+    """Merge the adapter folder into its base; save to OUT; check logits on `images` (PIL, RGB)."""
+    from peft import PeftModel
+
+    adapter_path = adapter.path if isinstance(adapter, AdapterRef) else str(adapter)
+    base = adapter_base(adapter_path)
+    out = Path(out)
+    dtype = torch_dtype(config.model)
+    processor = load_processor(adapter_path, config.model)
+    batch = check_batch(processor, images, config)
+
+    model = PeftModel.from_pretrained(load_model(base, config.model, quantize=False, dtype=dtype), adapter_path)
+    model.eval()
+    expected = _logits(model, batch)
+    merged = model.merge_and_unload()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    del model, merged
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    reloaded = load_model(str(tmp), config.model, quantize=False, dtype=dtype)
+    reloaded.eval()
+    got = _logits(reloaded, batch)
+    diff = (got - expected).abs().max().item()
+    tol = tolerance(dtype, expected.abs().max().item())
+    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    log.info("merge check: max |logit diff| %.3g (tolerance %.3g), greedy tokens agree %.1f%%", diff, tol, 100 * agree)
+    if diff > tol:
+        raise MergeMismatch(f"merged model differs from base + adapter: max |logit diff| {diff:.4g} > {tol:.4g} "
+                            f"on {len(images)} images; not publishing. Adapter: {adapter_path}")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return MergedRef(path=str(out.resolve()), base_model=base, max_abs_logit_diff=diff)
