@@ -1,0 +1,114 @@
+"""Reading retried task runs back from the Prefect API (flows/retries.py)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from prefect import flow, task
+from prefect.states import AwaitingRetry, Completed, Failed, Pending, Retrying, Running
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.retries import attempts_from_states, format_attempts, task_run_attempts
+
+
+def _at(states_and_offsets):
+    t0 = datetime(2026, 1, 1, 2, 0, 0, tzinfo=timezone.utc)
+    out = []
+    for state, seconds in states_and_offsets:
+        state.timestamp = t0 + timedelta(seconds=seconds)
+        out.append(state)
+    return out
+
+
+def test_immediate_retry_splits_into_two_attempts_with_the_logged_error():
+    states = _at([(Pending(), 0), (Running(), 1), (Retrying(), 5), (Completed(), 9)])
+    attempts = attempts_from_states(reversed(states), ["OSError('hub 503')"])  # order must not matter
+    assert [(a["attempt"], a["outcome"], a["error"]) for a in attempts] == [
+        (1, "retried", "OSError('hub 503')"),
+        (2, "Completed", None),
+    ]
+    assert attempts[0]["start"].endswith("02:00:01+00:00") and attempts[0]["end"].endswith("02:00:05+00:00")
+    assert attempts[1]["start"] == attempts[0]["end"]
+
+
+def test_delayed_retries_and_a_final_failure_keep_every_error():
+    states = _at([
+        (Pending(), 0), (Running(), 1), (AwaitingRetry(), 2), (Running(), 12),
+        (AwaitingRetry(), 13), (Running(), 23), (Failed(message="Task run encountered an exception MemoryError: out of memory"), 24),
+    ])
+    attempts = attempts_from_states(states, ["TimeoutError('a')", "TimeoutError('b')"])
+    assert [a["outcome"] for a in attempts] == ["retried", "retried", "Failed"]
+    assert [a["error"] for a in attempts][:2] == ["TimeoutError('a')", "TimeoutError('b')"]
+    assert "out of memory" in attempts[2]["error"]
+    assert attempts[1]["start"].endswith("02:00:12+00:00")
+
+
+def test_format_attempts_names_the_task_once_and_shows_each_attempt():
+    table = format_attempts([{
+        "task_run_id": "x", "name": "train-0", "state": "Completed",
+        "attempts": [
+            {"attempt": 1, "start": "2026-01-01T02:00:01+00:00", "end": "2026-01-01T02:00:05+00:00", "outcome": "retried", "error": "OSError('hub\n503')"},
+            {"attempt": 2, "start": "2026-01-01T02:00:05+00:00", "end": "2026-01-01T02:00:09+00:00", "outcome": "Completed", "error": None},
+        ],
+    }])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[0].split()[:2] == ["task", "run"]
+    assert lines[1].startswith("train-0") and "02:00:01" in lines[1] and "OSError('hub 503')" in lines[1]
+    assert not lines[2].startswith("train-0") and "Completed" in lines[2]
+
+
+_calls = {"n": 0}
+
+
+@task(retries=1, retry_delay_seconds=0)
+def flaky_download() -> str:
+    _calls["n"] += 1
+    if _calls["n"] == 1:
+        raise ConnectionError("transient: hub returned 503")
+    return "ok"
+
+
+@task
+def steady() -> int:
+    return 1
+
+
+@flow(name="retry-probe")
+def retry_probe() -> str:
+    steady()
+    return flaky_download()
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def test_a_transient_failure_shows_two_attempts_and_the_first_error(prefect_api):
+    _calls["n"] = 0
+    state = retry_probe(return_state=True)
+    assert state.is_completed() and _calls["n"] == 2
+    flow_run_id = state.state_details.flow_run_id
+
+    # Task run states (through the server's event pipeline) and logs (batched by the client)
+    # reach the database a moment after the flow returns: poll, bounded, until both are there.
+    deadline = time.monotonic() + 30
+    while True:
+        runs = {r["name"].rsplit("-", 1)[0]: r for r in task_run_attempts(flow_run_id)}
+        flaky = runs.get("flaky_download")
+        settled = flaky and len(flaky["attempts"]) == 2 and flaky["attempts"][0]["error"]
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+    assert set(runs) == {"flaky_download", "steady"}
+    assert [a["outcome"] for a in flaky["attempts"]] == ["retried", "Completed"]
+    assert "ConnectionError" in flaky["attempts"][0]["error"]
+    assert "transient: hub returned 503" in flaky["attempts"][0]["error"]
+    assert flaky["attempts"][1]["error"] is None
+    assert [a["outcome"] for a in runs["steady"]["attempts"]] == ["Completed"]
+    table = format_attempts(task_run_attempts(flow_run_id))
+    assert "transient: hub returned 503" in table
