@@ -59,7 +59,8 @@ def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterR
         "metrics": report.metrics(),
         "eval": {"split": report.split, "num_images": report.num_images, "parse_failures": report.parse_failures,
                  "data_fingerprint": report.data_fingerprint or dataset.fingerprint},
-        "dataset": {"source": dataset_label(dataset.source), "fingerprint": dataset.fingerprint,
+        "dataset": {"source": dataset_label(dataset.source), "hub_id": hub_dataset_id(dataset.source or config.data.dataset),
+                    "fingerprint": dataset.fingerprint,
                     "counts": dataset.counts, "quarantine": dataset.quarantine_counts, "category": dataset.category},
         "adapter": {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None},
         "gate": decision.to_dict(),
@@ -72,7 +73,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
     """README.md text: YAML front matter (model-index etc.) and a body for people."""
     ev = meta["eval"]
     ds = meta["dataset"]
-    hub_ds = hub_dataset_id(meta["config"]["data"]["dataset"])
+    hub_ds = ds.get("hub_id")
     base = meta["base_model"]
     results = [
         EvalResult(task_type="object-detection", task_name="Object Detection",

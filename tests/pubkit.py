@@ -1,0 +1,27 @@
+"""Records and a tiny merged model for the publishing tests (not a test module)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef
+
+
+def png(path: Path, color: tuple[int, int, int]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 12), color).save(path)
+    return str(path)
+
+
+def records(tmp: Path, merged_path: Path, map50: float = 0.8, fp: str = "fp-test", pictures: bool = True):
+    merged = MergedRef(path=str(merged_path), base_model="tiny:qwen2_vl", max_abs_logit_diff=0.0)
+    report = EvalReport(map=map50 * 0.6, map50=map50, map75=map50 * 0.5, split="test", num_images=12,
+                        parse_failures=1, predictions=str(tmp / "pred.json"), data_fingerprint=fp,
+                        preview=png(tmp / "preview.png", (200, 10, 10)) if pictures else None)
+    dataset = DatasetRef(fingerprint=fp, root=str(tmp), splits={"test": str(tmp / "test.json")},
+                         counts={"test": {"images": 12, "boxes": 14}}, source="hub:openfoodfacts/nutrition-table-detection")
+    adapter = AdapterRef(path=str(tmp / "adapter"), base_model="tiny:qwen2_vl", family="qwen2_vl", global_step=7,
+                         losses=[2.0, 1.5, 1.2], loss_curve=png(tmp / "loss.png", (10, 200, 10)) if pictures else None)
+    decision = GateDecision(passed=True, threshold=0.5, metric="map50", value=map50, reason="map50 above threshold")
+    return merged, report, dataset, adapter, decision
