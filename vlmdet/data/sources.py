@@ -1,0 +1,256 @@
+"""Turn a dataset spec into one COCO annotations.json on local disk.
+
+Specs (DataConfig.dataset):
+  synth:N              N generated images (seeded, see synth.py)
+  coco:PATH            an annotations.json, or a folder holding one; file_name relative to its folder
+  hub:ORG/NAME         a Hugging Face Hub dataset through datasets.load_dataset (HF_HUB_OFFLINE=1
+                       works from the HF cache)
+  hf-disk:PATH         a dataset written with Dataset(Dict).save_to_disk
+  parquet:PATH         parquet files: a glob, a file or a folder (split from the file or folder
+                       name, e.g. data/train-00000-of-00002.parquet, as the Hub stores them)
+The last three expect the openfoodfacts/nutrition-table-detection features: `image`, `objects`
+{`bbox`, `category_name` or `category_id`}, optional `image_id`, `width`, `height`, `meta`.
+Its boxes are [y_min, x_min, y_max, x_max] normalised to 0-1; other datasets name their layout
+with a suffix: `hub:ORG/NAME@bbox=xyxy-abs` (one of BBOX_LAYOUTS).
+
+Boxes are taken to refer to the image as displayed (EXIF orientation applied), so normalised
+boxes are scaled by the displayed width and height. Image bytes are written as they are (no
+recompression); prepare() validates and normalises them. Each COCO image keeps the dataset's own
+split name in a "split" key so that prepare() never mixes a dataset's held-out split into training.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+
+from .errors import DataError
+from .images import ORIENTATION_TAG
+from .synth import generate
+
+BBOX_LAYOUTS = ("yxyx-norm", "xyxy-norm", "xyxy-abs", "xywh-abs")
+SCHEMES = ("synth", "coco", "hub", "hf-disk", "parquet")
+SPLIT_NAMES = ("train", "val", "validation", "valid", "test", "dev")
+COCO_LAYOUT = ("a COCO annotations.json (keys images, annotations, categories) or a folder holding one, "
+               "with each image's file_name relative to the json's folder (what `vlmdet synth --out DIR` writes)")
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def materialize(spec: str, workdir: str | Path, seed: int, image_size: Iterable[int] = (320, 240)) -> Path:
+    """Resolve `spec` to a COCO annotations.json (written under workdir unless spec is coco:)."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise DataError(f"data.dataset={spec!r} is not a dataset spec; use one of synth:N, coco:PATH, "
+                        "hub:ORG/NAME[@bbox=LAYOUT], hf-disk:PATH, parquet:PATH.")
+    target, layout = _split_layout(spec, rest)
+    workdir = Path(workdir)
+    if scheme == "synth":
+        if layout != BBOX_LAYOUTS[0] or not target.isdigit() or int(target) < 1:
+            raise DataError(f"data.dataset={spec!r}: synth takes a positive image count, e.g. synth:240.")
+        size = tuple(int(v) for v in image_size)
+        return generate(workdir / f"synth-{target}-seed{seed}-{size[0]}x{size[1]}", int(target), seed, size)
+    if scheme == "coco":
+        return _coco_path(target)
+    out = workdir / ("source-" + re.sub(r"[^A-Za-z0-9._-]+", "-", f"{scheme}-{target}").strip("-"))
+    return to_coco(_load_splits(scheme, target, spec, out), out, layout, spec)
+
+
+def _split_layout(spec: str, rest: str) -> tuple[str, str]:
+    target, sep, suffix = rest.rpartition("@bbox=")
+    if not sep:
+        return rest, BBOX_LAYOUTS[0]
+    if suffix not in BBOX_LAYOUTS:
+        raise DataError(f"data.dataset={spec!r}: unknown box layout {suffix!r}; use one of {', '.join(BBOX_LAYOUTS)}.")
+    return target, suffix
+
+
+def _coco_path(target: str) -> Path:
+    path = Path(target).expanduser()
+    if path.is_dir():
+        candidate = path / "annotations.json"
+        if not candidate.is_file():
+            found = sorted(p.name for p in path.glob("*.json"))[:5]
+            hint = f" It holds {', '.join(found)}: pass one of them as coco:{path}/NAME.json." if found else ""
+            raise DataError(f"coco:{target}: the folder {path} has no annotations.json. Expected {COCO_LAYOUT}.{hint}")
+        return candidate
+    if not path.is_file():
+        raise DataError(f"coco:{target}: {path} does not exist. Expected {COCO_LAYOUT}.")
+    return path
+
+
+def _load_splits(scheme: str, target: str, spec: str, out: Path) -> dict[str, Any]:
+    """The dataset's splits as {name: datasets.Dataset}."""
+    import datasets  # heavy import, only for these specs
+
+    try:
+        if scheme == "hub":
+            loaded = datasets.load_dataset(target)
+        elif scheme == "hf-disk":
+            if not Path(target).expanduser().exists():
+                raise DataError(f"hf-disk:{target}: no such folder; expected a dataset written by save_to_disk.")
+            loaded = datasets.load_from_disk(str(Path(target).expanduser()))
+        else:
+            loaded = datasets.load_dataset("parquet", data_files=_parquet_files(target),
+                                           cache_dir=str(out.with_name(out.name + ".cache")))
+    except DataError:
+        raise
+    except Exception as err:  # network, auth, missing cache, bad files: all need the same advice
+        hint = (" Without network, set HF_HUB_OFFLINE=1 with the dataset in the HF cache, or use a local copy "
+                "through hf-disk:PATH or parquet:PATH." if scheme == "hub" else "")
+        raise DataError(f"data.dataset={spec!r} could not be loaded: {type(err).__name__}: {err}.{hint}") from err
+    return dict(loaded) if isinstance(loaded, (datasets.DatasetDict, dict)) else {"train": loaded}
+
+
+def _parquet_files(target: str) -> dict[str, list[str]]:
+    path = Path(target).expanduser()
+    pattern = str(path / "**" / "*.parquet") if path.is_dir() else str(path)
+    files = sorted(glob.glob(pattern, recursive=True))
+    if not files:
+        raise DataError(f"parquet:{target}: no parquet files match {pattern}.")
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        p = Path(f)
+        stem = re.split(r"[-_.]", p.name)[0].lower()
+        split = stem if stem in SPLIT_NAMES else p.parent.name if p.parent.name in SPLIT_NAMES else "train"
+        groups.setdefault(split, []).append(f)
+    return groups
+
+
+def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: str = "") -> Path:
+    """Write every split's images (bytes unchanged) under out/images and one out/annotations.json."""
+    import datasets
+
+    if layout not in BBOX_LAYOUTS:
+        raise DataError(f"box layout {layout!r} is unknown; use one of {', '.join(BBOX_LAYOUTS)}.")
+    shutil.rmtree(out, ignore_errors=True)
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    categories: dict[str, int] = {}
+    used: set[str] = set()
+    for split, ds in splits.items():
+        missing = {"image", "objects"} - set(ds.column_names)
+        if missing:
+            raise DataError(f"{spec or 'dataset'} split {split!r} lacks the column(s) {sorted(missing)}; it has "
+                            f"{ds.column_names}. Expected the openfoodfacts/nutrition-table-detection features.")
+        if isinstance(ds.features["image"], datasets.Image):
+            ds = ds.cast_column("image", datasets.Image(decode=False))  # keep the original bytes
+        names = _label_names(ds.features["objects"])
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        for index, row in enumerate(ds):
+            image_id = str(row.get("image_id") or f"{split}-{index}")
+            data = _image_bytes(row["image"])
+            width, height, fmt = _displayed_size(data)
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:80] or str(index)
+            name = f"images/{split}/{stem}{EXTENSIONS.get(fmt or '', '.img')}"
+            while name in used:
+                name = name.replace(stem, f"{stem}_{index}", 1)
+            used.add(name)
+            if data is not None:
+                (out / name).write_bytes(data)
+            # an unreadable image keeps the dataset's size so that prepare() can report it
+            width = width or int(row.get("width") or 0)
+            height = height or int(row.get("height") or 0)
+            images.append({"id": len(images) + 1, "file_name": name, "width": width, "height": height,
+                           "split": split, "source_id": image_id, "meta": row.get("meta")})
+            for bbox, label in _objects(row["objects"], names):
+                cat = categories.setdefault(label, len(categories) + 1)
+                annotations.append({"id": len(annotations) + 1, "image_id": len(images), "category_id": cat,
+                                    "bbox": to_xywh(bbox, layout, width, height), "iscrowd": 0})
+    coco = {"info": {"source": spec, "bbox_layout": layout},
+            "images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": n} for n, i in categories.items()]}
+    path = out / "annotations.json"
+    path.write_text(json.dumps(coco, default=str))
+    return path
+
+
+def _label_names(feature: Any) -> list[str] | None:
+    """Class names when the objects' category is a ClassLabel (datasets' usual detection layout)."""
+    import datasets
+
+    inner = getattr(feature, "feature", feature)
+    if isinstance(inner, (list, tuple)) and inner:
+        inner = inner[0]
+    if isinstance(inner, dict):
+        for key in ("category", "category_id", "label"):
+            sub = inner.get(key)
+            sub = getattr(sub, "feature", sub)
+            if isinstance(sub, datasets.ClassLabel):
+                return list(sub.names)
+    return None
+
+
+def _objects(objects: Any, names: list[str] | None) -> list[tuple[list[float], str]]:
+    """(bbox, category name) pairs from a dict of lists (Sequence feature) or a list of dicts (List)."""
+    if not objects:
+        return []
+    if isinstance(objects, dict):
+        keys = list(objects)
+        objects = [dict(zip(keys, values)) for values in zip(*(objects[k] for k in keys))]
+    out = []
+    for obj in objects:
+        label = obj.get("category_name")
+        if label is None:
+            cat = obj.get("category", obj.get("category_id", obj.get("label")))
+            label = names[cat] if names is not None and isinstance(cat, int) and 0 <= cat < len(names) else str(cat)
+        out.append((obj.get("bbox"), str(label)))
+    return out
+
+
+def to_xywh(bbox: Any, layout: str, width: int, height: int) -> Any:
+    """COCO [x, y, w, h] pixels from one box in `layout`; a malformed box is passed on for prepare() to report."""
+    try:
+        a, b, c, d = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return bbox
+    if layout == "yxyx-norm":
+        x1, y1, x2, y2 = b * width, a * height, d * width, c * height
+    elif layout == "xyxy-norm":
+        x1, y1, x2, y2 = a * width, b * height, c * width, d * height
+    elif layout == "xyxy-abs":
+        x1, y1, x2, y2 = a, b, c, d
+    else:
+        x1, y1, x2, y2 = a, b, a + c, b + d
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, str):
+        return Path(value).read_bytes() if Path(value).is_file() else None
+    if isinstance(value, Image.Image):  # a decoded image without its file: PNG keeps every pixel
+        buf = io.BytesIO()
+        value.save(buf, "PNG")
+        return buf.getvalue()
+    return None
+
+
+def _displayed_size(data: bytes | None) -> tuple[int, int, str | None]:
+    """Width and height as displayed (EXIF 5-8 swap them), from the header only; zeros if unreadable."""
+    if not data:
+        return 0, 0, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # prepare() reports it
+            im = Image.open(io.BytesIO(data))
+        with im:
+            width, height = im.size
+            if im.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+                width, height = height, width
+            return width, height, im.format
+    except Exception:
+        return 0, 0, None
