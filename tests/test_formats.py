@@ -6,7 +6,7 @@ import random
 import pytest
 
 from vlmdet.formats import Box, ParseResult, get_format
-from vlmdet.formats.resize import QWEN2_FACTOR, QWEN3_FACTOR, smart_resize
+from vlmdet.formats.resize import QWEN2_FACTOR, QWEN3_FACTOR, pixel_budget, smart_resize
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # get_format's defaults, Qwen2-VL's processor defaults
@@ -81,6 +81,15 @@ def test_processor_grid_follows_smart_resize(family, patch_size):
         grid = ip(images=Image.new("RGB", (w, h)), return_tensors="pt")["image_grid_thw"][0].tolist()
         rh, rw = smart_resize(h, w, patch_size * 2, 4 * 32 * 32, 64 * 32 * 32)
         assert grid == [1, rh // patch_size, rw // patch_size]
+
+
+def test_pixel_budget_reads_the_processor():
+    from transformers import Qwen2VLImageProcessor
+
+    # Qwen2.5-VL-Instruct's shipped budget, not the class default.
+    assert pixel_budget(Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056)) == (3136, 12845056)
+    with pytest.raises(ValueError, match="pixel budget"):
+        pixel_budget(object())
 
 
 # Original image sizes (width, height): ordinary, tall, above max_pixels, below min_pixels, odd.

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdet.formats.resize import smart_resize
+from vlmdet.formats import get_format
+from vlmdet.formats.resize import pixel_budget, smart_resize
 from vlmdet.modeling import tiny_families
 from vlmdet.modeling.tiny import build_tiny_model
 
@@ -51,6 +52,18 @@ def test_image_tokens_match_the_grid(loaded, width, height):
     assert inputs["image_grid_thw"][0].tolist() == [1, rh // patch, rw // patch]
     n_image_tokens = (inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()
     assert n_image_tokens == (rh // patch) * (rw // patch) // 4  # 2x2 patches merge into one token
+
+
+def test_format_frame_is_the_processor_frame(loaded):
+    # Qwen2.5-VL answers in pixels of the image the processor produced: a format built from the
+    # saved processor's budget must see the same frame, for an image above the budget too.
+    family, _, _, processor = loaded
+    assert pixel_budget(processor) == (MIN_PIXELS, MAX_PIXELS)
+    fmt = get_format("qwen2_5_vl", *pixel_budget(processor))
+    if family == "qwen2_5_vl":
+        for width, height in [(300, 200), (1500, 900)]:
+            _, gh, gw = chat(processor, Image.new("RGB", (width, height)))["image_grid_thw"][0].tolist()
+            assert fmt.resized(width, height) == (gw * 14, gh * 14)
 
 
 def test_chat_template_of_the_family(loaded):

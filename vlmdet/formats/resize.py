@@ -47,3 +47,21 @@ def smart_resize(height: int, width: int, factor: int = QWEN2_FACTOR, min_pixels
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def pixel_budget(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) that `processor` (a processor or its image processor) resizes to.
+
+    Pass these to `get_format` rather than defaults: Qwen2.5-VL-Instruct's shipped config allows
+    12845056 px where the class default is 1003520, and a format built with the wrong budget puts
+    every box of a large image off by the resize ratio.
+    """
+    ip = getattr(processor, "image_processor", processor)
+    size = getattr(ip, "size", None) or {}
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    lo = get("shortest_edge") or getattr(ip, "min_pixels", None)
+    hi = get("longest_edge") or getattr(ip, "max_pixels", None)
+    if not lo or not hi:
+        raise ValueError(f"{type(ip).__name__} has no pixel budget (size={size!r}); expected a Qwen-VL image "
+                         f"processor with size {{'shortest_edge': min_pixels, 'longest_edge': max_pixels}}")
+    return int(lo), int(hi)
