@@ -73,13 +73,11 @@ def sft_config(config: RunConfig, out: Path):
     )
 
 
-def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef:
-    """Fine-tune config.model.base with LoRA on dataset's train split; the adapter goes to OUT/adapter."""
+def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
+    """The SFTTrainer for this run (base loaded, LoRA attached), and the processor."""
     from peft import LoraConfig
     from trl import SFTTrainer
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(config.model.base, out.parent / "base-models", config.model)
     processor = load_processor(base, config.model)
     train_ds = build_dataset(dataset.splits["train"], config)
@@ -88,6 +86,14 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
                       target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_config(config, out), train_dataset=train_ds,
                          processing_class=processor, peft_config=lora)
+    return trainer, processor, base
+
+
+def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef:
+    """Fine-tune config.model.base with LoRA on dataset's train split; the adapter goes to OUT/adapter."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, processor, base = build_trainer(dataset, config, out)
     resume = last_checkpoint(out / "checkpoints")
     if resume:
         log.info("resuming from %s", resume)
