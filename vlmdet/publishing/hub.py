@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import httpx
+import importlib
+import importlib.util
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                     RepositoryNotFoundError, RevisionNotFoundError)
@@ -33,6 +34,10 @@ from vlmdet.records import Publication
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# huggingface_hub 1.x speaks through httpx, 2.x through its fork httpx2: a dropped connection is either's
+# TransportError (ConnectError, ReadError, RemoteProtocolError, timeouts).
+_TRANSPORT_ERRORS = tuple(m.TransportError for m in (importlib.util.find_spec(n) and importlib.import_module(n)
+                                                     for n in ("httpx", "httpx2")) if m)
 TRANSIENT_STATUS = {408, 409, 412, 429, 500, 502, 503, 504}  # 409/412: head moved under parent_commit
 RUN_MARKER = "[vlmdet-run {run_id}]"
 
@@ -59,6 +64,13 @@ def classify(err: BaseException, repo_id: str, token: str | None) -> Exception:
     """Map a client error to Transient/PermanentPublishError with a message that names the fix."""
     if isinstance(err, (PermanentPublishError, TransientPublishError)):
         return err
+    # The client wraps some failures (an LFS upload: RuntimeError("Error while uploading ...") from the HTTP
+    # error); classify by the first HTTP or connection error in the chain.
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, (HfHubHTTPError, *_TRANSPORT_ERRORS, ConnectionError,
+                                                       TimeoutError, HFValidationError)):
+        cause = cause.__cause__ or cause.__context__
+    err = cause or err
     if isinstance(err, OfflineModeIsEnabled):
         return PermanentPublishError("cannot reach the Hub: HF_HUB_OFFLINE=1 is set; unset it to publish to "
                                      f"hub:{repo_id}, or use a local:DIR target.")
@@ -76,7 +88,7 @@ def classify(err: BaseException, repo_id: str, token: str | None) -> Exception:
                 f"Hub refused hub:{repo_id} with HTTP 403 (forbidden): the token cannot write to this repo or "
                 "namespace. Use a token with write access to it, or change publish.target.")
         return PermanentPublishError(f"Hub refused hub:{repo_id} with HTTP {status}: {detail}")
-    if isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError)):
+    if isinstance(err, (*_TRANSPORT_ERRORS, ConnectionError, TimeoutError)):
         return TransientPublishError(f"connection to the Hub dropped while publishing hub:{repo_id}: "
                                      f"{type(err).__name__}: {scrub(str(err), token)}")
     return err if isinstance(err, Exception) else RuntimeError(str(err))
