@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from prefect import flow, task
 from prefect.states import AwaitingRetry, Completed, Failed, Pending, Retrying, Running
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.retries import attempts_from_states, format_attempts, task_run_attempts
 
@@ -81,13 +80,7 @@ def retry_probe() -> str:
     return flaky_download()
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
-def test_a_transient_failure_shows_two_attempts_and_the_first_error(prefect_api):
+def test_a_transient_failure_shows_two_attempts_and_the_first_error(prefect_harness):
     _calls["n"] = 0
     state = retry_probe(return_state=True)
     assert state.is_completed() and _calls["n"] == 2
