@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,13 +20,13 @@ def _split_of(ref) -> dict[str, str]:
     """source file -> split."""
     out = {}
     for split, path in ref.splits.items():
-        for im in json.loads(open(path).read())["images"]:
+        for im in json.loads(Path(path).read_text())["images"]:
             out[im["source_file"]] = split
     return out
 
 
 def _coco(ref, split):
-    return json.loads(open(ref.splits[split]).read())
+    return json.loads(Path(ref.splits[split]).read_text())
 
 
 def _good(n, start=0, size=(40, 30)):

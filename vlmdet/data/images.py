@@ -55,22 +55,23 @@ def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, boo
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(fh)
+        with im:  # closes the file even for multi-frame formats (GIF, TIFF) that keep it open
             im.load()
+            fmt = im.format
+            orientation = im.getexif().get(ORIENTATION_TAG, 1)
+            try:
+                shown = ImageOps.exif_transpose(im)  # a new image: it outlives the file
+            except Exception:  # a corrupt EXIF block: keep the stored orientation rather than lose the image
+                shown, orientation = im.copy(), 1
+            mode = im.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError("too-large", str(err)) from err
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...
         message = str(err) or type(err).__name__
         reason = "truncated" if _looks_truncated(message) else "unreadable"
         raise ImageError(reason, message) from err
-    fmt = im.format
-    orientation = im.getexif().get(ORIENTATION_TAG, 1)
-    try:
-        shown = ImageOps.exif_transpose(im)
-    except Exception:  # a corrupt EXIF block: keep the stored orientation rather than lose the image
-        shown = im
-        orientation = 1
     rgb = to_rgb(shown)
-    changed = im.mode != "RGB" or orientation not in (None, 1)
+    changed = mode != "RGB" or orientation not in (None, 1)
     return rgb, fmt, changed
 
 
