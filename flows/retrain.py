@@ -83,7 +83,7 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     if config.eval.eval_base:
         base_report = evaluate(adapter.base_model, data, config, str(wd), name="base")
     token = resolve_token(config)
-    decision = gate(report, config, token=token)
+    decision = gate(report, config, token=token, workdir=str(wd))
 
     published = merged = None
     if decision.passed:

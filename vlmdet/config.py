@@ -31,7 +31,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("synth:240", "Dataset spec: synth:N (generated, seeded), coco:PATH, hub:ORG/NAME[@bbox=yxyx-norm].")
+    dataset: str = _f("synth:240", "Dataset spec: synth:N (generated, seeded), coco:PATH, hub:ORG/NAME, hf-disk:PATH (save_to_disk), parquet:PATH; append @bbox=yxyx-norm|xyxy-norm|xyxy-abs|xywh-abs for datasets with an objects column.")
     seed: int = _f(0, "Seed for synthetic data and the train/val/test split.")
     val_fraction: float = _f(0.1, "Share of images held out for validation (training-time eval).")
     test_fraction: float = _f(0.15, "Share of images held out for the reported mAP; never trained on.")
