@@ -1,0 +1,76 @@
+"""The command-line contracts other tools rely on (DESIGN.md), and settings derived from the config."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vlmdet.cli import main, parser
+from vlmdet.config import ConfigError, RunConfig, all_keys, list_presets, load_preset
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmdet.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_commands():
+    out = _run("--help")
+    assert out.returncode == 0
+    for command in ("synth", "score", "retrain", "train", "evaluate", "predict", "retries"):
+        assert command in out.stdout
+
+
+def test_synth_then_score_perfect_predictions(tmp_path):
+    assert _run("synth", "--out", str(tmp_path / "d"), "--num", "6", "--seed", "2").returncode == 0
+    coco = json.loads((tmp_path / "d" / "annotations.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["nutrition-table"]
+    assert all((tmp_path / "d" / im["file_name"]).is_file() for im in coco["images"])
+    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+             for a in coco["annotations"]]
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    out = _run("score", "--gt", str(tmp_path / "d" / "annotations.json"), "--pred", str(tmp_path / "pred.json"))
+    assert out.returncode == 0, out.stderr
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(scores) == {"map", "map50", "map75"} and scores["map"] == pytest.approx(1.0)
+
+
+def test_every_setting_is_an_option_with_the_dataclass_default():
+    actions = {a.dest: a for a in parser()._subparsers._group_actions[0].choices["retrain"]._actions}
+    for key in all_keys():
+        if key == "name":
+            continue
+        assert f"set:{key}" in actions, key
+    assert "[default 64]" in actions["set:lora.r"].help  # help and default come from config.py
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = RunConfig().override({"train.max_steps": "10", "train.bf16": "false", "lora.target_modules": "q_proj,v_proj",
+                                "model.max_pixels": "401408"})
+    assert cfg.train.max_steps == 10 and cfg.train.bf16 is False
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.max_pixels == 401408
+    with pytest.raises(ConfigError, match="unknown setting 'train.max_step'"):
+        RunConfig().override({"train.max_step": 3})
+    with pytest.raises(ConfigError, match="train.max_steps='ten' is not a valid int"):
+        RunConfig().override({"train.max_steps": "ten"})
+    with pytest.raises(ConfigError, match="model.quantization='int3'"):
+        RunConfig().override({"model.quantization": "int3"})
+
+
+def test_presets_load_and_the_seed_recipe_is_the_seed_recipe():
+    assert {"smoke", "qwen2-vl-7b-nutrition"} <= set(list_presets())
+    seed = load_preset("qwen2-vl-7b-nutrition")
+    assert (seed.model.base, seed.model.quantization) == ("Qwen/Qwen2-VL-7B-Instruct", "nf4")
+    assert (seed.lora.r, seed.lora.alpha, seed.lora.dropout) == (64, 16, 0.1)
+    assert seed.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (seed.train.per_device_batch, seed.train.grad_accum, seed.train.learning_rate) == (2, 8, 1e-5)
+    assert (seed.train.scheduler, seed.train.epochs, seed.train.warmup_steps) == ("cosine", 3, 50)
+    assert seed.train.bf16 and seed.train.gradient_checkpointing
+
+
+def test_bad_setting_on_the_command_line_is_a_clear_error(capsys):
+    assert main(["retrain", "--preset", "smoke", "--set", "train.max_steps=ten"]) == 2
+    assert "train.max_steps='ten' is not a valid int" in capsys.readouterr().err
+    assert main(["retrain", "--preset", "no-such-preset"]) == 2
+    assert "choose one of" in capsys.readouterr().err
