@@ -30,10 +30,14 @@ NO_SLEEP = lambda s: None  # noqa: E731 - our own backoff, made instant for test
 @pytest.fixture(autouse=True)
 def online_classic_lfs(monkeypatch):
     import huggingface_hub.constants as C
+    import huggingface_hub.utils._detect_agent as detect_agent
     import huggingface_hub.utils._http as http
 
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)  # CI sets HF_HUB_OFFLINE=1; this server is local
     monkeypatch.setattr(C, "HF_HUB_DISABLE_XET", True)
+    # Online mode makes the client fetch an "agent harness" registry from huggingface.co for its
+    # user agent; the tests stay hermetic with the empty registry it falls back to.
+    monkeypatch.setattr(detect_agent, "_registry", detect_agent._EMPTY_REGISTRY)
     # The client's own http_backoff (preupload, LFS PUT) sleeps 1-8 s between tries: instant here.
     fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
     fake_time.sleep = NO_SLEEP
