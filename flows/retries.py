@@ -29,6 +29,10 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import LogSort, TaskRunSort
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+
+from vlmdet.config import ConfigError  # the CLI prints these as one line, exit 2
 
 # The server caps a page at PREFECT_API_DEFAULT_LIMIT (200 by default); ask for less and page.
 _PAGE = 100
@@ -93,11 +97,21 @@ def task_run_attempts(flow_run_id: str | UUID) -> list[dict]:
 
     Returns `[{"task_run_id", "name", "state", "attempts": [{"attempt", "start", "end",
     "outcome", "error"}]}]` in the order the task runs were expected to start. Times are ISO 8601
-    strings (UTC) or None. Raises prefect.exceptions.ObjectNotFound for an unknown flow run.
+    strings (UTC) or None. Raises ConfigError for an id that is not a UUID or not a flow run of
+    the API at PREFECT_API_URL.
     """
-    flow_run_id = UUID(str(flow_run_id))
+    where = "take it from the run's URL (.../runs/flow-run/ID) or from `prefect flow-run ls`"
+    try:
+        flow_run_id = UUID(str(flow_run_id))
+    except ValueError:
+        raise ConfigError(f"flow run id {str(flow_run_id)!r} is not a UUID: {where}") from None
     with get_client(sync_client=True) as client:
-        client.read_flow_run(flow_run_id)  # an unknown id fails here, not as an empty table
+        try:
+            client.read_flow_run(flow_run_id)  # an unknown id fails here, not as an empty table
+        except ObjectNotFound:
+            raise ConfigError(
+                f"no flow run {flow_run_id} on the Prefect API at {PREFECT_API_URL.value() or '(PREFECT_API_URL unset)'}: "
+                f"check PREFECT_API_URL, or {where}") from None
         task_runs = _paged(
             client.read_task_runs,
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
@@ -155,5 +169,5 @@ def format_attempts(task_runs: list[dict], error_width: int = 100) -> str:
         return "no task runs"
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows
-    ).rstrip() + "\n"
+        ("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1]).rstrip() for r in rows
+    )

@@ -105,3 +105,12 @@ def test_a_transient_failure_shows_two_attempts_and_the_first_error(prefect_harn
     assert [a["outcome"] for a in runs["steady"]["attempts"]] == ["Completed"]
     table = format_attempts(task_run_attempts(flow_run_id))
     assert "transient: hub returned 503" in table
+
+
+def test_a_wrong_flow_run_id_is_a_one_line_error_that_says_where_ids_come_from(prefect_harness):
+    from vlmdet.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a UUID.*runs/flow-run"):
+        task_run_attempts("not-a-uuid")
+    with pytest.raises(ConfigError, match="no flow run 00000000-.*PREFECT_API_URL"):
+        task_run_attempts("00000000-0000-0000-0000-000000000000")
