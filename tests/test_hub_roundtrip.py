@@ -113,7 +113,9 @@ def test_gate_reads_the_champion_from_the_hub_card(hub, tmp_path, merged_dir):
     cfg = _cfg(hub, **{"gate.min_delta": 0.05})
     assert publishing.read_champion(cfg, tmp_path, TOKEN, sleep=NO_SLEEP) is None  # no repo yet
     _publish(hub, tmp_path, merged_dir, map50=0.70)
+    hub.fail("GET", r"^/api/models/acme/nutrition-detector$", 503)  # the champion read is retried
     champ = publishing.read_champion(cfg, tmp_path, TOKEN, sleep=NO_SLEEP)
+    assert hub.calls("GET", r"^/api/models/acme/nutrition-detector$")[-2][2] == 503
     assert champ.metrics["map50"] == pytest.approx(0.70) and champ.data_fingerprint == "fp-test"
     assert champ.source.startswith("hub:acme/nutrition-detector@")
     _, not_better, *_ = records(tmp_path, merged_dir, map50=0.74)

@@ -10,6 +10,9 @@ that says what to fix. The token is handed to HfApi only and scrubbed from any m
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import logging
 import random
 import tempfile
@@ -18,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import importlib
-import importlib.util
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                     RepositoryNotFoundError, RevisionNotFoundError)
@@ -199,8 +200,6 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
                 return None
             except RevisionNotFoundError:
                 return None
-        import json
-
         meta = None
         if meta_text:
             try:
