@@ -19,7 +19,7 @@ from tasks.common import metrics_table, run_key
 from tasks.evaluate import evaluate
 from tasks.gate import gate
 from tasks.merge import merge
-from tasks.prepare_data import prepare_data
+from tasks.prepare_data import prepare_data, prepared_exists
 from tasks.publish import publish, resolve_token
 from tasks.train import train
 from vlmdet.config import RunConfig, load_preset
@@ -65,7 +65,8 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     wd.mkdir(parents=True, exist_ok=True)
     (wd / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    data = prepare_data(config, str(wd))
+    # cached across runs and flow retries; refreshed when the prepared files were deleted
+    data = prepare_data.with_options(refresh_cache=not prepared_exists(str(wd)))(config, str(wd))
     key = run_key(config, data.fingerprint)
     state_path = wd / "last_success.json"
     last = json.loads(state_path.read_text()) if state_path.is_file() else None

@@ -17,7 +17,11 @@ def run_key(config: RunConfig, data_fingerprint: str) -> str:
     """
     cfg = config.to_dict()
     relevant = {k: cfg[k] for k in ("data", "model", "lora", "train")}
-    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in ("timeout_s", "num_processes")}
+    # How the effective batch is split (per-device x accumulation) is an execution detail: an
+    # out-of-memory retry halves one and doubles the other and is still the same run.
+    train = dict(relevant["train"])
+    train["effective_batch"] = train.pop("per_device_batch") * train.pop("grad_accum")
+    relevant["train"] = {k: v for k, v in train.items() if k not in ("timeout_s", "num_processes", "dataloader_workers")}
     blob = json.dumps({"data": data_fingerprint, "config": relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -32,11 +32,14 @@ def _source_stamp(spec: str) -> str:
 def _cache_key(context, parameters) -> str:
     config: RunConfig = parameters["config"]
     out = step_dir(parameters["workdir"], "data", "prepared")
-    report = out / "report.json"
-    blob = json.dumps({"data": config.to_dict()["data"], "out": str(out), "source": _source_stamp(config.data.dataset),
-                       # a prepared folder deleted by hand invalidates the cache
-                       "report": report.stat().st_mtime_ns if report.exists() else None}, sort_keys=True)
+    blob = json.dumps({"data": config.to_dict()["data"], "out": str(out), "source": _source_stamp(config.data.dataset)},
+                      sort_keys=True)
     return "prepare-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def prepared_exists(workdir: str) -> bool:
+    """False when the prepared folder is gone (deleted by hand): the cache must then be refreshed."""
+    return (step_dir(workdir, "data", "prepared") / "report.json").is_file()
 
 
 @task(name="prepare_data", cache_key_fn=_cache_key, cache_expiration=timedelta(days=30), persist_result=True,

@@ -13,10 +13,11 @@ from prefect.runtime import task_run
 from tasks.common import image_markdown, run_key, step_dir
 from vlmdet.config import RunConfig
 from vlmdet.records import AdapterRef, DatasetRef
-from vlmdet.runner import OutOfMemory, run_step
+from vlmdet.runner import OutOfMemory, StepFailed, run_step
 
 
 def _retry_on_oom(task, task_run, state) -> bool:
+    """Only an out-of-memory whose batch can still be halved is retried; anything else fails."""
     try:
         state.result()
     except OutOfMemory:
@@ -42,8 +43,13 @@ def train(dataset: DatasetRef, config: RunConfig, workdir: str) -> AdapterRef:
         log.warning("retrying after out of GPU memory with per_device_batch=%d grad_accum=%d",
                     config.train.per_device_batch, config.train.grad_accum)
     out = step_dir(workdir, "train", run_key(config, dataset.fingerprint))
-    record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
-                      out / "step", timeout_s=config.train.timeout_s, num_processes=config.train.num_processes)
+    try:
+        record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
+                          out / "step", timeout_s=config.train.timeout_s, num_processes=config.train.num_processes)
+    except OutOfMemory as err:
+        if config.train.per_device_batch > 1:
+            raise  # retried once with half the batch (see _retry_on_oom)
+        raise StepFailed("train", f"{err} Already at per_device_batch=1: not retrying.", kind="oom") from None
     adapter = AdapterRef.from_dict(record)
     log.info("adapter at %s after %d steps%s", adapter.path, adapter.global_step,
              f" (resumed from {adapter.resumed_from})" if adapter.resumed_from else "")

@@ -19,6 +19,7 @@ from vlmdet.formats import get_format
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
+from vlmdet.training import faults
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_config(config, out), train_dataset=train_ds,
-                         processing_class=processor, peft_config=lora)
+                         processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     return trainer, processor, base
 
 
@@ -93,6 +94,7 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     """Fine-tune config.model.base with LoRA on dataset's train split; the adapter goes to OUT/adapter."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    faults.check_memory_fault(config.train.per_device_batch)
     trainer, processor, base = build_trainer(dataset, config, out)
     resume = last_checkpoint(out / "checkpoints")
     if resume:
