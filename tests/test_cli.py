@@ -74,3 +74,20 @@ def test_bad_setting_on_the_command_line_is_a_clear_error(capsys):
     assert "train.max_steps='ten' is not a valid int" in capsys.readouterr().err
     assert main(["retrain", "--preset", "no-such-preset"]) == 2
     assert "choose one of" in capsys.readouterr().err
+
+
+def test_every_preset_loads_by_name_even_with_dots_and_paths_still_work(tmp_path, monkeypatch):
+    # "qwen2.5-vl-7b-nutrition" has a Path suffix (".5-vl-7b-nutrition"); a name must still win.
+    for name in list_presets():
+        assert load_preset(name).name == name
+    assert "qwen2.5-vl-7b-nutrition" in list_presets()
+    assert load_preset("qwen2.5-vl-7b-nutrition").model.family == "qwen2_5_vl"
+    (tmp_path / "mine.yml").write_text("name: mine\ntrain:\n  max_steps: 3\n")
+    assert load_preset(str(tmp_path / "mine.yml")).train.max_steps == 3
+    # An existing file is a path whatever its ending.
+    (tmp_path / "my.v2").write_text("train:\n  max_steps: 5\n")
+    assert load_preset(str(tmp_path / "my.v2")).train.max_steps == 5
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_preset("qwen9.9-vl-nothing")
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_preset(str(tmp_path / "missing.yaml"))

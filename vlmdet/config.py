@@ -253,8 +253,12 @@ def list_presets() -> list[str]:
 
 def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
     """A preset by name (vlmdet/presets/NAME.yaml) or by path, then the overrides."""
+    # A preset name wins; only then is the argument a path. Path.suffix cannot tell the two apart:
+    # "qwen2.5-vl-7b-nutrition" has the suffix ".5-vl-7b-nutrition".
     path = Path(name_or_path)
-    if not path.suffix:
+    if name_or_path in list_presets():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    elif not (path.suffix.lower() in (".yaml", ".yml") or path.is_file()):
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset {name_or_path!r} not found; choose one of: {', '.join(list_presets())} "
