@@ -1,7 +1,12 @@
 """The child-process runner: results come back, crashes and timeouts are named as such."""
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -56,3 +61,65 @@ def test_a_timeout_kills_the_child_and_says_how_long(fake_steps, tmp_path):
 
 def test_steps_module_lists_the_heavy_steps():
     assert {"train", "evaluate", "merge"} <= set(steps.STEPS)
+
+
+def _wait_gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if runner._gone(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_the_child_dies_when_its_parent_is_sigkilled(fake_steps, tmp_path):
+    # The flow-run process killed hard (OOM killer, preemption) must not leave its trainer on the GPU.
+    pidfile = tmp_path / "childpid"
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        from vlmdet import runner
+        runner.command = lambda step, req, res, n=1: [
+            runner.sys.executable, "-c",
+            f"import sys, fakesteps; from vlmdet.steps import main; sys.exit(main({{[step, str(req), str(res)]!r}}))"]
+        runner.run_step("sleep", {{"pidfile": {str(pidfile)!r}}}, {str(tmp_path / "s")!r}, timeout_s=120)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "parent ended before its child started"
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        assert not runner._gone(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(child, within_s=5), "the step child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_stale_child_of_a_crashed_parent_is_killed_before_the_step_runs(fake_steps, tmp_path, caplog):
+    step_dir = tmp_path / "s"
+    step_dir.mkdir()
+    # A leftover child: its own session, "vlmdet.steps" on its command line, pid in child.pid.
+    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "vlmdet.steps", "train"],
+                             start_new_session=True)
+    # Not a step child: a reused pid must never be killed.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        (step_dir / "child.pid").write_text(str(other.pid))
+        with caplog.at_level(logging.WARNING, logger="vlmdet.runner"):
+            assert run_step("ok", {"x": 1}, step_dir, timeout_s=60) == {"echo": 2}
+        assert other.poll() is None and not caplog.records
+        (step_dir / "child.pid").write_text(str(stale.pid))
+        with caplog.at_level(logging.WARNING, logger="vlmdet.runner"):
+            assert run_step("ok", {"x": 2}, step_dir, timeout_s=60) == {"echo": 4}
+        assert stale.wait(timeout=10) == -signal.SIGKILL
+        assert any(str(stale.pid) in r.getMessage() and "still running" in r.getMessage() for r in caplog.records)
+        assert int((step_dir / "child.pid").read_text()) != stale.pid  # the new child's pid replaced it
+    finally:
+        for p in (stale, other):
+            p.kill()
+            p.wait()

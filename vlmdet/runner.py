@@ -7,7 +7,10 @@ its result record as JSON; the parent reads it back.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 OOM_KNOBS = ("train.per_device_batch (halve it and double train.grad_accum to keep the effective batch), "
              "lora.r, model.max_pixels (fewer visual tokens per image), train.gradient_checkpointing=true, "
              "eval.batch_size")
@@ -44,18 +49,99 @@ def command(step: str, request: Path, result: Path, num_processes: int = 1) -> l
     return [sys.executable, "-m", "vlmdet.steps", step, str(request), str(result)]
 
 
+def _load_prctl():
+    """libc's prctl, looked up in the parent: the child between fork and exec should only call it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int):
+    """preexec_fn for the child: the kernel sends it SIGKILL when its parent dies.
+
+    The child runs in its own session (so a timeout can kill its whole group), which also means a
+    SIGKILLed flow-run process would leave it holding the GPU while a retry starts a second
+    trainer on the same checkpoints. subprocess applies start_new_session (setsid) before
+    preexec_fn, so this runs in the new session. The signal fires when the *thread* that forked
+    exits; run_step's thread is blocked in wait() for the child's whole life, so that is the
+    parent's lifetime here. Workers that `accelerate launch` starts are not covered; the stale
+    child.pid cleanup in run_step catches those groups on the next attempt.
+    """
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    """True once pid no longer runs (absent, or a zombie waiting for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def kill_stale_child(step_dir: Path, wait_s: float = 10.0) -> bool:
+    """Kill the process group of a step child left by a crashed parent (step_dir/child.pid).
+
+    Only a live process whose command line runs vlmdet.steps is touched: a pid can be reused by an
+    unrelated process after a reboot or a long time. Returns True when one was killed.
+    """
+    pidfile = step_dir / "child.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if pid <= 1 or _gone(pid) or "vlmdet.steps" not in _cmdline(pid):
+        return False
+    log.warning("step child %d from an earlier attempt is still running (its parent crashed); killing its "
+                "process group before starting again so two runs do not share the GPU and %s", pid, step_dir)
+    try:
+        # Started with start_new_session, it leads its own group (its workers are in it too).
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + wait_s
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
 def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s: float,
              num_processes: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `python -m vlmdet.steps STEP` with `request`; return the record dict it wrote."""
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True, exist_ok=True)
+    kill_stale_child(step_dir)
     req, res = step_dir / "request.json", step_dir / "result.json"
     req.write_text(json.dumps(request, indent=1, default=str))
     res.unlink(missing_ok=True)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    # A new session: the child and its workers form one process group that a timeout kills at once.
-    proc = subprocess.Popen(command(step, req, res, num_processes), env=child_env, start_new_session=True)
+    # A new session: the child and its workers form one process group that a timeout kills at once;
+    # the preexec hook makes the kernel kill the child if this process dies without cleaning up.
+    proc = subprocess.Popen(command(step, req, res, num_processes), env=child_env, start_new_session=True,
+                            preexec_fn=_die_with_parent(os.getpid()))
     (step_dir / "child.pid").write_text(str(proc.pid))
     try:
         rc = proc.wait(timeout=timeout_s)
