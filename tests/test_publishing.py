@@ -133,3 +133,32 @@ def test_tasks_on_a_local_target(tmp_path, merged_dir, prefect_harness):
     assert first.passed and first.champion is None
     assert pub.kind == "local" and (tmp_path / "published" / "README.md").is_file()
     assert not second.passed and second.champion == pytest.approx(0.7) and second.same_data
+
+
+@pytest.mark.parametrize("same_run", [True, False])
+def test_a_crash_between_the_renames_does_not_lose_the_champion(tmp_path, monkeypatch, same_run):
+    from vlmdet.publishing.local import publish_folder
+
+    dest = tmp_path / "pub" / "model"
+    publish_folder(dest, {"weights.bin": b"champion"}, run_id="r1")
+    real_rename = Path.rename
+
+    def crash_on_swap_in(self, target):
+        if ".staging-" in self.name:  # dest already moved aside: the state a crash here leaves
+            raise KeyboardInterrupt("killed mid-swap")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_swap_in)
+    with pytest.raises(KeyboardInterrupt):
+        publish_folder(dest, {"weights.bin": b"challenger"}, run_id="r2")
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not dest.exists()
+    # The next attempt fails too (a missing source file) after its leftover cleanup: the champion
+    # must be back in place, not deleted with the leftovers.
+    retry_run = "r2" if same_run else "r3"
+    with pytest.raises(FileNotFoundError):
+        publish_folder(dest, {"weights.bin": tmp_path / "no-such-file"}, run_id=retry_run)
+    assert (dest / "weights.bin").read_bytes() == b"champion"
+    publish_folder(dest, {"weights.bin": b"challenger"}, run_id=retry_run)
+    assert (dest / "weights.bin").read_bytes() == b"challenger"
+    assert not list(dest.parent.glob(".model.old-*"))  # the backup went back into place, none is left

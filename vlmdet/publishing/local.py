@@ -19,6 +19,7 @@ def publish_folder(dest: Path, files: dict[str, Source], run_id: str) -> Publica
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.staging-{run_id}")
     old = dest.with_name(f".{dest.name}.old-{run_id}")
+    _recover(dest, old)
     for leftover in (staging, old):
         if leftover.exists():  # from a crashed earlier attempt of this run
             shutil.rmtree(leftover)
@@ -36,3 +37,17 @@ def publish_folder(dest: Path, files: dict[str, Source], run_id: str) -> Publica
         shutil.rmtree(old)
     return Publication(target=str(dest), kind="local", revision=run_id, url=dest.resolve().as_uri(),
                        files=sorted(files), tag=f"run-{run_id}", run_id=run_id)
+
+
+def _recover(dest: Path, old: Path) -> None:
+    """Put the published model back if an earlier attempt crashed between its two renames.
+
+    Then dest is missing and `.NAME.old-RUN` holds the only copy of the champion; the cleanup of
+    leftovers that follows would delete it. Prefer this run's own backup, else the newest one any
+    run left behind.
+    """
+    if dest.exists():
+        return
+    backups = [old] if old.is_dir() else sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if backups and backups[-1].is_dir():
+        backups[-1].rename(dest)
