@@ -120,3 +120,23 @@ def test_real_photos_open_and_reference_boxes_convert(tmp_path):
         for g, e in zip(got, expected[im["source_id"]]):
             assert g == pytest.approx(e, abs=0.5)
             assert 0 <= g[0] and g[0] + g[2] <= im["width"] + 0.5 and g[1] + g[3] <= im["height"] + 0.5
+
+
+def test_repeated_image_ids_get_distinct_names_in_their_split_folder(tmp_path):
+    # Stems "a" and "in" occur inside "images/train/": renaming must not edit the folder part.
+    from datasets import Dataset
+
+    from vlmdet.data.sources import to_coco
+
+    ids = ["a", "a", "in", "in", "a", "a_1"]
+    rows = [{"id": i, "bytes": encode(noise((20 + k, 20), k)), "size": (20 + k, 20), "boxes": []}
+            for k, i in enumerate(ids)]
+    ds = Dataset.from_dict(off_rows(rows), features=off_features())
+    coco = json.loads(to_coco({"train": ds}, tmp_path / "out").read_text())
+    names = [im["file_name"] for im in coco["images"]]
+    assert len(set(names)) == len(ids)
+    for name, row in zip(names, rows):
+        folder, _, file = name.rpartition("/")
+        assert folder == "images/train"
+        assert file.startswith(row["id"]) and file.endswith(".jpg")
+        assert (tmp_path / "out" / name).read_bytes() == row["bytes"]

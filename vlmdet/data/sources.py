@@ -148,9 +148,11 @@ def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: 
             data = _image_bytes(row["image"])
             width, height, fmt = _displayed_size(data)
             stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:80] or str(index)
-            name = f"images/{split}/{stem}{EXTENSIONS.get(fmt or '', '.img')}"
-            while name in used:
-                name = name.replace(stem, f"{stem}_{index}", 1)
+            ext = EXTENSIONS.get(fmt or "", ".img")
+            name, clash = f"images/{split}/{stem}{ext}", 0
+            while name in used:  # a repeated image_id: rebuild the name, never edit the path as text
+                clash += 1
+                name = f"images/{split}/{stem}_{index}{'' if clash == 1 else f'_{clash}'}{ext}"
             used.add(name)
             if data is not None:
                 (out / name).write_bytes(data)
