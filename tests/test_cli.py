@@ -91,3 +91,27 @@ def test_every_preset_loads_by_name_even_with_dots_and_paths_still_work(tmp_path
         load_preset("qwen9.9-vl-nothing")
     with pytest.raises(ConfigError, match="choose one of"):
         load_preset(str(tmp_path / "missing.yaml"))
+
+
+def test_predict_uses_the_built_in_defaults_unless_a_preset_is_named(tmp_path, monkeypatch):
+    # The smoke preset's short answers cut a JSON box; without --preset predict takes RunConfig's.
+    import vlmdet.prediction.cli as pcli
+
+    seen = {}
+
+    def fake_predict_files(model, files, out, config, explicit):
+        seen.update(config=config, explicit=explicit)
+        return out / "predictions.json"
+
+    monkeypatch.setattr(pcli, "predict_files", fake_predict_files)
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"")
+    base = ["predict", "--model", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(base + [str(img)]) == 0
+    assert seen["config"] == RunConfig()
+    assert seen["config"].eval.max_new_tokens != load_preset("smoke").eval.max_new_tokens
+    assert main(base + ["--preset", "smoke", "--eval.batch_size", "3", str(img)]) == 0
+    assert seen["config"] == load_preset("smoke", {"eval.batch_size": 3})
+    assert seen["explicit"] == {"eval.batch_size"}
+    assert main(base + ["--eval.max_new_tokens", "200", str(img)]) == 0
+    assert seen["config"].eval.max_new_tokens == 200 and seen["config"].data == RunConfig().data

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import ConfigError, field_help, list_presets, load_preset
+from vlmdet.config import ConfigError, RunConfig, field_help, list_presets, load_preset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -111,7 +111,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from vlmdet.prediction.cli import predict_files
 
-    config = load_preset(args.preset, _overrides(args))
+    # No preset: RunConfig's defaults (a full-length answer); family and pixel budget come from
+    # the model folder. The smoke preset's short answers would cut a JSON box in half.
+    config = load_preset(args.preset, _overrides(args)) if args.preset else RunConfig().override(_overrides(args))
     files = []
     for item in args.images:
         p = Path(item)
@@ -173,7 +175,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="Detect on images; writes OUT/predictions.json and a drawn image per input.")
     p.add_argument("--model", required=True, help="a merged model folder or an adapter folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--preset", default="smoke", help="settings source for pixel budget, prompt, batch size")
+    p.add_argument("--preset", default=None,
+                   help=f"settings source for prompt, batch size, answer length (one of {', '.join(list_presets())}, "
+                        "or a YAML path); default: the built-in defaults, with family and pixel budget read from --model")
     p.add_argument("images", nargs="+", help="image files or folders")
     _add_settings(p)
     p.set_defaults(fn=cmd_predict)
