@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import metrics_table, run_key
+from tasks.common import metrics_table
 from tasks.evaluate import evaluate
 from tasks.gate import gate
 from tasks.merge import merge
@@ -23,7 +23,8 @@ from tasks.prepare_data import prepare_data, prepared_exists
 from tasks.publish import publish, resolve_token
 from tasks.train import train
 from vlmdet.config import RunConfig, load_preset
-from vlmdet.records import EvalReport, GateDecision
+from vlmdet.keys import decision_settings, evaluation_key
+from vlmdet.records import AdapterRef, EvalReport, GateDecision, write_json
 
 
 def build_config(preset: str, threshold: float | None, dataset: str | None, overrides: dict[str, Any] | None) -> RunConfig:
@@ -35,18 +36,17 @@ def build_config(preset: str, threshold: float | None, dataset: str | None, over
     return load_preset(preset, extra)
 
 
-def write_summary(workdir: Path, summary: dict[str, Any]) -> Path:
-    path = workdir / "summary.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(path)
-    return path
-
-
 def _gate_summary(decision: GateDecision) -> dict[str, Any]:
     return {"threshold": decision.threshold, "passed": decision.passed, "reason": decision.reason,
             "metric": decision.metric, "value": decision.value, "champion": decision.champion,
             "min_delta": decision.min_delta}
+
+
+def _load_last(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:  # unreadable: treat as no previous success rather than failing every night
+        return None
 
 
 @flow(name="retrain", log_prints=True)
@@ -56,48 +56,61 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
 
     preset: a name from vlmdet/presets or a YAML path. threshold / dataset: shortcuts for
     gate.threshold / data.dataset. overrides: any setting by dotted key, e.g. {"train.max_steps": 10}.
-    force: retrain even when data, configuration and base model are unchanged since the last success.
+    force: retrain from the base even when data, configuration and base model are unchanged since
+    the last success (without it such a run skips training and evaluation and says so).
     """
     log = get_run_logger()
     started = time.time()
     config = build_config(preset, threshold, dataset, overrides)
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
-    (wd / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_json(wd / "config.json", config.to_dict())
 
-    # cached across runs and flow retries; refreshed when the prepared files were deleted
-    data = prepare_data.with_options(refresh_cache=not prepared_exists(str(wd)))(config, str(wd))
-    key = run_key(config, data.fingerprint)
+    # cached across runs and flow retries; refreshed when the prepared files are missing
+    data = prepare_data.with_options(refresh_cache=not prepared_exists(wd, config))(config, str(wd))
+    key = evaluation_key(config, data.fingerprint)
     state_path = wd / "last_success.json"
-    last = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if last and last.get("run_key") == key and not force:
-        log.info("nothing new since the run of %s (same data %s, configuration and base model): "
-                 "skipping training and evaluation; pass force=True to retrain.", last.get("finished"), data.fingerprint[:12])
-        summary = dict(last["summary"], skipped=True,
-                       skip_reason=f"data, configuration and base model unchanged since {last.get('finished')}")
-        write_summary(wd, summary)
-        return summary
-
-    adapter = train(data, config, str(wd))
-    report = evaluate(adapter.path, data, config, str(wd), name="adapter")
+    last = _load_last(state_path)
+    skipped = bool(last and last.get("run_key") == key and not force)
     base_report: EvalReport | None = None
-    if config.eval.eval_base:
-        base_report = evaluate(adapter.base_model, data, config, str(wd), name="base")
+    if skipped:
+        if last.get("decision_settings") == decision_settings(config):
+            log.info("nothing new since the run of %s (same data %s, configuration and base model): skipping "
+                     "training and evaluation; pass force=True to retrain.", last.get("finished"), data.fingerprint[:12])
+            summary = dict(last["summary"], skipped=True,
+                           skip_reason=f"data, configuration and base model unchanged since {last.get('finished')}")
+            write_json(wd / "summary.json", summary)
+            return summary
+        log.info("data, configuration and base model unchanged since %s, gate or publish settings changed: "
+                 "reusing the trained adapter and its evaluation, deciding again", last.get("finished"))
+        adapter, report = AdapterRef.from_dict(last["adapter"]), EvalReport.from_dict(last["report"])
+        if last.get("base_report"):
+            base_report = EvalReport.from_dict(last["base_report"])
+    else:
+        adapter = train(data, config, str(wd), fresh=force)
+        report = evaluate(adapter.path, data, config, str(wd), name="adapter")
+        if config.eval.eval_base:
+            base_report = evaluate(adapter.base_model, data, config, str(wd), name="base")
+
     token = resolve_token(config)
     decision = gate(report, config, token=token, workdir=str(wd))
-
-    published = merged = None
+    published = merged = merged_report = None
     if decision.passed:
         merged = merge(adapter, data, config, str(wd))
-        publication = publish(merged, report, data, adapter, decision, config, str(wd), token=token)
-        published = publication.to_dict()
-    else:
-        log.info("gate closed: %s; nothing merged or published", decision.reason)
+        # The gate measured 4-bit base + adapter; what gets published is the adapter merged into
+        # unquantized weights. Measure that too, and publish only if it still clears the gate.
+        merged_report = evaluate(merged.path, data, config, str(wd), name="merged")
+        decision = gate(merged_report, config, token=token, workdir=str(wd))
+        if decision.passed:
+            published = publish(merged, merged_report, data, adapter, decision, config, str(wd), token=token).to_dict()
+    if not published:
+        log.info("gate closed: %s; nothing published", decision.reason)
 
     summary = {
         "preset": config.name,
         "metrics": report.metrics(),
         "base_metrics": base_report.metrics() if base_report else None,
+        "merged_metrics": merged_report.metrics() if merged_report else None,
         "gate": _gate_summary(decision),
         "published": published,
         "adapter": adapter.path,
@@ -111,11 +124,14 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
         "run_key": key,
         "seconds": round(time.time() - started, 1),
         "skipped": False,
+        "retrained": not skipped,
     }
-    path = write_summary(wd, summary)
-    state_path.write_text(json.dumps({"run_key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "summary": summary}, indent=2, default=str))
-    rows = metrics_table(adapter=report, base=base_report)
+    path = write_json(wd / "summary.json", summary)
+    write_json(state_path, {"run_key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "summary": summary,
+                            "adapter": adapter.to_dict(), "report": report.to_dict(),
+                            "base_report": base_report.to_dict() if base_report else None,
+                            "decision_settings": decision_settings(config)})
+    rows = metrics_table(adapter=report, base=base_report, merged=merged_report)
     table = "\n".join(f"| {r['model']} | {r['mAP']} | {r['mAP50']} | {r['mAP75']} | {r['images']} |" for r in rows)
     create_markdown_artifact(
         f"## Retrain summary\n\n| model | mAP | mAP50 | mAP75 | images |\n|---|---|---|---|---|\n{table}\n\n"

@@ -2,28 +2,8 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
-
-from vlmdet.config import RunConfig
-
-
-def run_key(config: RunConfig, data_fingerprint: str) -> str:
-    """What a trained adapter depends on: the data, the base and every training setting.
-
-    Gate and publish settings are left out: changing the threshold does not need a retrain.
-    """
-    cfg = config.to_dict()
-    relevant = {k: cfg[k] for k in ("data", "model", "lora", "train")}
-    # How the effective batch is split (per-device x accumulation) is an execution detail: an
-    # out-of-memory retry halves one and doubles the other and is still the same run.
-    train = dict(relevant["train"])
-    train["effective_batch"] = train.pop("per_device_batch") * train.pop("grad_accum")
-    relevant["train"] = {k: v for k, v in train.items() if k not in ("timeout_s", "num_processes", "dataloader_workers")}
-    blob = json.dumps({"data": data_fingerprint, "config": relevant}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def step_dir(workdir: str | Path, *parts: str) -> Path:

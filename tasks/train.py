@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import task_run
+from prefect.runtime import flow_run, task_run
 
-from tasks.common import image_markdown, run_key, step_dir
+from tasks.common import image_markdown, step_dir
+from vlmdet.keys import training_key
 from vlmdet.config import RunConfig
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.runner import OutOfMemory, StepFailed, run_step
@@ -36,13 +37,18 @@ def halved_for_retry(config: RunConfig, attempt: int) -> RunConfig:
 
 
 @task(name="train", retries=1, retry_delay_seconds=0, retry_condition_fn=_retry_on_oom)
-def train(dataset: DatasetRef, config: RunConfig, workdir: str) -> AdapterRef:
+def train(dataset: DatasetRef, config: RunConfig, workdir: str, fresh: bool = False) -> AdapterRef:
+    """fresh: start from the base even where this configuration trained before (a forced rerun);
+    a retry of the same flow run still resumes its own checkpoints."""
     log = get_run_logger()
     config = halved_for_retry(config, task_run.run_count)
     if task_run.run_count > 1:
         log.warning("retrying after out of GPU memory with per_device_batch=%d grad_accum=%d",
                     config.train.per_device_batch, config.train.grad_accum)
-    out = step_dir(workdir, "train", run_key(config, dataset.fingerprint))
+    key = training_key(config, dataset.fingerprint)
+    if fresh:
+        key += "-" + str(flow_run.id or "manual").replace("-", "")[:8]
+    out = step_dir(workdir, "train", key)
     try:
         record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
                           out / "step", timeout_s=config.train.timeout_s, num_processes=config.train.num_processes)

@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from prefect import flow
 
 from flows.retrain import retrain
+from tasks.prepare_data import prepare_data
+from vlmdet.config import load_preset
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -18,33 +22,59 @@ def _overrides(tiny_model):
             "eval.preview_images": 2, "publish.token_secret": ""}
 
 
-def test_gate_passes_merges_and_publishes(tiny_model, tmp_path):
-    # an untrained micro model scores mAP 0, so threshold 0 is the reachable bar
-    summary = retrain(preset="smoke", workdir=str(tmp_path), threshold=0.0, overrides=_overrides(tiny_model))
-    on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["gate"]["passed"] is True and on_disk["gate"]["threshold"] == 0.0
-    assert on_disk["published"] and on_disk["published"]["kind"] == "local"
-    published = tmp_path / "published"
-    assert (published / "model.safetensors").is_file() and (published / "README.md").is_file()
-    assert "model-index" in (published / "README.md").read_text()
-    assert set(on_disk["metrics"]) == {"map", "map50", "map75"}
-    assert (tmp_path / "merged" / "config.json").is_file()
-    assert on_disk["adapter"].endswith("adapter") and (tmp_path / on_disk["adapter"]).is_dir()
-    assert summary["metrics"] == on_disk["metrics"]
-
-    # the same run again: nothing changed, so it says so and does not train
-    again = retrain(preset="smoke", workdir=str(tmp_path), threshold=0.0, overrides=_overrides(tiny_model))
-    assert again["skipped"] is True and "unchanged" in again["skip_reason"]
-    assert again["metrics"] == summary["metrics"]
+def _summary(workdir: Path) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
 
 
-def test_gate_closed_publishes_nothing(tiny_model, tmp_path):
-    summary = retrain(preset="smoke", workdir=str(tmp_path), threshold=0.99, overrides=_overrides(tiny_model))
-    gate = json.loads((tmp_path / "summary.json").read_text())["gate"]
-    assert gate["passed"] is False and gate["threshold"] == 0.99
-    assert "below the threshold" in gate["reason"]
-    assert summary["published"] is None and summary["merged"] is None
+def test_gate_closed_then_opened_then_nothing_new_then_forced(tiny_model, tmp_path):
+    args = dict(preset="smoke", workdir=str(tmp_path), overrides=_overrides(tiny_model))
+
+    # 1. threshold out of reach: evaluated, nothing merged or published, the summary says why
+    first = retrain(threshold=0.99, **args)
+    gate = _summary(tmp_path)["gate"]
+    assert gate["passed"] is False and gate["threshold"] == 0.99 and "below the threshold" in gate["reason"]
+    assert first["published"] is None and first["merged"] is None
     assert not (tmp_path / "published").exists() and not (tmp_path / "merged").exists()
+    assert set(first["metrics"]) == {"map", "map50", "map75"}
+    assert first["training"]["global_step"] == 2 and Path(first["adapter"], "adapter_config.json").is_file()
+
+    # 2. only the threshold changes (an untrained micro model scores 0, so 0 is the reachable bar):
+    # no retraining, the saved evaluation is gated again, merged, measured again and published
+    second = retrain(threshold=0.0, **args)
+    on_disk = _summary(tmp_path)
+    assert on_disk == json.loads(json.dumps(second))
+    assert second["retrained"] is False and second["adapter"] == first["adapter"]
+    assert second["gate"]["passed"] is True and second["gate"]["threshold"] == 0.0
+    assert second["published"]["kind"] == "local" and second["merged_metrics"] is not None
+    published = tmp_path / "published"
+    assert (published / "model.safetensors").is_file() and "model-index" in (published / "README.md").read_text()
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+    # 3. the same again: nothing new, said so, nothing trained
+    third = retrain(threshold=0.0, **args)
+    assert third["skipped"] is True and "unchanged" in third["skip_reason"]
+    assert third["metrics"] == second["metrics"]
+
+    # 4. force: trained again from the base, in a folder of its own
+    forced = retrain(threshold=0.99, force=True, **args)
+    assert forced["retrained"] is True and forced["adapter"] != first["adapter"]
+    assert forced["training"]["resumed_from"] is None and forced["training"]["global_step"] == 2
+
+
+def test_prepared_data_follows_the_data_settings(tmp_path):
+    """Data A, then B, then A again in one workdir: each run gets its own prepared files."""
+    a = load_preset("smoke", {"data.dataset": "synth:6", "data.seed": 1})
+    b = load_preset("smoke", {"data.dataset": "synth:7", "data.seed": 2})
+
+    @flow
+    def three():
+        return [prepare_data(cfg, str(tmp_path)) for cfg in (a, b, a)]
+
+    ra, rb, ra2 = three()
+    assert ra.fingerprint != rb.fingerprint and ra2.fingerprint == ra.fingerprint
+    for ref, n in ((ra, 6), (rb, 7), (ra2, 6)):
+        images = sum(len(json.loads(Path(p).read_text())["images"]) for p in ref.splits.values())
+        assert images == n  # the files on disk are the ones the record describes
 
 
 def test_missing_coco_path_fails_before_any_model_with_its_name(tmp_path):

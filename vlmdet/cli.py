@@ -82,29 +82,37 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     print(f"summary:   {(workdir / 'summary.json').resolve()}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _prepared(config, workdir: Path):
+    """The flow's data layout without Prefect: WORKDIR/data/<data_key>/{raw,prepared}."""
     from vlmdet.data import materialize, prepare
+    from vlmdet.keys import data_key
+
+    root = workdir / "data" / data_key(config)
+    raw = materialize(config.data.dataset, root / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
+    return prepare(raw, root / "prepared", config.data, source=config.data.dataset)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlmdet.keys import training_key
     from vlmdet.training.train import train
 
     config = load_preset(args.preset, _overrides(args))
-    wd = Path(args.workdir)
-    raw = materialize(config.data.dataset, wd / "data" / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
-    data = prepare(raw, wd / "data" / "prepared", config.data, source=config.data.dataset)
-    adapter = train(data, config, wd / "train")
-    print(json.dumps({"adapter": adapter.path, "global_step": adapter.global_step, "data": data.to_dict()}, indent=1))
+    wd = Path(args.workdir).resolve()
+    data = _prepared(config, wd)
+    adapter = train(data, config, wd / "train" / training_key(config, data.fingerprint))
+    print(json.dumps({"adapter": adapter.path, "global_step": adapter.global_step, "resumed_from": adapter.resumed_from,
+                      "dataset": data.fingerprint}, indent=1))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmdet.data import materialize, prepare
     from vlmdet.evaluation import evaluate
 
     config = load_preset(args.preset, _overrides(args))
-    wd = Path(args.workdir)
-    raw = materialize(config.data.dataset, wd / "data" / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
-    data = prepare(raw, wd / "data" / "prepared", config.data, source=config.data.dataset)
-    report = evaluate(args.model, data, config, wd / "eval")
-    print(json.dumps(report.metrics()))
+    wd = Path(args.workdir).resolve()
+    report = evaluate(args.model, _prepared(config, wd), config, wd / "eval" / Path(args.model).name)
+    print(json.dumps(dict(report.metrics(), split=report.split, images=report.num_images,
+                          parse_failures=report.parse_failures, predictions=report.predictions)))
     return 0
 
 

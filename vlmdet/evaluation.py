@@ -1,7 +1,6 @@
 """Evaluation: detect on a held-out split, score COCO bbox AP with pycocotools."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from vlmdet.metrics import coco_map
 from vlmdet.modeling.load import load_for_inference
 from vlmdet.prediction.draw import draw, grid
 from vlmdet.prediction.predict import Detector
-from vlmdet.records import DatasetRef, EvalReport
+from vlmdet.records import DatasetRef, EvalReport, write_json
 from vlmdet.samples import load_split
 
 log = logging.getLogger(__name__)
@@ -40,10 +39,10 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
     results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
                for s, p in zip(samples, preds) for b in p.boxes]
     metrics = coco_map(coco, results)
-    (out / "predictions.json").write_text(json.dumps(results))
+    write_json(out / "predictions.json", results, indent=None)
     per_image = [dict(p.to_dict(), image_id=s.image_id, truth=[[b.x1, b.y1, b.x2, b.y2] for b in s.boxes])
                  for s, p in zip(samples, preds)]
-    (out / "per_image.json").write_text(json.dumps(per_image, indent=1))
+    write_json(out / "per_image.json", per_image, indent=1)
     n = config.eval.preview_images
     preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
                    out / "preview.png") if n else None

@@ -15,6 +15,20 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write through a temporary file and rename: a crash leaves the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=indent, default=str))
+
+
 class Record:
     """JSON round trip for the records below (plain dataclasses of JSON-able fields)."""
 
@@ -27,12 +41,7 @@ class Record:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        tmp.replace(path)  # atomic: a reader never sees half a record
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vlmdet.config import ConfigError, RunConfig
-from vlmdet.records import AdapterRef, DatasetRef
+from vlmdet.records import AdapterRef, DatasetRef, write_json
 
 
 def _train(req: dict[str, Any]) -> dict[str, Any]:
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         code = 1
     if rank0:
-        tmp = Path(result).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=str))
-        tmp.replace(result)
+        write_json(result, out, indent=1)
     return code
 
 

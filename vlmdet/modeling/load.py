@@ -22,7 +22,8 @@ def resolve_base(base: str, cache_dir: str | Path, model_cfg: ModelConfig | None
         from vlmdet.modeling.tiny import build_tiny_model
 
         family, _, size = base[5:].partition(":")
-        out = Path(cache_dir) / f"tiny-{family}-{size or 'micro'}"
+        # absolute: PEFT writes this path into adapter_config.json, read later from anywhere
+        out = Path(cache_dir).resolve() / f"tiny-{family}-{size or 'micro'}"
         kw = {"min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels} if model_cfg else {}
         return str(build_tiny_model(out, family=family, size=size or "micro", **kw))
     if base.startswith("asset:"):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Any
 
 from vlmdet.config import RunConfig
 from vlmdet.formats import get_format
@@ -134,11 +132,3 @@ def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "t
     fig.savefig(path)
     plt.close(fig)
     return str(path.resolve())
-
-
-def steps_per_epoch(num_train: int, config: RunConfig, world_size: int = 1) -> int:
-    return max(1, math.ceil(num_train / (config.train.per_device_batch * config.train.grad_accum * world_size)))
-
-
-def summary(adapter: AdapterRef) -> dict[str, Any]:
-    return {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None}
