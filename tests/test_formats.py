@@ -2,6 +2,7 @@
 import itertools
 import json
 import random
+import re
 
 import pytest
 
@@ -266,3 +267,26 @@ def test_answers_survive_the_tokenizer(family):
     for t in SPECIAL_TOKENS:
         if t in text:
             assert ids.count(tok.convert_tokens_to_ids(t)) == text.count(t)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coord_spans_hold_just_the_coordinates(family):
+    # The detection score averages over these characters: no label, no JSON keys.
+    fmt = get_format(family)
+    boxes = [Box(10, 20, 300, 200), Box(320, 100, 600, 470)]
+    label = 'a "bbox_2d": [1, 2, 3, 4] label'  # a label that looks like a box must not be taken
+    text = "Sure. " + fmt.render(boxes, 640, 480, label) + " done"
+    res = fmt.parse(text, 640, 480)
+    assert len(res.boxes) == 2
+    for box in res.boxes:
+        lo, hi = box.coord_span
+        assert box.span[0] <= lo < hi <= box.span[1]
+        piece = text[lo:hi]
+        assert "label" not in piece and "nutrition" not in piece and "bbox" not in piece
+        numbers = [int(n) for n in re.findall(r"\d+", piece)]
+        assert len(numbers) == 4
+        if family == "qwen2_vl":
+            assert piece.startswith("<|box_start|>") and piece.endswith("<|box_end|>")
+        else:
+            assert piece.startswith("[") and piece.endswith("]")
+    assert res.boxes[0].coord_span[1] <= res.boxes[1].coord_span[0]

@@ -22,13 +22,17 @@ class Box:
     label: str = ""
     score: float | None = None
     span: tuple[int, int] | None = None  # character span of this box in the answer text
+    # Character span of just its coordinates (Qwen2-VL: <|box_start|>...<|box_end|>; JSON: the
+    # bbox_2d list). The detection score averages over these tokens only: the label and the JSON
+    # punctuation are near-certain for every box and would pull all scores together.
+    coord_span: tuple[int, int] | None = None
 
     def xywh(self) -> list[float]:
         return [self.x1, self.y1, self.x2 - self.x1, self.y2 - self.y1]
 
     def clip(self, width: int, height: int) -> "Box":
         return Box(min(max(self.x1, 0), width), min(max(self.y1, 0), height), min(max(self.x2, 0), width),
-                   min(max(self.y2, 0), height), self.label, self.score, self.span)
+                   min(max(self.y2, 0), height), self.label, self.score, self.span, self.coord_span)
 
 
 @dataclass

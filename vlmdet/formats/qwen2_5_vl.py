@@ -27,12 +27,12 @@ _BOX_KEYS = ("bbox_2d", "bbox")
 _EMPTY = re.compile(r"\s*(?:```(?:json)?\s*)?\[\s*\]\s*(?:```)?\s*", re.S)
 
 
-def find_json_boxes(text: str) -> tuple[list[tuple[list[float], str, tuple[int, int]]], int]:
+def find_json_boxes(text: str) -> tuple[list[tuple[list[float], str, tuple[int, int], tuple[int, int]]], int]:
     """Every JSON object in `text` that carries a 4-number `bbox_2d`/`bbox`, in order.
 
-    Returns ([(coords, label, (start, end)), ...], rejected) where (start, end) is the object's
-    character span in `text` and `rejected` counts box-like objects whose box was not 4 finite
-    numbers. Objects are decoded one at a time from each `{`, so fences, prose, a trailing
+    Returns ([(coords, label, (start, end), coord_span), ...], rejected) where (start, end) is the
+    object's character span in `text`, coord_span that of its coordinate list, and `rejected`
+    counts box-like objects whose box was not 4 finite numbers. Objects are decoded one at a time from each `{`, so fences, prose, a trailing
     truncated object or a missing `]` cost only what they spoil.
     """
     found, rejected, i = [], 0, text.find("{")
@@ -50,11 +50,27 @@ def find_json_boxes(text: str) -> tuple[list[tuple[list[float], str, tuple[int, 
         if (isinstance(coords, list) and len(coords) == 4
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in coords)):
             label = obj.get("label", "")
-            found.append(([float(v) for v in coords], label if isinstance(label, str) else json.dumps(label), (i, end)))
+            found.append(([float(v) for v in coords], label if isinstance(label, str) else json.dumps(label), (i, end),
+                          _list_span(text, i, end, key, coords)))
         else:
             rejected += 1
         i = text.find("{", end)
     return found, rejected
+
+
+def _list_span(text: str, start: int, end: int, key: str, coords: list) -> tuple[int, int]:
+    """Character span of the `key` list inside the object at text[start:end]. The match must decode
+    to the same list, so a quoted `"bbox_2d":` inside a label is skipped; the whole object is the
+    fallback."""
+    for m in re.finditer(rf'"{key}"\s*:\s*', text[start:end]):
+        at = start + m.end()
+        try:
+            value, stop = _DECODER.raw_decode(text, at)
+        except ValueError:
+            continue
+        if value == coords and stop <= end:
+            return at, stop
+    return start, end
 
 
 def render_json(items: list[tuple[list[int], str]], fence: bool = True) -> str:
@@ -75,11 +91,11 @@ def parse_scaled(text: str, sx: float, sy: float, limit_x: float, limit_y: float
             return ParseResult([], ok=False, error=f"answer is not text: {type(text).__name__}")
         found, rejected = find_json_boxes(text)
         boxes, bad = [], []
-        for (x1, y1, x2, y2), label, span in found:
+        for (x1, y1, x2, y2), label, span, coord_span in found:
             if not (0 <= x1 <= x2 <= limit_x and 0 <= y1 <= y2 <= limit_y):
                 bad.append([x1, y1, x2, y2])
                 continue
-            boxes.append(Box(x1 * sx, y1 * sy, x2 * sx, y2 * sy, label=label.strip(), span=span))
+            boxes.append(Box(x1 * sx, y1 * sy, x2 * sx, y2 * sy, label=label.strip(), span=span, coord_span=coord_span))
         dropped = rejected + len(bad)
         note = f"dropped {dropped} box(es) out of range [0, {limit_x:g}]x[0, {limit_y:g}], swapped or malformed" \
             f"{': ' + str(bad[:3]) if bad else ''}" if dropped else ""

@@ -12,7 +12,7 @@ from vlmdet.formats.base import Box, BoxFormat, ParseResult
 
 _BOX = re.compile(
     r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>)?\s*"
-    r"<\|box_start\|>\s*\(\s*(?P<x1>\d+)\s*,\s*(?P<y1>\d+)\s*\)\s*,\s*\(\s*(?P<x2>\d+)\s*,\s*(?P<y2>\d+)\s*\)\s*<\|box_end\|>",
+    r"(?P<coords><\|box_start\|>\s*\(\s*(?P<x1>\d+)\s*,\s*(?P<y1>\d+)\s*\)\s*,\s*\(\s*(?P<x2>\d+)\s*,\s*(?P<y2>\d+)\s*\)\s*<\|box_end\|>)",
     re.S,
 )
 
@@ -44,7 +44,7 @@ class Qwen2VLFormat(BoxFormat):
                 x1, x2 = sorted((x1, x2))
                 y1, y2 = sorted((y1, y2))
                 boxes.append(Box(x1 / 1000 * width, y1 / 1000 * height, x2 / 1000 * width, y2 / 1000 * height,
-                                 label=(m["label"] or "").strip(), span=m.span()))
+                                 label=(m["label"] or "").strip(), span=m.span(), coord_span=m.span("coords")))
             stripped = text.strip()
             if boxes or stripped == self.no_object_answer:
                 return ParseResult(boxes, ok=True)
