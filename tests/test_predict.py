@@ -104,20 +104,34 @@ def test_bad_files_are_reported_and_exif_is_applied(tiny_model, tmp_path):
 
 
 class FakeModel:
-    """Generates a fixed answer for every image, with confident scores."""
+    """Generates a fixed answer for every image. `answer` is a string (every token confident) or
+    (text, logit) pieces: each token of a piece gets `logit` for itself and 0 for the rest of the
+    vocabulary in the raw logits. The processed `scores` say the opposite (uniform), so reading
+    them instead of the logits shows."""
 
     device = torch.device("cpu")
 
-    def __init__(self, processor, answer: str):
+    def __init__(self, processor, answer: str | list[tuple[str, float]]):
         tok = processor.tokenizer
-        self.ids = tok.encode(answer, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
-        assert tok.decode(self.ids[:-1]) == answer  # the tokenizer round-trips the answer
+        pieces = [(answer, 50.0)] if isinstance(answer, str) else answer
+        self.ids, self.conf = [], []
+        for text, logit in pieces:
+            ids = tok.encode(text, add_special_tokens=False)
+            self.ids += ids
+            self.conf += [logit] * len(ids)
+        self.ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
+        self.conf.append(50.0)
+        self.answer = "".join(text for text, _ in pieces)
+        assert tok.decode(self.ids[:-1]) == self.answer  # the tokenizer round-trips the answer
         self.vocab = len(tok)
+        self.calls: list[dict] = []
 
     def generate(self, input_ids, **kwargs):
+        self.calls.append(kwargs)
         new = torch.tensor([self.ids] * input_ids.shape[0])
-        scores = tuple(torch.nn.functional.one_hot(new[:, i], self.vocab).float() * 50 for i in range(new.shape[1]))
-        return SimpleNamespace(sequences=torch.cat([input_ids, new], dim=1), scores=scores)
+        logits = tuple(torch.nn.functional.one_hot(new[:, i], self.vocab).float() * c for i, c in enumerate(self.conf))
+        scores = tuple(torch.zeros(len(new), self.vocab) for _ in self.conf)
+        return SimpleNamespace(sequences=torch.cat([input_ids, new], dim=1), logits=logits, scores=scores)
 
 
 ANSWERS = {  # (100, 200), (500, 600) in each family's words
@@ -178,3 +192,67 @@ def test_images_are_decoded_one_batch_at_a_time(tiny_model, tmp_path, monkeypatc
     assert len(read(out)["images"]) == 5
     # each batch is opened right before its own generate call, never all five up front
     assert events == ["open", "open", "generate"] * 2 + ["open", "generate"]
+
+
+def _pieces(family: str, a_label: float, a_coords: float, b_label: float, b_coords: float) -> list[tuple[str, float]]:
+    """Two boxes, A (100, 200)-(500, 600) and B (50, 60)-(300, 400), with a logit per part."""
+    if family == "qwen2_vl":
+        label = "<|object_ref_start|>nutrition-table<|object_ref_end|>"
+        return [(label, a_label), ("<|box_start|>(100,200),(500,600)<|box_end|>", a_coords),
+                (label, b_label), ("<|box_start|>(50,60),(300,400)<|box_end|>", b_coords)]
+    return [('```json\n[\n\t{"bbox_2d": ', 50.0), ("[100, 200, 500, 600]", a_coords),
+            (', "label": "nutrition-table"},\n\t{"bbox_2d": ', a_label), ("[50, 60, 300, 400]", b_coords),
+            (', "label": "nutrition-table"}\n]\n```', b_label)]
+
+
+@pytest.mark.parametrize("family", list(ANSWERS))
+def test_scores_are_the_coordinate_tokens_confidence_from_raw_logits(family, family_models):
+    from transformers import AutoProcessor
+
+    from vlmdet.formats import get_format
+    from vlmdet.prediction.predict import Detector
+
+    processor = AutoProcessor.from_pretrained(family_models[family])
+    # A: sure of its coordinates, not of its label; B: the reverse. Scoring the label or the JSON
+    # keys as well would rank B first; the processed scores (uniform here) would tie them.
+    model = FakeModel(processor, _pieces(family, a_label=-30.0, a_coords=50.0, b_label=50.0, b_coords=4.0))
+    fmt = get_format(family, *saved_pixel_budget(family_models[family]))
+    det = Detector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=128)
+    (pred,) = det.detect([Image.new("RGB", (1000, 1000), "white")], ["x.png"])
+    assert pred.answer == model.answer and len(pred.boxes) == 2
+    a, b = pred.boxes
+    assert a.x1 > b.x1  # A is the first box written
+    assert a.score > b.score
+    assert a.score == pytest.approx(1.0, abs=1e-6)
+    # every coordinate token of B has logit 4 against 0 for the rest of the vocabulary
+    p4 = torch.softmax(torch.tensor([4.0] + [0.0] * (model.vocab - 1)), 0)[0].item()
+    assert b.score == pytest.approx(p4, rel=1e-4)
+    call = model.calls[0]
+    assert call["do_sample"] is False and call["repetition_penalty"] == 1.0 and call["output_logits"] is True
+
+
+def test_the_checkpoints_repetition_penalty_does_not_change_greedy_answers(tiny_model):
+    # Qwen2-VL-7B-Instruct's generation_config.json has repetition_penalty=1.05, which penalises
+    # a digit already written in the coordinates even under greedy decoding.
+    from vlmdet.config import RunConfig
+    from vlmdet.formats import get_format
+    from vlmdet.modeling.load import load_for_inference
+    from vlmdet.prediction.predict import Detector
+
+    model, processor = load_for_inference(tiny_model, RunConfig().model)
+    det = Detector(model, processor, get_format("qwen2_vl"), "Detect the {category}.", "nutrition table",
+                   max_new_tokens=24)
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(120, 160, 3, generator=gen) * 255).byte().numpy()) for _ in range(2)]
+    inputs = processor(text=[det.text] * 2, images=images, return_tensors="pt", padding=True, padding_side="left")
+
+    def answers(penalty: float) -> tuple[list[str], torch.Tensor]:
+        model.generation_config.repetition_penalty = penalty
+        model.generation_config.do_sample, model.generation_config.temperature = True, 0.01  # as shipped: sampling knobs
+        raw = model.generate(**inputs, max_new_tokens=24, do_sample=False)  # what a plain call picks up
+        return [p.answer for p in det.detect(images, ["a", "b"])], raw
+
+    plain, raw_plain = answers(1.0)
+    penalised, raw_penalised = answers(1.5)
+    assert not torch.equal(raw_plain, raw_penalised), "the penalty should change this model's plain greedy output"
+    assert penalised == plain

@@ -46,6 +46,9 @@ def test_local_publication_is_a_repo_shaped_folder_with_card(tmp_path, merged_di
     for needle in ("Intended use and limits", "fp-test", "assets/predictions.png", "assets/loss_curve.png",
                    decision.reason, "lora:", "learning_rate"):
         assert needle in card.text, needle
+    # the score as vlmdet.prediction.predict computes it, with this (Qwen2-VL) family's coordinate span
+    assert "geometric-mean probability" in card.text and "`<|box_start|>...<|box_end|>`" in card.text
+    assert "bbox_2d" not in card.text and "log-prob" not in card.text
 
     saved = json.loads((out / "vlmdet.json").read_text())
     assert saved["metrics"] == report.metrics() and saved["config"] == _cfg().to_dict()

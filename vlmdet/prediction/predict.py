@@ -1,8 +1,10 @@
 """Batched greedy detection: images in, boxes in original-image pixels with model scores out.
 
-Each box's score is the mean log-probability of the answer tokens that wrote it (its character
-span in the answer), so COCO AP ranks detections by the model's own confidence rather than by
-detection order.
+Each box's score is the geometric-mean probability of its coordinate tokens (Qwen2-VL:
+`<|box_start|>...<|box_end|>`; Qwen2.5/3-VL: the `bbox_2d` list), read from the raw logits of
+greedy decoding, so COCO AP ranks detections by the model's own confidence rather than by
+detection order. The label and the JSON punctuation are left out: they are near-certain for
+every box and would pull all scores together.
 """
 from __future__ import annotations
 
@@ -45,10 +47,20 @@ def _token_char_ends(tokenizer, ids: list[int]) -> list[int]:
     return ends
 
 
+# Plain greedy decoding, whatever the checkpoint's generation_config.json says: Qwen2-VL-7B-Instruct
+# ships repetition_penalty=1.05 (a logits processor that also runs in greedy mode and penalises a
+# digit already written, e.g. the second "5" of "(552,558)") plus temperature/top_k/top_p for
+# sampling. Passing the sampling knobs at their neutral values (top_k None) keeps transformers'
+# "do_sample is False but temperature is set" validation quiet.
+GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0,
+          "top_k": None}
+
+
 def _box_scores(boxes: list[Box], logprobs: list[float], ends: list[int]) -> None:
+    """score = exp(mean log-prob) of the tokens overlapping the box's coordinate characters."""
     starts = [0] + ends[:-1]
     for b in boxes:
-        lo, hi = b.span or (0, ends[-1] if ends else 0)
+        lo, hi = b.coord_span or b.span or (0, ends[-1] if ends else 0)
         lp = [p for p, s, e in zip(logprobs, starts, ends) if e > lo and s < hi]
         b.score = math.exp(sum(lp) / len(lp)) if lp else 0.0
 
@@ -68,11 +80,12 @@ class Detector:
         inputs = self.processor(text=[self.text] * len(images), images=images, return_tensors="pt",
                                 padding=True, padding_side="left")
         inputs = inputs.to(self.model.device)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  output_scores=True, return_dict_in_generate=True,
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **GREEDY,
+                                  output_logits=True, return_dict_in_generate=True,
                                   pad_token_id=tok.pad_token_id, eos_token_id=sorted(self.stop_ids))
         gen = out.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new tokens]
-        logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [b, new, vocab]
+        # Raw logits, not out.scores: scores are after the logits processors, not the model's distribution.
+        logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)  # [b, new, vocab]
         token_lp = logprobs.gather(-1, gen.unsqueeze(-1)).squeeze(-1).tolist()
         preds = []
         for i, (img, f) in enumerate(zip(images, files)):

@@ -107,7 +107,9 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         "first stage before OCR or human review.",
         "- Not intended: safety-critical decisions, or images unlike the training distribution (other languages, "
         "layouts, heavy blur) without re-measuring mAP on them.",
-        "- Scores are mean log-probabilities of the box tokens, not calibrated probabilities.",
+        "- A box's score is the geometric-mean probability, from the raw logits of greedy decoding, of the tokens "
+        f"of its coordinates ({'`<|box_start|>...<|box_end|>`' if meta['family'] == 'qwen2_vl' else 'the `bbox_2d` list'}); "
+        "it ranks detections but is not a calibrated probability.",
         f"- Measured on {ev['num_images']} held-out images only; {ev['parse_failures']} answers could not be parsed.",
         "",
         "## Evaluation",
