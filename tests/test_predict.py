@@ -54,9 +54,12 @@ def read(out: Path) -> dict:
 def test_predict_over_every_real_photo(tiny_model, tmp_path, monkeypatch):
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     assert any(max(Image.open(p).size) >= 2000 for p in photos), "the folder should hold large photos"
-    grids = spy_generate(monkeypatch)
+    # A random model writes no box; a fake one answering a box and the whole image makes the box
+    # checks below run on every photo, EXIF-rotated ones included (the real processor still runs).
+    answer = ANSWERS["qwen2_vl"] + ANSWERS["qwen2_vl"].replace("(100,200),(500,600)", "(0,0),(1000,1000)")
+    grids = spy_generate(monkeypatch, replace=lambda processor: FakeModel(processor, answer))
     out = tmp_path / "pred"
-    assert main(["predict", "--model", tiny_model, "--out", str(out), "--eval.max_new_tokens", "4", str(PHOTOS)]) == 0
+    assert main(["predict", "--model", tiny_model, "--out", str(out), str(PHOTOS)]) == 0
 
     result = read(out)
     assert result["errors"] == []
@@ -73,9 +76,13 @@ def test_predict_over_every_real_photo(tiny_model, tmp_path, monkeypatch):
         assert t == 1 and gh * 14 * gw * 14 <= max_pixels, (photo.name, gh, gw)
         if max(shown) >= 2000:
             assert gw * 14 < shown[0] and gh * 14 < shown[1]
+        assert rec["parse_ok"] and len(rec["boxes"]) == 2, (photo.name, rec["answer"])
         for box in rec["boxes"]:
             x1, y1, x2, y2 = box["xyxy"]
             assert 0 <= x1 <= x2 <= rec["width"] and 0 <= y1 <= y2 <= rec["height"], (photo.name, box)
+        w, h = shown
+        assert rec["boxes"][0]["xyxy"] == pytest.approx([0.1 * w, 0.2 * h, 0.5 * w, 0.6 * h], abs=0.01), photo.name
+        assert rec["boxes"][1]["xyxy"] == pytest.approx([0, 0, w, h], abs=0.01), photo.name  # the displayed frame
         with Image.open(rec["drawn"]) as drawn:
             assert drawn.size == shown
 
