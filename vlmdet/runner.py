@@ -12,7 +12,6 @@ import ctypes.util
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -172,7 +171,3 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def clean(step_dir: str | Path) -> None:
-    shutil.rmtree(step_dir, ignore_errors=True)
