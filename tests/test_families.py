@@ -144,3 +144,20 @@ def test_predicts_with_the_merged_model(run):
         for box in rec["boxes"]:
             x1, y1, x2, y2 = box["xyxy"]
             assert 0 <= x1 <= x2 <= rec["width"] and 0 <= y1 <= y2 <= rec["height"]
+
+
+def test_bf16_merge_passes_and_a_lost_adapter_is_still_refused(run, monkeypatch, tmp_path):
+    # bf16 tolerates rounding noise up to half the adapter's effect; dropping the adapter misses by all of it
+    from peft.tuners.lora import LoraModel
+
+    from vlmdet.data.images import open_image
+    from vlmdet.merging import MergeMismatch, merge
+
+    if run["family"] != "qwen2_vl":
+        pytest.skip("one family is enough for the dtype path")
+    config = run["config"].override({"model.dtype": "bfloat16"})
+    images = [open_image(s.file) for s in run["test_samples"][:2]]
+    assert merge(run["adapter"], config, tmp_path / "merged", images).max_abs_logit_diff >= 0
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+    with pytest.raises(MergeMismatch, match="the adapter itself moves them"):
+        merge(run["adapter"], config, tmp_path / "lost", images)
