@@ -34,6 +34,8 @@ CHAT_TEMPLATE = (
 SIZES = {
     "micro": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, v_depth=2, v_dim=32, v_heads=4),
     "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, inter=384, v_depth=4, v_dim=96, v_heads=4),
+    # The committed pretrained base (scripts/pretrain_tiny_base.py, docs/tiny-base.md): ~4M params, 15 MB fp32.
+    "grounding": dict(hidden=192, layers=6, heads=6, kv_heads=2, inter=576, v_depth=4, v_dim=128, v_heads=4),
 }
 
 
