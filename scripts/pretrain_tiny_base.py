@@ -773,7 +773,8 @@ def check(a) -> None:
     if a.full:  # full fine-tune: the upper bound of what LoRA could reach in the same time
         a.targets = "all weights"
     else:
-        model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(",")))
+        extra = dict(modules_to_save=a.save_modules.split(",")) if a.save_modules else {}
+        model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","), **extra))
         model.print_trainable_parameters()
     prompts = {"nutrition-table": prompt_ids(processor, "nutrition-table")}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
@@ -796,7 +797,7 @@ def check(a) -> None:
         times.append(time.time() - ts)
         if step % 20 == 0:
             print(f"step {step} t={time.time() - t0:.0f}s loss={loss.item():.3f}", flush=True)
-    print(f"{'full' if a.full else 'LoRA'} r={a.r} alpha={a.alpha} lr={a.lr} on {a.targets}: {step} steps x batch {a.batch} in {time.time() - t0:.0f}s, "
+    print(f"{'full' if a.full else 'LoRA'} r={a.r} alpha={a.alpha} lr={a.lr} on {a.targets} (+{a.save_modules or '-'}): {step} steps x batch {a.batch} in {time.time() - t0:.0f}s, "
           f"median step {np.median(times) * 1000:.0f} ms", flush=True)
     tuned = report("fine-tuned", model)
     print(json.dumps({"base": base, "fine_tuned": tuned, "steps": step, "batch": a.batch}))
@@ -832,6 +833,7 @@ def main(argv=None) -> None:
     c.add_argument("--test-n", type=int, default=36)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--full", action="store_true", help="fine-tune all weights instead of LoRA")
+    c.add_argument("--save-modules", default="", help="modules trained in full beside LoRA, e.g. lm_head")
     a = ap.parse_args(argv)
     train(a) if a.cmd == "train" else check(a)
 
