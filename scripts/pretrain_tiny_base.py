@@ -594,8 +594,12 @@ def train(a) -> None:
     print(f"patchify vs Qwen2VLImageProcessor: max |diff| = {diff:.2e}", flush=True)
     if diff > 1e-4:
         raise RuntimeError(f"our patch path differs from the processor by {diff}")
-    config = tiny.build_config(tok, a.size)
-    model = transformers.Qwen2VLForConditionalGeneration(config)
+    if a.init:  # continue pretraining a saved base (same tokenizer: it is rebuilt identically)
+        model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(a.init, dtype=torch.float32)
+        config = model.config
+    else:
+        config = tiny.build_config(tok, a.size)
+        model = transformers.Qwen2VLForConditionalGeneration(config)
     prompts = {lab: prompt_ids(processor, lab) for lab in LABELS}
     templates = enable_speedups(model, processor, prompts) if a.speedups else {}
     model = model.to(dev)
@@ -809,6 +813,7 @@ def main(argv=None) -> None:
     t = sub.add_parser("train", help="pretrain the base on the generic grounding task (GPU)")
     t.add_argument("--out", required=True)
     t.add_argument("--size", default="grounding", help="an entry of vlmdet.modeling.tiny.SIZES")
+    t.add_argument("--init", default="", help="continue from this saved base instead of random weights")
     t.add_argument("--steps", type=int, default=4000)
     t.add_argument("--budget", type=float, default=420, help="seconds; the cosine ends at whichever comes first")
     t.add_argument("--batch", type=int, default=128)

@@ -72,6 +72,8 @@ class LoraSettings:
     alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
     dropout: float = _f(0.1, "Dropout on the LoRA input.")
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.")
+    modules_to_save: list[str] = _f([], "Modules trained in full beside the adapters (e.g. lm_head when the label's "
+                                        "tokens were rare in pretraining); merged like the adapters.")
 
     def __post_init__(self) -> None:
         if self.r <= 0:

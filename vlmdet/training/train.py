@@ -82,7 +82,8 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
     train_ds = build_dataset(dataset.splits["train"], config)
     model = load_model(base, config.model)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+                      target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save or None,
+                      task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_config(config, out), train_dataset=train_ds,
                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     return trainer, processor, base
