@@ -43,5 +43,5 @@ def micro_config(tiny_model):
     from vlmdet.config import load_preset
 
     return load_preset("smoke", {"model.base": tiny_model, "train.max_steps": 2, "train.per_device_batch": 2,
-                                 "train.save_steps": 1, "eval.batch_size": 6, "eval.max_new_tokens": 12,
+                                 "train.save_steps": 1, "train.logging_steps": 1, "eval.batch_size": 6, "eval.max_new_tokens": 12,
                                  "eval.eval_base": False, "eval.preview_images": 2})

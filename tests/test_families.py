@@ -62,7 +62,9 @@ def family_config(family: str):
     overrides = {"model.base": f"tiny:{family}", "model.family": family, "train.max_steps": 2,
                  "train.per_device_batch": 2, "train.save_steps": 50, "train.warmup_steps": 0,
                  "data.test_fraction": 0.25, "eval.batch_size": 4, "eval.max_new_tokens": 12,
-                 "eval.eval_base": False, "eval.preview_images": 2}
+                 "eval.eval_base": False, "eval.preview_images": 2, "train.logging_steps": 1,
+                 # the real presets' adapters: attention only, nothing trained in full
+                 "lora.target_modules": ATTENTION, "lora.modules_to_save": []}
     if family == "qwen3_vl":  # Qwen3-VL tokens are 32x32 px: 64 to 256 of them
         overrides.update({"model.min_pixels": 64 * 32 * 32, "model.max_pixels": 256 * 32 * 32})
     return load_preset("smoke", overrides)

@@ -84,3 +84,17 @@ def test_missing_coco_path_fails_before_any_model_with_its_name(tmp_path):
     assert proc.returncode != 0
     assert str(missing) in proc.stderr
     assert not (tmp_path / "run" / "train").exists()  # failed before training started
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_flow_runs_with_each_family(family, tmp_path):
+    """The successors' tiny models through the whole flow: their formats, processors and merges."""
+    overrides = {**_overrides("unused"), "model.base": f"tiny:{family}", "model.family": family,
+                 "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "lora.modules_to_save": []}
+    if family == "qwen3_vl":  # 32 px per visual token
+        overrides.update({"model.min_pixels": 64 * 32 * 32, "model.max_pixels": 256 * 32 * 32})
+    summary = retrain(preset="smoke", workdir=str(tmp_path), threshold=0.0, overrides=overrides)
+    assert summary["gate"]["passed"] and summary["published"]["kind"] == "local"
+    config = json.loads((tmp_path / "published" / "config.json").read_text())
+    assert config["model_type"] == family
+    assert summary["merged_metrics"] is not None

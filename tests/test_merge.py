@@ -14,13 +14,16 @@ from vlmdet.samples import load_split
 
 @pytest.fixture
 def trained_adapter(tiny_model, tmp_path):
-    """An adapter whose B matrices are random (fresh LoRA has B = 0, which any merge reproduces)."""
+    """An adapter whose B matrices are random (fresh LoRA has B = 0, which any merge reproduces),
+    with lm_head trained in full beside it (lora.modules_to_save, as the smoke preset does)."""
     torch.manual_seed(1)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
     for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
+        if "lora_B" in name or ("modules_to_save" in name and "lm_head" in name):
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.2)
     path = tmp_path / "adapter"
     peft.save_pretrained(path)
     AutoProcessor.from_pretrained(tiny_model).save_pretrained(path)
