@@ -41,7 +41,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..config import DataConfig
-from ..records import DatasetRef, QuarantineEntry
+from ..records import DatasetRef, QuarantineEntry, write_json
 from .errors import DataError, ImageError
 from .images import content_hash, load_image
 
@@ -74,6 +74,7 @@ class _Item:
 def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, source: str = "") -> DatasetRef:
     """Validate, normalise and split the COCO dataset at `annotations`; write out_dir/{split}.json and report.json."""
     annotations, out_dir = Path(annotations), Path(out_dir)
+    (out_dir / "report.json").unlink(missing_ok=True)  # until rewritten, the folder is incomplete
     coco = _read_coco(annotations)
     root = annotations.parent
     categories = {c.get("id"): c.get("name") for c in coco.get("categories", [])}
@@ -146,7 +147,7 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
               "quarantine": ref.quarantine, "config": dataclasses.asdict(cfg),
               "rules": {"edge_tolerance_px": EDGE_TOLERANCE_PX, "min_box_px": MIN_BOX_PX,
                         "held_out_splits": sorted(HELD_OUT_SPLITS), "boxes_refer_to": "image as displayed (EXIF applied)"}}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "report.json", report)  # written last: its presence means the folder is complete
     log.info("prepared %d of %d images from %s: %s; quarantined %s", len(items), len(images), source or annotations,
              ", ".join(f"{k} {v['images']} images / {v['boxes']} boxes" for k, v in counts.items()),
              dict(ref.quarantine_counts) or "nothing")
@@ -309,7 +310,7 @@ def _write_coco(path: Path, items: list[_Item], category: str) -> None:
                                 "bbox": box, "area": round(box[2] * box[3], 3), "iscrowd": 0})
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": category, "supercategory": "none"}]}
-    path.write_text(json.dumps(coco))
+    write_json(path, coco, indent=None)
 
 
 def _fingerprint(groups: dict[str, list[_Item]], cfg: DataConfig) -> str:
