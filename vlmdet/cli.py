@@ -65,15 +65,16 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
-    m, g = s["metrics"], s["gate"]
+    g = s["gate"]
     print()
     if s.get("skipped"):
         print(f"Nothing new: {s.get('skip_reason')}. Pass --force to retrain.")
-    print(f"mAP {m['map']:.3f}  mAP50 {m['map50']:.3f}  mAP75 {m['map75']:.3f}", end="")
-    if s.get("base_metrics"):
-        b = s["base_metrics"]
-        print(f"   (base model: mAP {b['map']:.3f}  mAP50 {b['map50']:.3f})", end="")
-    print(f"\ngate: {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
+    rows = [("fine-tuned", s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics"))]
+    print(f"{'model':<12}{'mAP':>8}{'mAP50':>8}{'mAP75':>8}")
+    for name, m in rows:
+        if m:
+            print(f"{name:<12}{m['map']:>8.3f}{m['map50']:>8.3f}{m['map75']:>8.3f}")
+    print(f"gate:      {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
     print(f"adapter:   {s['adapter']}")
     if s.get("published"):
         print(f"published: {s['published']['target']}")
