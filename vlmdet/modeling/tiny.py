@@ -99,9 +99,15 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_vl", size: str = "mic
         return out
     processor = build_processor(min_pixels, max_pixels)
     config = build_config(processor.tokenizer, size)
+    return save_random(transformers.Qwen2VLForConditionalGeneration, config, processor, out, seed)
+
+
+def save_random(model_cls, config, processor, out: Path, seed: int) -> Path:
+    """Random weights of `model_cls`, stopping at <|im_end|> as the Instruct checkpoints do, saved
+    with the processor; written to a sibling folder first so a half-built model is never found."""
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model = model_cls(config)
+    model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import transformers
 
-from vlmdet.modeling.tiny import CHAT_TEMPLATE, SIZES, build_tokenizer
+from vlmdet.modeling.tiny import CHAT_TEMPLATE, SIZES, build_tokenizer, save_random
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
@@ -111,15 +110,6 @@ def build(out: str | Path, family: str, size: str = "micro", seed: int = 0, min_
         return out
     processor = build_processor(family, min_pixels, max_pixels)
     config = build_config(family, processor.tokenizer, size)
-    torch.manual_seed(seed)
     cls = (transformers.Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
            else transformers.Qwen3VLForConditionalGeneration)
-    model = cls(config)
-    # Both stop at <|im_end|>, as the Instruct checkpoints' generation_config does.
-    model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.replace(out)
-    return out
+    return save_random(cls, config, processor, out, seed)
