@@ -26,6 +26,7 @@ def _summary(workdir: Path) -> dict:
     return json.loads((workdir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_gate_closed_then_opened_then_nothing_new_then_forced(tiny_model, tmp_path):
     args = dict(preset="smoke", workdir=str(tmp_path), overrides=_overrides(tiny_model))
 
@@ -86,6 +87,7 @@ def test_missing_coco_path_fails_before_any_model_with_its_name(tmp_path):
     assert not (tmp_path / "run" / "train").exists()  # failed before training started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_the_flow_runs_with_each_family(family, tmp_path):
     """The successors' tiny models through the whole flow: their formats, processors and merges."""
