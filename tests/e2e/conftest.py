@@ -1,5 +1,5 @@
-"""One real `prefect server start` (loopback, SQLite in a temp folder) for the whole session, the
-pools and deployments of deployments/prefect.yaml registered on it with the real CLI, and one
+"""One real `prefect server start` (loopback, SQLite in a temp folder, basic authentication on, as
+docs/operations.md runs it) for the whole session, the pools and deployments of deployments/prefect.yaml registered on it with the real CLI, and one
 real process worker polling the smoke pool. Every wait is bounded; every process started here is
 stopped at the end; a failing test gets the server's and the worker's log tails in its report.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -59,7 +60,8 @@ def _stop(proc: subprocess.Popen, grace: float = 15) -> None:
 class PrefectServer:
     url: str  # the UI
     api_url: str
-    env: dict[str, str]
+    env: dict[str, str]  # what the CLI, deploys and the worker run with: PREFECT_API_AUTH_STRING included
+    auth_string: str
     home: Path
     log: Path
     procs: list = field(default_factory=list)
@@ -76,7 +78,7 @@ class PrefectServer:
         # prefect_harness) may have pointed this process's settings at a different server.
         from prefect.client.orchestration import SyncPrefectClient
 
-        return SyncPrefectClient(self.api_url)
+        return SyncPrefectClient(self.api_url, auth_string=self.auth_string)
 
     def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.home / f"{name}.log"
@@ -94,6 +96,13 @@ def prefect_server(tmp_path_factory) -> PrefectServer:
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
+    # Basic auth as docs/operations.md sets it up: the secret is read from a file (mode 600) into
+    # the environment of the server (PREFECT_SERVER_API_AUTH_STRING) and of every client
+    # (PREFECT_API_AUTH_STRING), never passed on a command line.
+    auth_string = f"vlmdet:{secrets.token_urlsafe(18)}"
+    auth_file = home / "prefect-auth"
+    auth_file.touch(mode=0o600)
+    auth_file.write_text(auth_string + "\n")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
         "PREFECT_HOME": str(home),
@@ -106,9 +115,12 @@ def prefect_server(tmp_path_factory) -> PrefectServer:
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # the default 10 s poll would dominate the test
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_API_AUTH_STRING": auth_file.read_text().strip(),
     }
-    server = PrefectServer(url=f"http://127.0.0.1:{port}", api_url=api_url, env=env, home=home, log=home / "server.log")
-    proc = server.start("server", ["server", "start", "--host", "127.0.0.1", "--port", str(port)])
+    server = PrefectServer(url=f"http://127.0.0.1:{port}", api_url=api_url, env=env, auth_string=auth_string,
+                           home=home, log=home / "server.log")
+    proc = server.start("server", ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                        extra_env={"PREFECT_SERVER_API_AUTH_STRING": auth_file.read_text().strip()})
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
