@@ -189,9 +189,8 @@ def wait_for_final_state(server: PrefectServer, flow_run_id, timeout: float = 42
 
 
 def pytest_collection_modifyitems(config, items):
-    """Browser tests last: the server/worker test makes the full run (training, artifacts,
-    summary) in the smoke workdir; the UI's Quick run that follows finds nothing new there and
-    takes the cheap skip path. Alone, the browser test makes the full run itself."""
+    """Browser tests last, so that a failure of the plain server/worker path shows first; each
+    browser run has its own workdir, so they train whatever ran before."""
     items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
 
 
