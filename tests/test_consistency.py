@@ -273,3 +273,46 @@ def test_batching_changes_nothing(family, dataset, work):
     leaky = detector.detect(images, files)
     moved = max(abs(t - a) / a for tp, ap in zip(scores_of(leaky), scores_of(alone)) for t, a in zip(tp, ap))
     assert boxes_of(leaky) != boxes_of(alone) or moved > 1e-3, moved
+
+
+def test_a_tokenizer_that_adds_bos_adds_it_nowhere(tmp_path):
+    """TRL tokenizes the training prompt with add_special_tokens=False; the detector must too.
+    Qwen's tokenizers add no BOS, so this guards a tokenizer that does (Llama-style template)."""
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from vlmdet.data.synth import render
+    from vlmdet.formats import Box, get_format
+    from vlmdet.modeling.load import load_processor, resolve_base
+    from vlmdet.prediction.predict import Detector
+    from vlmdet.samples import Sample, training_example
+
+    config = family_config("qwen2_vl")
+    processor = load_processor(resolve_base(config.model.base, tmp_path, config.model), config.model)
+    tok = processor.tokenizer
+    bos = "<|endoftext|>"
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    assert tok("x")["input_ids"][0] == tok.convert_tokens_to_ids(bos)  # the tokenizer now adds a BOS
+
+    image = render(SYNTH_SEED, 0)[0]
+    fmt = get_format("qwen2_vl")
+    example = training_example(Sample(1, "unused.jpg", 320, 240, [Box(10, 20, 200, 150)]), fmt, config.model.prompt,
+                               config.data.category)
+    example["images"] = [image]
+    batch = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)([example])
+    start = int((batch["labels"][0] != -100).nonzero()[0])
+
+    seen: dict = {}
+
+    def generate(**kwargs):
+        seen.update(kwargs)
+        raise Captured
+
+    detector = Detector(SimpleNamespace(device="cpu", generate=generate), processor, fmt, config.model.prompt,
+                        config.data.category)
+    with pytest.raises(Captured):
+        detector.detect([image], ["unused.jpg"])
+    assert seen["input_ids"][0].tolist() == batch["input_ids"][0, :start].tolist()
