@@ -30,8 +30,21 @@ Peak GPU memory per step: the child reports torch's peak allocated and reserved 
 through a sitecustomize.py this script puts first on the child's PYTHONPATH (the library is not
 changed for it); CPU runs report none.
 
-    setsid nohup python benchmarks/nightly_run.py --out runs/nightly-out > runs/nightly.log 2>&1 &
-    cat runs/nightly-out/progress.json                      # after each step
+On one H100/H200, in the background (one GPU command may run 10 minutes; the run takes longer):
+
+    mkdir -p runs/nightly-out && setsid nohup python benchmarks/nightly_run.py --out runs/nightly-out \
+        > runs/nightly-out/log 2>&1 < /dev/null &
+    cat runs/nightly-out/progress.json; tail -3 runs/nightly-out/log      # later calls: follow it
+    cp runs/nightly-out/nightly_run.* runs/nightly-out/log $OUT/            # when state is done/failed
+
+Expected on main as of 2026-11-27 (train.profile not yet there): about 30 minutes of steps, ~25 of
+them training (~975 training images after the 10% val hold-out x 3 epochs = 183 steps of 16 at the
+2.25 samples/s measured on an H200, plus decoding the full-size photos on the main process), plus
+~2-3 minutes of setup outside the total (random 7B build, data generation). A random model never
+stops before eval.max_new_tokens (128) where a trained one answers in ~25 tokens, so both
+evaluations are pessimistic. `--epochs 1` gives a third of the training (~15 minutes in all).
+Scaled down on a CPU (every code path in a few minutes, the micro model):
+
     python benchmarks/nightly_run.py --tiny --train-images 6 --test-images 2 --epochs 1 --out /tmp/n
 
 Writes to --out: nightly_run.json (per-step seconds, share, peak memory, train samples/s, eval
@@ -253,7 +266,7 @@ class Recorder:
         print(f"[nightly] {now()} {name} ...", flush=True)
         t = time.perf_counter()
         result = fn()
-        row = {"step": name, "seconds": round(time.perf_counter() - t, 2), **info}
+        row = {"step": name, "seconds": round(time.perf_counter() - t, 3), **info}
         self.steps.append(row)
         self.current = None
         print(f"[nightly] {now()} {name}: {row['seconds']:.1f} s", flush=True)
@@ -265,7 +278,7 @@ class Recorder:
 
     @property
     def total(self) -> float:
-        return round(sum(r["seconds"] for r in self.steps), 2)
+        return round(sum(r["seconds"] for r in self.steps), 3)
 
     def summary(self, state: str) -> dict[str, Any]:
         total = self.total
@@ -440,8 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="results folder (a few small files)")
     p.add_argument("--workdir", type=Path, default=Path("runs/nightly-run"),
                    help="base model, generated data and the run folder (tens of GB for the 7B)")
-    p.add_argument("--base", help="model.base: a folder (the random 7B is built there when missing), or any "
-                                  "model.base spec (default: WORKDIR/random-qwen2-vl-7b; --tiny: tiny:qwen2_vl)")
+    p.add_argument("--base", help="model.base: a folder (the random 7B is built there unless it holds a model), or "
+                                  "a tiny:/asset: spec (default: WORKDIR/random-qwen2-vl-7b; --tiny: tiny:qwen2_vl)")
     p.add_argument("--train-images", type=int, default=1083, help="training-split images (real dataset: 1,083)")
     p.add_argument("--test-images", type=int, default=124, help="held-out images (real dataset: 124)")
     p.add_argument("--epochs", type=float, help="train.epochs (default: the preset's)")
@@ -492,15 +505,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             else argv, "setup": {}}
     print(f"[nightly] {now()} {meta['card']}; preset {PRESET}; {meta['gate_forced'] or 'gate as in the preset'}",
           flush=True)
-    t = time.perf_counter()
-    ann, gen = make_dataset(data_dir, args.train_images, args.test_images, args.seed, args.workers)
-    meta["setup"]["data"] = dict(gen, wall_s=round(time.perf_counter() - t, 1))
-    how = "reused" if gen["reused"] else f"generated in {gen['seconds']} s on {gen['workers']} processes"
-    print(f"[nightly] data: {gen['images']} photos, {gen['mean_megapixels']} MP mean, {how}", flush=True)
-    if not args.tiny and not args.base:
-        meta["setup"]["base_build_s"] = build_base(Path(base))
+    rec = Recorder(out, meta)  # progress.json from the first second: setup can take minutes too
     hub = None
     try:
+        rec.current = "setup: data generation"
+        rec.write("running")
+        t = time.perf_counter()
+        _, gen = make_dataset(data_dir, args.train_images, args.test_images, args.seed, args.workers)
+        meta["setup"]["data"] = dict(gen, wall_s=round(time.perf_counter() - t, 1))
+        how = "reused" if gen["reused"] else f"generated in {gen['seconds']} s on {gen['workers']} processes"
+        print(f"[nightly] data: {gen['images']} photos, {gen['mean_megapixels']} MP mean, {how}", flush=True)
+        if not args.tiny and ":" not in base:  # a folder: the random 7B is built there unless it holds a model
+            rec.current = "setup: base model"
+            rec.write("running")
+            meta["setup"]["base_build_s"] = build_base(Path(base).resolve())
+            overrides["model.base"] = str(Path(base).resolve())
         if args.hub_endpoint:
             hub_url = args.hub_endpoint
         else:
@@ -511,19 +530,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_dir = workdir / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumes or is reused: a night with new data
         run_dir.mkdir(parents=True)
-        rec = Recorder(out, meta)
-        try:
-            result = nightly(config, run_dir, rec, hub_url)
-        except BaseException as err:
-            summary = rec.write("failed")
-            summary["error"] = f"{type(err).__name__}: {err}"
-            summary["traceback"] = traceback.format_exc()
-            finish(out, summary)
-            raise
+        rec.started = time.perf_counter()  # wall_seconds: the run itself, setup excluded
+        result = nightly(config, run_dir, rec, hub_url)
         summary = rec.summary("done")
         summary.update(result)
         finish(out, summary)
         return summary
+    except BaseException as err:
+        summary = rec.summary("failed")
+        summary["error"] = f"{type(err).__name__}: {err}"
+        summary["traceback"] = traceback.format_exc()
+        finish(out, summary)
+        raise
     finally:
         if hub is not None:
             hub.stop()
