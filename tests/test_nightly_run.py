@@ -67,6 +67,10 @@ def test_tiny_nightly_run_times_every_step_and_commits_to_the_hub(tmp_path, monk
     assert summary["counts"]["train"]["images"] + summary["counts"]["val"]["images"] == 4
     by = {s["step"]: s for s in steps}
     assert by["train"]["global_step"] == 1 and by["evaluate adapter"]["images"] == 2
+    # 1 of the preset's 3 epochs: the total at 3 adds twice the trainer's own time
+    x = summary["extrapolated"]
+    assert x["epochs"] == 3 and x["total_seconds"] == pytest.approx(
+        summary["total_seconds"] + 2 * by["train"]["trainer_runtime_s"], abs=0.1)
     # each step child ran with the memory hook (no GPU here: no peak to report)
     assert all(by[name]["reports"] >= 1 and "peak_allocated_gib" not in by[name]
                for name in ("train", "evaluate adapter", "merge", "evaluate merged"))
