@@ -99,7 +99,7 @@ def test_predict_uses_the_built_in_defaults_unless_a_preset_is_named(tmp_path, m
 
     seen = {}
 
-    def fake_predict_files(model, files, out, config, explicit):
+    def fake_predict_files(model, files, out, config, explicit, echo=None):
         seen.update(config=config, explicit=explicit)
         return out / "predictions.json"
 

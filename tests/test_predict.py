@@ -100,7 +100,7 @@ def test_bad_files_are_reported_and_exif_is_applied(tiny_model, tmp_path):
     garbage.write_bytes(b"this is not a JPEG" * 10)
     out = tmp_path / "pred"
     argv = ["predict", "--model", tiny_model, "--out", str(out), "--eval.max_new_tokens", "4"]
-    assert main(argv + [str(good), str(empty), str(rotated), str(garbage)]) == 0
+    assert main(argv + [str(good), str(empty), str(rotated), str(garbage)]) == 6  # EXIT_SOME_INPUTS_FAILED
 
     result = read(out)
     assert [(Path(r["file"]).name, r["width"], r["height"]) for r in result["images"]] == [

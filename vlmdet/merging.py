@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vlmdet.config import RunConfig
-from vlmdet.modeling.load import adapter_base, load_model, load_processor, torch_dtype
+from vlmdet.modeling.load import adapter_base, check_safe_weights, load_model, load_processor, torch_dtype
 from vlmdet.records import AdapterRef, MergedRef
 from vlmdet.samples import user_message
 
@@ -59,6 +59,7 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
     processor = load_processor(adapter_path, config.model)
     batch = check_batch(processor, images, config)
 
+    check_safe_weights(adapter_path, adapter=True, what="adapter")  # PEFT would unpickle an adapter_model.bin
     model = PeftModel.from_pretrained(load_model(base, config.model, quantize=False, dtype=dtype), adapter_path)
     model.eval()
     expected = _logits(model, batch)
