@@ -53,13 +53,13 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
     from peft import PeftModel
 
     adapter_path = adapter.path if isinstance(adapter, AdapterRef) else str(adapter)
+    check_safe_weights(adapter_path, adapter=True, what="adapter")  # PEFT would unpickle an adapter_model.bin
     base = adapter_base(adapter_path)
     out = Path(out)
     dtype = torch_dtype(config.model)
     processor = load_processor(adapter_path, config.model)
     batch = check_batch(processor, images, config)
 
-    check_safe_weights(adapter_path, adapter=True, what="adapter")  # PEFT would unpickle an adapter_model.bin
     model = PeftModel.from_pretrained(load_model(base, config.model, quantize=False, dtype=dtype), adapter_path)
     model.eval()
     expected = _logits(model, batch)

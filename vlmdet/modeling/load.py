@@ -186,7 +186,7 @@ def _repo_files(name: str, what: str) -> list[str]:
     except RepositoryNotFoundError:
         raise ModelError(f"{nothing}, and the Hub has no repository {name} that this token can read). "
                          "Check the path or the repo id (private repos need HF_TOKEN).") from None
-    except (HfHubHTTPError, OSError) as err:  # connection refused, DNS, timeouts: all OSErrors in httpx
+    except (HfHubHTTPError, OSError, Exception) as err:  # noqa: BLE001 - refused, DNS, timeouts (httpx's or httpx2's)
         raise ModelError(f"{nothing}, and the Hub at {constants.ENDPOINT} could not be reached to look for a "
                          f"repository {name}: {type(err).__name__}). Check the path, or the network (with "
                          "HF_HUB_OFFLINE=1 a model in the HF cache is used).") from None
