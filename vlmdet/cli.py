@@ -120,13 +120,17 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import retrain
+    from vlmdet.data.sources import check_spec
 
     overrides = _overrides(args)
     config = load_preset(args.preset, overrides)  # fail on a bad setting before Prefect starts
     if args.dataset is not None:
         config = config.override({"data.dataset": args.dataset})
+    check_spec(config.data.dataset)  # a typo in the spec is a one-line error now, not after Prefect starts
     _check_base(config)
+    from flows.retrain import retrain  # Prefect: imported only once the input is known to be good
+
+    _filter_console_logs(args)
     summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
                       overrides=overrides, force=args.force)
     _print_summary(Path(args.workdir), summary)
@@ -143,10 +147,13 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     for name, m in rows:
         if m:
             print(f"{name:<12}{m['map']:>8.3f}{m['map50']:>8.3f}{m['map75']:>8.3f}")
-    print(f"gate:      {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
+    # A skipped run repeats the summary of the run it skipped to: its gate reason and publication
+    # are that run's ("no champion ... yet" was true then, before it published), so say whose they are.
+    then = " (that run)" if s.get("skipped") else ""
+    print(f"{'gate' + then + ':':<11}{'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
     print(f"adapter:   {s['adapter']}")
     if s.get("published"):
-        print(f"published: {s['published']['target']}")
+        print(f"{'published' + then + ':':<11}{s['published']['target']}")
     if s.get("evaluation", {}).get("preview"):
         print(f"preview:   {s['evaluation']['preview']}")
     print(f"summary:   {(workdir / 'summary.json').resolve()}")
@@ -219,10 +226,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_retries(args: argparse.Namespace) -> int:
-    from flows.retries import format_attempts, task_run_attempts
+    from flows.retries import format_report, latest_failed_run, run_report
 
-    print(format_attempts(task_run_attempts(args.flow_run)))
-    return 0
+    _filter_console_logs(args)
+    flow_run = args.flow_run
+    if flow_run is None:
+        flow_run = latest_failed_run(args.deployment)
+        if flow_run is None:
+            print(f"no failed run of {args.deployment}")
+            return EXIT_OK
+    print(format_report(run_report(flow_run)))
+    return EXIT_OK
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -275,8 +289,12 @@ def parser() -> argparse.ArgumentParser:
     add_settings(p, INFERENCE_SETTINGS)
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("retries", help="Every attempt of every task run of a flow run, with its error.")
-    p.add_argument("flow_run", help="flow run id")
+    p = sub.add_parser("retries", help="Every attempt of a flow run and of each of its task runs, with its error "
+                       "and its link in the Prefect UI.")
+    p.add_argument("flow_run", nargs="?", default=None,
+                   help="flow run id (default: the latest failed run of --deployment)")
+    p.add_argument("--deployment", default="retrain/nightly-gpu",
+                   help="FLOW/DEPLOYMENT whose latest failed run is shown when no id is given")
     p.set_defaults(fn=cmd_retries)
 
     p = sub.add_parser("presets", help="List the shipped presets.")
@@ -309,10 +327,26 @@ class _DropUserErrorLogs(logging.Filter):
         return not self._names.search(record.getMessage())
 
 
-def _filter_console_logs() -> None:
+def _filter_console_logs(args: argparse.Namespace) -> None:
+    """Call once Prefect is imported (it installs its console handler on the root logger then)."""
+    if args.verbose:
+        return
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _DropUserErrorLogs) for f in handler.filters):
             handler.addFilter(_DropUserErrorLogs())
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when main() first ran: main() may
+    run many times in one process (tests capture stderr anew each time)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def classify(err: BaseException) -> int | None:
@@ -337,14 +371,16 @@ def classify(err: BaseException) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_offline()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not root.handlers:  # what logging.basicConfig does, with a handler that follows sys.stderr
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
     if not args.verbose:  # one line per HTTP request to the Prefect API drowns what matters
         for noisy in ("httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.verbose and args.command in ("retrain", "retries"):
-        import prefect  # noqa: F401 - configures Prefect's console handler, which the filter joins
-
-        _filter_console_logs()
     try:
         return args.fn(args)
     except KeyboardInterrupt:
@@ -360,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         print(f"vlmdet: error: {_one_line(err)}", file=sys.stderr)
         return code
+    finally:  # main() may run again in the same process (tests): leave logging as it was
+        root.setLevel(level)
+        for handler in logging.getLogger().handlers:
+            for f in [f for f in handler.filters if isinstance(f, _DropUserErrorLogs)]:
+                handler.removeFilter(f)
 
 
 def _one_line(err: BaseException) -> str:

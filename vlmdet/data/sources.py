@@ -48,15 +48,9 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BM
 
 def materialize(spec: str, workdir: str | Path, seed: int, image_size: Iterable[int] = (320, 240)) -> Path:
     """Resolve `spec` to a COCO annotations.json (written under workdir unless spec is coco:)."""
-    scheme, sep, rest = spec.partition(":")
-    if not sep or scheme not in SCHEMES or not rest:
-        raise DataError(f"data.dataset={spec!r} is not a dataset spec; use one of synth:N, coco:PATH, "
-                        "hub:ORG/NAME[@bbox=LAYOUT], hf-disk:PATH, parquet:PATH.")
-    target, layout = _split_layout(spec, rest)
+    scheme, target, layout = parse_spec(spec)
     workdir = Path(workdir)
     if scheme == "synth":
-        if layout != BBOX_LAYOUTS[0] or not target.isdigit() or int(target) < 1:
-            raise DataError(f"data.dataset={spec!r}: synth takes a positive image count, e.g. synth:240.")
         size = tuple(int(v) for v in image_size)
         return generate(workdir / f"synth-{target}-seed{seed}-{size[0]}x{size[1]}", int(target), seed, size)
     if scheme == "coco":
@@ -79,6 +73,30 @@ def _image_roots(scheme: str, target: str) -> tuple[Path, ...]:
         path = Path(*parts) if parts else Path(".")
         path = path if path.is_dir() else path.parent
     return (path,)
+
+
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """(scheme, target, box layout) of a dataset spec; DataError naming the spec when it is malformed."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise DataError(f"data.dataset={spec!r} is not a dataset spec; use one of synth:N, coco:PATH, "
+                        "hub:ORG/NAME[@bbox=LAYOUT], hf-disk:PATH, parquet:PATH.")
+    target, layout = _split_layout(spec, rest)
+    if scheme == "synth" and (layout != BBOX_LAYOUTS[0] or not target.isdigit() or int(target) < 1):
+        raise DataError(f"data.dataset={spec!r}: synth takes a positive image count, e.g. synth:240.")
+    return scheme, target, layout
+
+
+def check_spec(spec: str) -> None:
+    """The mistakes a spec can be checked for without reading or downloading anything: its form, and
+    that a local coco:/hf-disk:/parquet: path exists. Lets the CLI fail before the flow starts."""
+    scheme, target, _ = parse_spec(spec)
+    if scheme == "coco":
+        _coco_path(target)
+    elif scheme == "hf-disk" and not Path(target).expanduser().exists():
+        raise DataError(f"hf-disk:{target}: no such folder; expected a dataset written by save_to_disk.")
+    elif scheme == "parquet":
+        _parquet_files(target)
 
 
 def _split_layout(spec: str, rest: str) -> tuple[str, str]:
