@@ -83,8 +83,8 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
         if key not in allowed:
             if key not in field_help():
-                raise ConfigError(f"--set {key}: unknown setting; `vlmdet {args.command}` reads: {', '.join(allowed)}")
-            raise ConfigError(f"--set {key}: `vlmdet {args.command}` does not use this setting; it reads: "
+                raise ConfigError(f"--set {key}: unknown setting; `vlmdet {getattr(args, "command", "")}` reads: {', '.join(allowed)}")
+            raise ConfigError(f"--set {key}: `vlmdet {getattr(args, "command", "")}` does not use this setting; it reads: "
                               f"{', '.join(allowed)}")
         out[key] = value
     return out
@@ -247,8 +247,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vlmdet", description=__doc__.splitlines()[0] + " Train, measure and publish "
-                                 "a Qwen2-VL-family nutrition-table detector.")
-    ap.add_argument("-v", "--verbose", action="store_true")
+                                 "a Qwen2-VL-family nutrition-table detector.",
+                                 epilog="exit codes: " + "; ".join(f"{c} {m}" for c, m in EXIT_CODES.items()))
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="Generate a synthetic COCO dataset of nutrition tables.")
