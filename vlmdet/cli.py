@@ -77,14 +77,15 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given on the command line, {dotted key: string value}, checked against the command's keys."""
     out = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
     allowed = getattr(args, "settings_keys", ())
+    command = f"vlmdet {getattr(args, 'command', None) or ''}".strip()
     for pair in getattr(args, "set_pairs", []):
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
         if key not in allowed:
             if key not in field_help():
-                raise ConfigError(f"--set {key}: unknown setting; `vlmdet {getattr(args, "command", "")}` reads: {', '.join(allowed)}")
-            raise ConfigError(f"--set {key}: `vlmdet {getattr(args, "command", "")}` does not use this setting; it reads: "
+                raise ConfigError(f"--set {key}: unknown setting; `{command}` reads: {', '.join(allowed)}")
+            raise ConfigError(f"--set {key}: `{command}` does not use this setting; it reads: "
                               f"{', '.join(allowed)}")
         out[key] = value
     return out
