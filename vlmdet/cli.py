@@ -207,11 +207,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    config = inference_config(args)  # a bad setting fails before torch is imported
+
     from tqdm.auto import tqdm
 
     from vlmdet.prediction.cli import predict_files
 
-    config = inference_config(args)
     files: list[Path] = []
     for item in args.images:
         p = Path(item)
