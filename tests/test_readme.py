@@ -34,14 +34,24 @@ def test_the_presets_table_matches_the_preset_files():
         preset = load_preset(name)
         assert _code(base) == preset.model.base, name
         assert _code(data) == preset.data.dataset, name
-    seed = load_preset("qwen2-vl-7b-nutrition")
-    notes = rows["qwen2-vl-7b-nutrition"][3]
-    claimed = re.search(r"r=(\d+)/alpha (\d+).*batch (\d+) x (\d+), lr ([0-9.e-]+) (\w+), (\d+) epochs", notes).groups()
-    assert (int(claimed[0]), int(claimed[1])) == (seed.lora.r, seed.lora.alpha)
-    assert (int(claimed[2]), int(claimed[3])) == (seed.train.per_device_batch, seed.train.grad_accum)
-    assert float(claimed[4]) == seed.train.learning_rate and claimed[5] == seed.train.scheduler
-    assert int(claimed[6]) == seed.train.epochs
-    assert ("nf4" in notes) == (seed.model.quantization == "nf4")
+    checked = 0
+    for name, row in rows.items():  # the recipes spelled out in the notes column
+        claimed = re.search(r"r=(\d+)/alpha (\d+).*batch (\d+) x (\d+), lr ([0-9.e-]+) (\w+), (\d+) epochs", row[3])
+        if not claimed:
+            continue
+        p, claimed = load_preset(name), claimed.groups()
+        assert (int(claimed[0]), int(claimed[1])) == (p.lora.r, p.lora.alpha), name
+        assert (int(claimed[2]), int(claimed[3])) == (p.train.per_device_batch, p.train.grad_accum), name
+        assert float(claimed[4]) == p.train.learning_rate and claimed[5] == p.train.scheduler, name
+        assert int(claimed[6]) == p.train.epochs, name
+        assert ("nf4" in row[3]) == (p.model.quantization == "nf4"), name
+        assert ("vision tower bf16" in row[3]) == (p.model.quantization == "nf4" and not p.model.quantize_vision), name
+        if "on q/k/v/o" in row[3]:
+            assert p.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"], name
+        if "all 7 linears" in row[3]:
+            assert len(p.lora.target_modules) == 7, name
+        checked += 1
+    assert checked >= 2  # the nightly default and the seed recipe
 
 
 def test_the_exit_codes_table_matches_the_cli():

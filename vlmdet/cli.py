@@ -44,7 +44,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 # The settings `vlmdet predict` (and any other command that only runs a trained model: `serve`)
 # reads: how the model is loaded and prompted and how images are batched. Training, gate and
 # publish settings mean nothing there, so its --help does not list them.
-INFERENCE_SETTINGS = ("model.family", "model.quantization", "model.dtype", "model.min_pixels", "model.max_pixels",
+INFERENCE_SETTINGS = ("model.family", "model.quantization", "model.quantize_vision", "model.dtype", "model.min_pixels", "model.max_pixels",
                       "model.attn_implementation", "model.prompt", "data.category", "eval.batch_size",
                       "eval.max_new_tokens")
 
