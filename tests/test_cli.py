@@ -165,3 +165,20 @@ def test_add_settings_is_the_hook_for_another_command():
     args.command = "serve"
     with pytest.raises(ConfigError, match="`vlmdet serve` does not use this setting"):
         inference_config(args)
+
+
+def test_a_skipped_rerun_says_the_gate_and_publication_are_the_earlier_runs(capsys, tmp_path):
+    # "no champion published at the target yet" was true when that run decided, not now that it published
+    from vlmdet.cli import _print_summary
+
+    m = {"map": 0.7, "map50": 0.9, "map75": 0.8}
+    summary = {"metrics": m, "adapter": "a", "published": {"target": "local:published"}, "skipped": True,
+               "skip_reason": "data, configuration and base model unchanged since 2026-11-27T02:00:00",
+               "gate": {"passed": True, "reason": "map50=0.9000 >= threshold 0.5000; no champion published at the target yet."}}
+    _print_summary(tmp_path, summary)
+    out = capsys.readouterr().out
+    assert "Nothing new: data, configuration and base model unchanged since 2026-11-27T02:00:00" in out
+    assert "gate (that run): PASSED" in out and "published (that run): local:published" in out
+    _print_summary(tmp_path, dict(summary, skipped=False))
+    out = capsys.readouterr().out
+    assert "gate:      PASSED" in out and "(that run)" not in out

@@ -151,10 +151,10 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     # A skipped run repeats the summary of the run it skipped to: its gate reason and publication
     # are that run's ("no champion ... yet" was true then, before it published), so say whose they are.
     then = " (that run)" if s.get("skipped") else ""
-    print(f"{'gate' + then + ':':<11}{'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
+    print(f"{'gate' + then + ':':<10} {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
     print(f"adapter:   {s['adapter']}")
     if s.get("published"):
-        print(f"{'published' + then + ':':<11}{s['published']['target']}")
+        print(f"{'published' + then + ':':<10} {s['published']['target']}")
     if s.get("evaluation", {}).get("preview"):
         print(f"preview:   {s['evaluation']['preview']}")
     print(f"summary:   {(workdir / 'summary.json').resolve()}")
