@@ -306,9 +306,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def quiet_offline() -> None:
-    """Offline runs without noise. No telemetry from Prefect: the temporary server a run starts (it inherits this environment)
-    would post a heartbeat every run, log "Failed to send telemetry" offline, and its SQLite writes
-    race the flow's ("database is locked"). The user's own setting wins."""
+    """Offline runs without noise. No telemetry from Prefect: the temporary server a run starts
+    (it inherits this environment) would post a heartbeat each start, log "Failed to send
+    telemetry" offline, and its first SQLite write races the flow's ("database is locked", a
+    ~100-line traceback). The user's own setting wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the server's heartbeat service
     os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's SDK analytics (prefect._internal.analytics)
     # The first start in a fresh PREFECT_HOME migrates a new database: past Prefect's 20 s default on
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     if not args.verbose:  # one line per HTTP request to the Prefect API drowns what matters
-        for noisy in ("httpx", "httpcore"):
+        for noisy in ("httpx", "httpcore", "httpx2", "httpcore2"):  # huggingface_hub 2.x speaks httpx2
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
