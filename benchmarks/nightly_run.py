@@ -460,7 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-images", type=int, default=124, help="held-out images (real dataset: 124)")
     p.add_argument("--epochs", type=float, help="train.epochs (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating the data")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes generating the data "
+                   "(default: the CPUs this process may run on)")
     p.add_argument("--keep-gate", action="store_true",
                    help="keep the preset's gate threshold (a random model then stops at the gate)")
     p.add_argument("--tiny", action="store_true",
