@@ -80,6 +80,25 @@ def _runs_of(server, deployment_id) -> set:
     return {r.id for r in runs}
 
 
+def _through_tab(page, tab_text: str, target, url_glob: str) -> None:
+    """Click a page's tab, then `target` on it, until `url_glob` opens. The UI renders a run page in
+    steps and can drop a click on a tab it has not wired yet, or re-render what the tab shows: so
+    click again, a few times, before calling it a failure."""
+    for _ in range(6):
+        page.get_by_text(tab_text, exact=True).first.click()
+        try:
+            target.first.click(timeout=5_000)
+            page.wait_for_url(url_glob, timeout=10_000)
+            return
+        except Exception:  # playwright's TimeoutError: not there yet
+            page.wait_for_timeout(1_000)
+    pytest.fail(f"nothing to click on the {tab_text} tab of {page.url}")
+
+
+def _open_artifact(page, card_title: str) -> None:
+    _through_tab(page, "Artifacts", page.locator(".artifact-card__title", has_text=card_title), "**/artifacts/artifact/**")
+
+
 def _shot(page, name: str) -> None:
     page.screenshot(path=str(OUTPUT / f"{name}.png"), full_page=True)
 
@@ -137,9 +156,7 @@ def test_custom_run_from_the_ui_trains_evaluates_gates_and_shows_its_artifacts(
         # Artifacts tab -> the flow run's summary: its table holds the metrics of summary.json.
         page.goto(f"{prefect_server.url}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
         page.get_by_text("Completed").first.wait_for()
-        page.get_by_text("Artifacts", exact=True).first.click()
-        page.locator(".artifact-card__title", has_text="retrain-summary").click()
-        page.wait_for_url("**/artifacts/artifact/**")
+        _open_artifact(page, "retrain-summary")
         table = page.get_by_role("table").first
         table.wait_for()
         assert table.locator("th").all_inner_texts() == ["model", "mAP", "mAP50", "mAP75", "images"]
@@ -153,12 +170,8 @@ def test_custom_run_from_the_ui_trains_evaluates_gates_and_shows_its_artifacts(
         # -> Artifacts -> evaluation-adapter. (The run's own Artifacts tab lists task artifacts
         # only for a moment in this Prefect UI, then drops them.)
         page.goto(f"{prefect_server.url}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
-        page.get_by_text("Task Runs", exact=True).first.click()
-        page.get_by_role("link", name="evaluate-adapter").first.click()
-        page.wait_for_url("**/runs/task-run/**")
-        page.get_by_text("Artifacts", exact=True).first.click()
-        page.locator(".artifact-card__title", has_text="evaluation-adapter").click()
-        page.wait_for_url("**/artifacts/artifact/**")
+        _through_tab(page, "Task Runs", page.get_by_role("link", name="evaluate-adapter"), "**/runs/task-run/**")
+        _open_artifact(page, "evaluation-adapter")
         picture = page.locator('img[alt="predictions"]')
         picture.wait_for()
         width, height = picture.evaluate("img => [img.naturalWidth, img.naturalHeight]")
@@ -174,9 +187,7 @@ def test_a_retried_train_task_shows_both_attempts_and_the_first_error(prefect_se
     assert run.state.is_completed(), f"{run.state.type}: {run.state.message}"
     try:
         page.goto(f"{prefect_server.url}/runs/flow-run/{retried_run}", wait_until="networkidle")
-        page.get_by_text("Task Runs", exact=True).first.click()
-        page.get_by_role("link", name=re.compile(r"^train-")).first.click()
-        page.wait_for_url("**/runs/task-run/**")
+        _through_tab(page, "Task Runs", page.get_by_role("link", name=re.compile(r"^train-")), "**/runs/task-run/**")
         # Two attempts: the count, the first one's error, the retry's own line, the final state.
         page.get_by_text("Run Count").first.wait_for()
         details = page.locator("body").inner_text()
