@@ -135,6 +135,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vlmdet.serving.server import serve
+
+    # As predict: the built-in defaults (or --preset), family and pixel budget read from the model.
+    config = load_preset(args.preset, _overrides(args)) if args.preset else RunConfig().override(_overrides(args))
+    serve(args.model, config, set(_overrides(args)), host=args.host, port=args.port, token_file=args.token_file,
+          revision=args.revision)
+    return 0
+
+
 def cmd_retries(args: argparse.Namespace) -> int:
     from flows.retries import format_attempts, task_run_attempts
 
@@ -190,6 +200,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     _add_settings(p)
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("serve", help="Serve a model over HTTP: POST /detect, GET /health, GET /metrics, POST /reload "
+                                     "(docs/serving.md).")
+    p.add_argument("--model", required=True, help="a merged model folder, an adapter folder, a local: publication "
+                                                  "folder or a Hub repo ORG/NAME (followed to its newest revision)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default=None, help="a file holding a bearer token; requests without "
+                                                      "'Authorization: Bearer TOKEN' get 401 (all routes but /health)")
+    p.add_argument("--revision", default="main", help="Hub repos: the branch or tag to serve and follow")
+    p.add_argument("--preset", default=None, help="settings source for prompt and answer length, as for predict")
+    _add_settings(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("retries", help="Every attempt of every task run of a flow run, with its error.")
     p.add_argument("flow_run", help="flow run id")

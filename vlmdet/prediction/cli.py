@@ -17,18 +17,24 @@ from vlmdet.prediction.predict import Detector
 log = logging.getLogger(__name__)
 
 
-def predict_files(model_path: str, files: list[Path], out: Path, config: RunConfig, explicit: set[str] = frozenset()) -> Path:
-    """Writes OUT/predictions.json (per image: file, width, height, boxes xyxy in original pixels
-    with scores) and OUT/<name>.jpg with the boxes drawn. Unreadable images are listed with their
-    error, never crash the run. Family and pixel budget come from the model folder unless set."""
-    out.mkdir(parents=True, exist_ok=True)
+def inference_config(model_path: str, config: RunConfig, explicit: set[str] = frozenset()) -> RunConfig:
+    """`config` with the family and pixel budget the model folder was saved with, unless set in
+    `explicit` (the dotted keys the user gave): what `vlmdet predict` and `vlmdet serve` detect with."""
     overrides = {}
     if "model.family" not in explicit:
         overrides["model.family"] = family_of(model_path)
     budget = saved_pixel_budget(model_path)
     if budget and not explicit & {"model.min_pixels", "model.max_pixels"}:
         overrides.update({"model.min_pixels": budget[0], "model.max_pixels": budget[1]})
-    config = config.override(overrides)
+    return config.override(overrides)
+
+
+def predict_files(model_path: str, files: list[Path], out: Path, config: RunConfig, explicit: set[str] = frozenset()) -> Path:
+    """Writes OUT/predictions.json (per image: file, width, height, boxes xyxy in original pixels
+    with scores) and OUT/<name>.jpg with the boxes drawn. Unreadable images are listed with their
+    error, never crash the run. Family and pixel budget come from the model folder unless set."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = inference_config(model_path, config, explicit)
     model, processor = load_for_inference(model_path, config.model)
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
     det = Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)
