@@ -243,3 +243,31 @@ def test_quarantine_corpus_concurrently_with_good_requests(server, expected):
     for _, _, status, reason in _bad_inputs():
         assert re.search(rf'^vlmdet_serve_rejected_total\{{reason="{reason}"\}} [1-9]', metrics, re.M), reason
     assert re.search(r'^vlmdet_serve_requests_total\{route="/detect",status="413"\} 2.0', metrics, re.M)
+
+
+def test_load_benchmark_runs_clean_against_the_server(server, tmp_path):
+    """benchmarks/serve_load.py on the tiny model: no errors at 1, 8 and 32 clients, batched answers
+    equal to one-at-a-time generate (no timing asserted: this is a shared CPU)."""
+    import importlib.util
+
+    url, proc = server
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    out = tmp_path / "load.json"
+    result = bench.main(["--model", str(ASSET), "--url", url, "--token-file", str(token_file), "--images", "4",
+                         "--size", "320x240", "--concurrency", "1,8,32", "--requests", "16", "--max-seconds", "3", "--baseline-seconds", "120",
+                         "--set", "data.category=table", "--max-new-tokens", "64", "--out", str(out)])
+    assert json.loads(out.read_text())["levels"] == json.loads(json.dumps(result["levels"]))
+    assert [lv["clients"] for lv in result["levels"]] == [1, 8, 32]
+    for lv in result["levels"]:
+        assert lv["errors"] == {} and lv["ok"] == lv["requests"] >= 1, lv
+        assert lv["images_per_s"] > 0 and lv["p50_s"] <= lv["p99_s"]
+    assert result["levels"][-1]["mean_batch"] > 1  # 32 clients share generate calls
+    assert result["agreement"]["compared"] == 4 and result["agreement"]["same_answer"] == 4
+    assert result["baseline"]["images"] == 4
+    with pytest.raises(SystemExit):  # loopback only
+        bench.parse_args(["--model", "m", "--url", "http://10.1.2.3:8000"])
+    assert proc.poll() is None
