@@ -145,10 +145,10 @@ class ServeConfig:
                                 "raises images/s until the GPU is full, and each request's latency with it.")
     max_wait_ms: float = _f(5.0, "`vlmdet serve`: how long the first request of a batch waits for others to join it; "
                                  "a few ms costs a lone request little and lets a burst share one generate call.")
-    max_queue: int = _f(256, "`vlmdet serve`: requests waiting beyond this are answered 503 (busy) at once instead "
-                             "of queueing for minutes.")
+    max_queue: int = _f(64, "`vlmdet serve`: images waiting beyond this are answered 503 (busy) at once instead of "
+                            "queueing for minutes; each holds its decoded pixels (36 MB for a 12 MP photo).")
     max_body_mb: float = _f(20.0, "`vlmdet serve`: largest request body (upload or JSON with base64) in MB; larger "
-                                  "is refused with 413 before it is read to the end. Bodies are held in memory only.")
+                                  "is refused with 413 and never stored. Bodies are held in memory only, never on disk.")
     reload_interval_s: float = _f(0.0, "`vlmdet serve` of a Hub repo or published folder: look for a newer revision "
                                        "every N seconds and swap it in without a restart (0 = only on POST /reload).")
 
