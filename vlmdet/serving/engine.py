@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmdet.config import RunConfig
+from vlmdet.config import ConfigError, RunConfig
 from vlmdet.evaluation import detector_for
 from vlmdet.formats.resize import smart_resize
 from vlmdet.prediction.cli import inference_config
@@ -52,8 +52,14 @@ class Engine:
         return Loaded(det, revision, path, cfg, time.time(), factor)
 
     def load(self) -> Loaded:
-        """Load the newest revision (at start-up)."""
-        self.current = self._load(self.source.latest())
+        """Load the newest revision (at start-up); a ConfigError that says what to check if there is none."""
+        try:
+            revision = self.source.latest()
+        except Exception as err:  # noqa: BLE001 - not found, private, offline, unreachable: all stop start-up
+            raise ConfigError(f"--model {self.source.spec!r}: cannot read its newest revision ({type(err).__name__}: "
+                              f"{err}). Check the repo id and --revision, HF_TOKEN for a private repo, "
+                              "HF_HUB_OFFLINE and --publish.endpoint.") from None
+        self.current = self._load(revision)
         return self.current
 
     def reload(self) -> dict:
