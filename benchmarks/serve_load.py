@@ -175,13 +175,13 @@ def baseline(args: argparse.Namespace, images: list[bytes]) -> dict:
     from vlmdet.config import RunConfig
     from vlmdet.data.images import load_image
     from vlmdet.evaluation import detector_for
-    from vlmdet.prediction.cli import inference_config
+    from vlmdet.prediction.cli import config_for_model
     from vlmdet.serving.source import ModelSource
 
     overrides = dict(s.split("=", 1) for s in args.settings)
     source = ModelSource(args.model)
     path = source.fetch(source.latest())
-    config = inference_config(path, RunConfig().override(overrides), set(overrides))
+    config = config_for_model(path, RunConfig().override(overrides), set(overrides))
     det = detector_for(path, config)
     decoded = [load_image(b)[0] for b in images]
     det.detect(decoded[:1], ["warm-up"])

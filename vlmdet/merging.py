@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlmdet.config import RunConfig
+<<<<<<< HEAD
 from vlmdet.modeling.load import adapter_base, load_model, load_processor, torch_dtype
 from vlmdet.prediction.predict import GREEDY, stop_token_ids
+=======
+from vlmdet.modeling.load import adapter_base, check_safe_weights, load_model, load_processor, torch_dtype
+>>>>>>> main
 from vlmdet.records import AdapterRef, MergedRef
 from vlmdet.samples import user_message
 
@@ -73,6 +77,7 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
     from peft import PeftModel
 
     adapter_path = adapter.path if isinstance(adapter, AdapterRef) else str(adapter)
+    check_safe_weights(adapter_path, adapter=True, what="adapter")  # PEFT would unpickle an adapter_model.bin
     base = adapter_base(adapter_path)
     out = Path(out)
     dtype = torch_dtype(config.model)

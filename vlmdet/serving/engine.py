@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmdet.config import ConfigError, RunConfig
+from vlmdet.config import RunConfig
 from vlmdet.evaluation import detector_for
 from vlmdet.formats.resize import smart_resize
-from vlmdet.prediction.cli import inference_config
+from vlmdet.modeling.load import ModelError
+from vlmdet.prediction.cli import check_model, config_for_model
 from vlmdet.prediction.predict import Detector, Prediction
 from vlmdet.serving.source import ModelSource
 
@@ -42,8 +43,8 @@ class Engine:
 
     def _load(self, revision: str) -> Loaded:
         t0 = time.monotonic()
-        path = self.source.fetch(revision)
-        cfg = inference_config(path, self.config, self.explicit)
+        path = check_model(self.source.fetch(revision))  # refuses pickle-only weights, as predict does
+        cfg = config_for_model(path, self.config, self.explicit)
         det = detector_for(path, cfg)
         ip = det.processor.image_processor
         factor = int(getattr(ip, "patch_size", 14)) * int(getattr(ip, "merge_size", 2))
@@ -52,11 +53,11 @@ class Engine:
         return Loaded(det, revision, path, cfg, time.time(), factor)
 
     def load(self) -> Loaded:
-        """Load the newest revision (at start-up); a ConfigError that says what to check if there is none."""
+        """Load the newest revision (at start-up); a ModelError that says what to check if there is none."""
         try:
             revision = self.source.latest()
         except Exception as err:  # noqa: BLE001 - not found, private, offline, unreachable: all stop start-up
-            raise ConfigError(f"--model {self.source.spec!r}: cannot read its newest revision ({type(err).__name__}: "
+            raise ModelError(f"--model {self.source.spec!r}: cannot read its newest revision ({type(err).__name__}: "
                               f"{err}). Check the repo id and --revision, HF_TOKEN for a private repo, "
                               "HF_HUB_OFFLINE and --publish.endpoint.") from None
         self.current = self._load(revision)

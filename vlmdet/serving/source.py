@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from vlmdet.config import ConfigError
+from vlmdet.modeling.load import ModelError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -24,13 +24,13 @@ class ModelSource:
         path = Path(spec).expanduser()
         if path.exists():
             if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-                raise ConfigError(f"--model {spec!r} is a folder without config.json or adapter_config.json; pass a "
+                raise ModelError(f"--model {spec!r} is a folder without config.json or adapter_config.json; pass a "
                                   "merged model folder, an adapter folder or a Hub repo id ORG/NAME.")
             self.kind, self.where = "local", str(path.resolve())
             return
         repo = spec[4:] if spec.startswith("hub:") else spec
         if not _REPO_ID.match(repo):
-            raise ConfigError(f"--model {spec!r} is neither an existing folder nor a Hub repo id (ORG/NAME); "
+            raise ModelError(f"--model {spec!r} is neither an existing folder nor a Hub repo id (ORG/NAME); "
                               "check the path, or pass hub:ORG/NAME.")
         self.kind, self.where = "hub", repo
 
