@@ -16,12 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlmdet.config import RunConfig
-<<<<<<< HEAD
-from vlmdet.modeling.load import adapter_base, load_model, load_processor, torch_dtype
-from vlmdet.prediction.predict import GREEDY, stop_token_ids
-=======
 from vlmdet.modeling.load import adapter_base, check_safe_weights, load_model, load_processor, torch_dtype
->>>>>>> main
+from vlmdet.prediction.predict import GREEDY, stop_token_ids
 from vlmdet.records import AdapterRef, MergedRef
 from vlmdet.samples import user_message
 
