@@ -292,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="retrain even when nothing changed since the last success")
         if name == "evaluate":
             p.add_argument("--model", required=True)
-        add_settings(p)
+        add_settings(p, [k for k in field_help() if not k.startswith("serve.")])  # serve.*: `vlmdet serve` only
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("predict", help="Detect on images; a line per image, OUT/predictions.json and a drawn image "
