@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import hf_hub_download, snapshot_download
-from PIL import Image
+from huggingface_hub import snapshot_download
 
 from hub_server import HubServer
 from pubkit import records
