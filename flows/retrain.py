@@ -113,7 +113,8 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
         write_json(wd / "summary.json", summary)
         return summary
     if from_cache:
-        log.info("training and evaluation unchanged (Prefect's cache); gate or publish settings changed: deciding again")
+        log.info("training and evaluation came from Prefect's cache; deciding again (gate or publish settings "
+                 "changed, or the last run on them did not finish)")
 
     token = resolve_token(config)
     decision = gate(report, config, token=token, workdir=str(wd))
