@@ -42,11 +42,18 @@ def _gate_summary(decision: GateDecision) -> dict[str, Any]:
             "min_delta": decision.min_delta}
 
 
-def _cached(task_fn, done: bool):
-    """The task as is (Prefect returns its persisted result when the key matches), or forced to run
-    again when its output folder no longer holds what the key produced: Prefect keeps the result
-    record, not the files it points to."""
-    return task_fn if done else task_fn.with_options(refresh_cache=True)
+def _cached(task_fn, done: bool, store):
+    """The task with its results kept in `store`; Prefect returns a persisted result when the key
+    matches, unless the output folder no longer holds what the key produced (then it runs again):
+    Prefect keeps the result record, not the files it points to."""
+    return task_fn.with_options(result_storage=store, **({} if done else {"refresh_cache": True}))
+
+
+def _result_store(wd: Path) -> Path:
+    """Task results beside the files they describe (WORKDIR/.prefect-results): they live and go with
+    the work folder (a volume that outlives a Docker or Kubernetes worker), not the worker's home.
+    A Path, which Prefect turns into a LocalFileSystem; an unsaved block is refused, a str is a block slug."""
+    return wd / ".prefect-results"
 
 
 def _load_last(path: Path) -> dict[str, Any] | None:
@@ -78,7 +85,8 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
 
     # cached across runs and flow retries; refreshed when the prepared files are missing. The stamp
     # (a Hub dataset's commit) is read once: the cache key and the data loaded name the same revision.
-    data = prepare_data.with_options(refresh_cache=not prepared_exists(wd, config))(
+    store = _result_store(wd)
+    data = prepare_data.with_options(refresh_cache=not prepared_exists(wd, config), result_storage=store)(
         config, str(wd), stamp=source_stamp(config.data.dataset))
     key = evaluation_key(config, data.fingerprint)
     state_path = wd / "last_success.json"
@@ -86,14 +94,15 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     # Train and evaluate persist their results in Prefect, keyed on their inputs (tasks/train.py,
     # tasks/evaluate.py): a flow-run retry or a run with nothing new gets them back as "Cached"
     # states without running a step child, and a change of gate.* or publish.* alone re-decides.
-    steps = [_cached(train, train_done(wd, data, config, force))(data, config, str(wd), fresh=force, return_state=True)]
+    steps = [_cached(train, train_done(wd, data, config, force), store)(data, config, str(wd), fresh=force,
+                                                                        return_state=True)]
     adapter: AdapterRef = steps[0].result()
-    steps.append(_cached(evaluate, evaluation_done(adapter.path, data, config, wd, "adapter"))(
+    steps.append(_cached(evaluate, evaluation_done(adapter.path, data, config, wd, "adapter"), store)(
         adapter.path, data, config, str(wd), name="adapter", return_state=True))
     report: EvalReport = steps[-1].result()
     base_report: EvalReport | None = None
     if config.eval.eval_base:
-        steps.append(_cached(evaluate, evaluation_done(adapter.base_model, data, config, wd, "base"))(
+        steps.append(_cached(evaluate, evaluation_done(adapter.base_model, data, config, wd, "base"), store)(
             adapter.base_model, data, config, str(wd), name="base", return_state=True))
         base_report = steps[-1].result()
     from_cache = all(state.name == "Cached" for state in steps)
@@ -120,10 +129,10 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     decision = gate(report, config, token=token, workdir=str(wd))
     published = merged = merged_report = None
     if decision.passed:
-        merged = _cached(merge, merge_done(adapter, data, config, wd))(adapter, data, config, str(wd))
+        merged = _cached(merge, merge_done(adapter, data, config, wd), store)(adapter, data, config, str(wd))
         # The gate measured 4-bit base + adapter; what gets published is the adapter merged into
         # unquantized weights. Measure that too, and publish only if it still clears the gate.
-        merged_report = _cached(evaluate, evaluation_done(merged.path, data, config, wd, "merged"))(
+        merged_report = _cached(evaluate, evaluation_done(merged.path, data, config, wd, "merged"), store)(
             merged.path, data, config, str(wd), name="merged")
         decision = gate(merged_report, config, token=token, workdir=str(wd))
         if decision.passed:

@@ -54,6 +54,7 @@ def test_retry_after_publish_failure_gate_change_nothing_new_and_edit(tiny_model
     assert state.is_completed(), state
     assert len(publishes) == 2
     assert steps == ["train", "evaluate", "merge", "evaluate"]
+    assert any((tmp_path / "run" / ".prefect-results").iterdir())  # results live with the work folder
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["published"]["kind"] == "local"
     assert summary["published"]["target"] == str(tmp_path / "run" / "check-published")
