@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from vlmdet.config import RunConfig
@@ -22,6 +23,28 @@ def detector_for(model_path: str, config: RunConfig) -> Detector:
     return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)
 
 
+def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -> list:
+    """Predictions for every sample, in order. Under `accelerate launch` with N processes (one per
+    GPU) each rank detects every Nth image and all ranks receive all predictions."""
+    from vlmdet.data.images import open_image
+    from vlmdet.training.speed import visual_tokens
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    mine = samples[rank::world]
+    m = config.model
+    sizes = [visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) for s in mine]
+    preds = det.detect_all([(s.file, lambda s=s: open_image(s.file)) for s in mine], len(mine),
+                           config.eval.batch_size, desc=desc, sizes=sizes)
+    if world == 1:
+        return preds
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    PartialState()  # joins the process group accelerate launch set up
+    everyone = gather_object([(rank + world * k, p) for k, p in enumerate(preds)])
+    return [p for _, p in sorted(everyone, key=lambda t: t[0])]
+
+
 def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str | Path, split: str | None = None) -> EvalReport:
     """mAP of the model (merged folder or adapter folder) on `split` (default config.eval.split)."""
     from vlmdet.data.images import open_image
@@ -33,19 +56,20 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
     out.mkdir(parents=True, exist_ok=True)
     samples, coco = load_split(dataset.splits[split])
     det = detector_for(model_path, config)
-    preds = det.detect_all(((s.file, lambda s=s: open_image(s.file)) for s in samples), len(samples),
-                           config.eval.batch_size, desc=f"evaluate {split}")
+    preds = detect_sharded(det, samples, config, desc=f"evaluate {split}")
     cat_id = next((c["id"] for c in coco["categories"] if c["name"] == config.data.category), 1)
     results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
                for s, p in zip(samples, preds) for b in p.boxes]
     metrics = coco_map(coco, results)
-    write_json(out / "predictions.json", results, indent=None)
     per_image = [dict(p.to_dict(), image_id=s.image_id, truth=[[b.x1, b.y1, b.x2, b.y2] for b in s.boxes])
                  for s, p in zip(samples, preds)]
-    write_json(out / "per_image.json", per_image, indent=1)
     n = config.eval.preview_images
-    preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
-                   out / "preview.png") if n else None
+    preview = None
+    if int(os.environ.get("RANK", 0)) == 0:  # under several GPUs every rank has all predictions; one writes
+        write_json(out / "predictions.json", results, indent=None)
+        write_json(out / "per_image.json", per_image, indent=1)
+        preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
+                       out / "preview.png") if n else None
     failures = sum(not p.parse_ok for p in preds)
     log.info("%s on %s: mAP %.3f mAP50 %.3f mAP75 %.3f (%d images, %d unparsable answers)", model_path, split,
              metrics["map"], metrics["map50"], metrics["map75"], len(samples), failures)

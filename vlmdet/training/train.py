@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from vlmdet.config import RunConfig
@@ -17,20 +18,36 @@ from vlmdet.formats import get_format
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
-from vlmdet.training import faults
+from vlmdet.training import faults, speed
+from vlmdet.training.profiles import accumulation_per_process
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(split_json: str, config: RunConfig):
+def build_dataset(split_json: str, config: RunConfig, image_cache: Path | None = None):
     """A `datasets.Dataset` of prompt/completion/images; images decode lazily from their files."""
     from datasets import Dataset, Image, Sequence
 
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
     samples, _ = load_split(split_json)
     rows = [training_example(s, fmt, config.model.prompt, config.data.category) for s in samples]
+    add_speed_columns(rows, samples, config, image_cache)
     ds = Dataset.from_list(rows)
     return ds.cast_column("images", Sequence(Image()))
+
+
+def add_speed_columns(rows: list[dict], samples: list, config: RunConfig, image_cache: Path | None) -> None:
+    """train.pre_resize: images at their processed size (the answer was rendered from the original
+    size, so boxes are unchanged); train.group_by_length: a `length` column for the sampler."""
+    m = config.model
+    if config.train.pre_resize and image_cache is not None:
+        for row, s in zip(rows, samples):
+            row["images"] = [speed.resized_copy(s.file, s.width, s.height, m.family, m.min_pixels, m.max_pixels,
+                                                image_cache)]
+    if config.train.group_by_length:
+        for row, s in zip(rows, samples):  # visual tokens dominate; the answer's characters bound its tokens
+            answer = row["completion"][0]["content"][0]["text"]
+            row["length"] = speed.visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) + len(answer)
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -47,7 +64,8 @@ def sft_config(config: RunConfig, out: Path):
     return SFTConfig(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch,
-        gradient_accumulation_steps=t.grad_accum,
+        # the effective batch is the one-GPU one whatever the process count (train.num_processes)
+        gradient_accumulation_steps=accumulation_per_process(t.grad_accum, int(os.environ.get("WORLD_SIZE", 1))),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps,
@@ -56,7 +74,8 @@ def sft_config(config: RunConfig, out: Path):
         max_steps=t.max_steps,
         bf16=t.bf16 and cuda,
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=({"use_reentrant": False} | ({"every_n_layers": t.checkpoint_every}
+                                       if t.checkpoint_every > 1 else {})) if t.gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -67,6 +86,9 @@ def sft_config(config: RunConfig, out: Path):
         remove_unused_columns=False,  # the collator needs the raw images column
         max_length=None,  # never truncate: a cut answer teaches a broken box
         dataloader_num_workers=t.dataloader_workers,
+        dataloader_persistent_workers=t.dataloader_workers > 0,  # not re-spawned every epoch
+        optim=t.optim,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not cuda,
         completion_only_loss=True,
     )
@@ -79,13 +101,14 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
 
     base = resolve_base(config.model.base, out.parent / "base-models", config.model)
     processor = load_processor(base, config.model)
-    train_ds = build_dataset(dataset.splits["train"], config)
+    train_ds = build_dataset(dataset.splits["train"], config, image_cache=out / "images")
     model = load_model(base, config.model)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save or None,
                       task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_config(config, out), train_dataset=train_ds,
                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
+    trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
     return trainer, processor, base
 
 
@@ -101,13 +124,15 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     trainer.train(resume_from_checkpoint=resume)
 
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
-    processor.save_pretrained(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # writes on the main process only
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     steps = [h["step"] for h in history if "loss" in h]
-    (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
+    curve = None
+    if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
+        processor.save_pretrained(str(adapter_dir))
+        (out / "log_history.json").write_text(json.dumps(history, indent=1))
+        curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
     return AdapterRef(path=str(adapter_dir.resolve()), base_model=base, family=config.model.family,
                       global_step=trainer.state.global_step, losses=losses, loss_curve=curve,
                       resumed_from=resume, config=config.to_dict())
