@@ -105,3 +105,38 @@ def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int
         im.save(tmp, format="PNG", compress_level=1)
         os.replace(tmp, dst)  # atomic: ranks of a multi-GPU run may write the same file
     return str(dst)
+
+
+class StepTimes(TrainerCallback):
+    """VLMDET_STEP_TIMES=FILE: the wall time of every optimizer step, written as JSON by rank 0
+    (benchmarks/multi_gpu.py reads it from a training child it cannot reach otherwise)."""
+
+    def __init__(self, path: str):
+        self.path, self.times, self.t = Path(path), [], 0.0
+
+    @classmethod
+    def from_env(cls) -> "StepTimes | None":
+        path = os.environ.get("VLMDET_STEP_TIMES")
+        return cls(path) if path else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import json
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(round(time.perf_counter() - self.t, 4))
+        if state.is_world_process_zero:
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            self.path.write_text(json.dumps({"step_s": self.times, "peak_alloc_GiB": peak}))

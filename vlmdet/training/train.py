@@ -109,6 +109,8 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
     trainer = SFTTrainer(model=model, args=sft_config(config, out), train_dataset=train_ds,
                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
+    if speed.StepTimes.from_env():
+        trainer.add_callback(speed.StepTimes.from_env())
     return trainer, processor, base
 
 
