@@ -265,3 +265,48 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     for p, q in zip(sorted_preds, alone):
         assert p.answer == q.answer
         assert [b.score for b in p.boxes] == pytest.approx([b.score for b in q.boxes], abs=1e-4)
+
+
+# --- evaluation over several processes ------------------------------------------------------------------------
+
+class _IndexDetector:
+    """Stands in for the model: 'detects' the image's index, so the gathered order can be checked."""
+
+    def detect_all(self, items, total, batch_size, desc="", sizes=None):
+        from vlmdet.prediction.predict import Prediction
+
+        items = list(items)
+        assert len(items) == total and len(sizes) == total
+        return [Prediction(f, 1, 1, answer=f"rank-seen {f}") for f, _ in items]
+
+
+def _shard_worker(rank: int, world: int, port: int, coco: str, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    from vlmdet.config import RunConfig
+    from vlmdet.evaluation import detect_sharded
+    from vlmdet.samples import load_split
+
+    samples, _ = load_split(coco)
+    preds = detect_sharded(_IndexDetector(), samples, RunConfig(), desc="test")
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump([p.file for p in preds], fh)
+
+
+@pytest.mark.slow  # two spawned processes with a gloo group: ~20 s of CPU
+def test_evaluation_shards_images_over_processes_and_gathers_them_in_order(synth_coco, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from vlmdet.samples import load_split
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shard_worker, args=(2, port, str(synth_coco), str(tmp_path / "files")), nprocs=2, join=True)
+    samples, _ = load_split(synth_coco)
+    for rank in range(2):  # every rank ends with every image's prediction, in the split's order
+        assert json.loads((tmp_path / f"files.{rank}").read_text()) == [s.file for s in samples]

@@ -37,12 +37,14 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -
                            config.eval.batch_size, desc=desc, sizes=sizes)
     if world == 1:
         return preds
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
+    import torch
+    import torch.distributed as dist
 
-    PartialState()  # joins the process group accelerate launch set up
-    everyone = gather_object([(rank + world * k, p) for k, p in enumerate(preds)])
-    return [p for _, p in sorted(everyone, key=lambda t: t[0])]
+    if not dist.is_initialized():  # accelerate launch / torchrun set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, [(rank + world * k, p) for k, p in enumerate(preds)])
+    return [p for _, p in sorted((t for part in gathered for t in part), key=lambda t: t[0])]
 
 
 def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str | Path, split: str | None = None) -> EvalReport:
