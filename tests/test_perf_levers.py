@@ -257,6 +257,12 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     seq_lean, lp_lean = lean._generate(lean.inputs(images))
     assert torch.equal(seq_full, seq_lean)
     torch.testing.assert_close(lp_lean, lp_full, rtol=0, atol=1e-6)
+    # a static (preallocated) KV cache: the same tokens and log-probabilities
+    static = Detector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=10,
+                      cache="static")
+    seq_static, lp_static = static._generate(static.inputs(images))
+    assert torch.equal(seq_static, seq_lean)
+    torch.testing.assert_close(lp_static, lp_lean, rtol=0, atol=1e-5)
     # batched largest first with the next batch prepared in a thread: same predictions, input order
     sorted_preds = lean.detect_all([(f, lambda im=im: im) for f, im in zip(files, images)], len(images), 2,
                                    sizes=[w * h for w, h in sizes])

@@ -136,6 +136,12 @@ class EvalConfig:
     eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.")
     preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.")
     timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
+    cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
+                               "(preallocated for prompt + max_new_tokens, written in place; same tokens).")
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("dynamic", "static"):
+            raise ConfigError(f"eval.cache={self.cache!r}; use dynamic or static.")
 
 
 @dataclass

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def detector_for(model_path: str, config: RunConfig) -> Detector:
     model, processor = load_for_inference(model_path, config.model)
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
-    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)
+    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
+                    cache=config.eval.cache)
 
 
 def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -> list:

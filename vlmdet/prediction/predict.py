@@ -102,8 +102,9 @@ class ChosenTokenLogProbs(LogitsProcessor):
 
 
 class Detector:
-    def __init__(self, model, processor, fmt: BoxFormat, prompt: str, category: str, max_new_tokens: int = 128):
-        self.model, self.processor, self.fmt = model, processor, fmt
+    def __init__(self, model, processor, fmt: BoxFormat, prompt: str, category: str, max_new_tokens: int = 128,
+                 cache: str = "dynamic"):
+        self.model, self.processor, self.fmt, self.cache = model, processor, fmt, cache
         self.prompt, self.category, self.max_new_tokens = prompt, category, max_new_tokens
         tok = processor.tokenizer
         self.stop_ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id}
@@ -145,6 +146,8 @@ class Detector:
         tok = self.processor.tokenizer
         kw = dict(max_new_tokens=self.max_new_tokens, **GREEDY, pad_token_id=tok.pad_token_id,
                   eos_token_id=sorted(self.stop_ids))
+        if self.cache != "dynamic":  # static: no torch.cat of the whole KV cache at every step
+            kw["cache_implementation"] = self.cache
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if head is None:
             out = self.model.generate(**inputs, **kw, output_logits=True, return_dict_in_generate=True)

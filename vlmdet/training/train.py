@@ -41,9 +41,14 @@ def add_speed_columns(rows: list[dict], samples: list, config: RunConfig, image_
     size, so boxes are unchanged); train.group_by_length: a `length` column for the sampler."""
     m = config.model
     if config.train.pre_resize and image_cache is not None:
-        for row, s in zip(rows, samples):
-            row["images"] = [speed.resized_copy(s.file, s.width, s.height, m.family, m.min_pixels, m.max_pixels,
-                                                image_cache)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        def resized(s) -> str:
+            return speed.resized_copy(s.file, s.width, s.height, m.family, m.min_pixels, m.max_pixels, image_cache)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decode/resize release the GIL
+            for row, path in zip(rows, pool.map(resized, samples)):
+                row["images"] = [path]
     if config.train.group_by_length:
         for row, s in zip(rows, samples):  # visual tokens dominate; the answer's characters bound its tokens
             answer = row["completion"][0]["content"][0]["text"]
