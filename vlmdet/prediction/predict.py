@@ -112,8 +112,11 @@ class Detector:
 
     def inputs(self, images: list):
         """The processor's tensors for a batch (CPU work: safe to run in a background thread)."""
+        # add_special_tokens=False as TRL's collator tokenizes the training prompt: the chat template
+        # already holds every special token, and a tokenizer that adds a BOS would otherwise put one
+        # in front at inference only (tests/test_consistency.py).
         return self.processor(text=[self.text] * len(images), images=images, return_tensors="pt",
-                              padding=True, padding_side="left")
+                              padding=True, padding_side="left", add_special_tokens=False)
 
     @torch.no_grad()
     def detect(self, images: list, files: list[str], inputs=None) -> list[Prediction]:
