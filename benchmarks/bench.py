@@ -37,25 +37,31 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-PRESET = "qwen2-vl-7b-nutrition"
+PRESET = "qwen2-vl-7b-nutrition"  # the nightly preset: the profiles apply over it
+SEED_PRESET = "seed-recipe"  # the original design's settings, as a vlmdet preset
 T0 = time.time()
 # Rough seconds a row takes on an H100 (load + steps); a row that would end past --budget-s is skipped.
-ESTIMATE_S = {"recipe": 110, "qlora": 70, "large": 50, "eval": 70, "qlora-b8-gc": 60, "qlora-b2-half": 70,
-              "qlora-b1": 75, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
+ESTIMATE_S = {"recipe": 110, "qlora": 70, "large": 50, "eval": 70, "nightly-preset": 90, "qlora-b8-gc": 60,
+              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
 # vlmdet rows: (profile, extra settings, what the row shows)
 VLMDET_ROWS = {
     "qlora": ("qlora", {}, "the default profile"),
     "large": ("large", {}, "the 80 GB profile"),
+    # the same-learning reference of both: the nightly preset exactly as written (nf4, checkpointing, batch 2 x 8)
+    "nightly-preset": ("preset", {}, "the nightly preset as written, no profile"),
     # qlora alternatives: which split of memory and speed meets 2x within 12 GiB
     "qlora-b8-gc": ("qlora", {"train.per_device_batch": 8, "train.grad_accum": 2}, "batch 8, checkpointing"),
+    "large-b8": ("large", {"train.per_device_batch": 8, "train.grad_accum": 2}, "large at batch 8"),
     "qlora-b2-half": ("qlora", {"train.per_device_batch": 2, "train.grad_accum": 8, "train.checkpoint_every": 2},
                       "batch 2, checkpointing every 2nd layer"),
     "qlora-b1": ("qlora", {"train.per_device_batch": 1, "train.grad_accum": 16, "train.gradient_checkpointing": False},
                  "batch 1, no checkpointing"),
-    "seed-settings": ("preset", {}, "vlmdet train() with the preset as written (the recipe's settings) + tower fix"),
-    "seed-settings-no-tower-fix": ("preset", {}, "as seed-settings, frozen vision tower hook left in (lever off)"),
+    # the seed-recipe preset through vlmdet's train(): the recipe's settings, with and without the tower fix
+    "seed-settings": ("preset", {}, "seed-recipe preset through vlmdet train() (tower fix on)"),
+    "seed-settings-no-tower-fix": ("preset", {}, "seed-recipe preset, frozen vision tower hook left in (lever off)"),
 }
-DEFAULT_ROWS = "recipe,qlora,large,eval,qlora-b8-gc,qlora-b2-half,seed-settings,qlora-b1"
+DEFAULT_ROWS = ("recipe,qlora,large,eval,nightly-preset,qlora-b8-gc,large-b8,seed-settings,seed-settings-no-tower-fix,"
+                "qlora-b2-half,qlora-b1")
 
 
 def say(msg: str) -> None:
@@ -216,9 +222,12 @@ def vlmdet_config(name: str, base: str, steps: int, dev: str, extra_steps: int):
     from vlmdet.training import profiles
 
     profile, extra, _ = VLMDET_ROWS[name]
-    cfg = load_preset(PRESET, {"model.base": base, "train.max_steps": steps + 1 + extra_steps, "train.save_steps": 100000,
+    preset = SEED_PRESET if name.startswith("seed-settings") else PRESET
+    cfg = load_preset(preset, {"model.base": base, "train.max_steps": steps + 1 + extra_steps, "train.save_steps": 100000,
                                "train.logging_steps": 1, "train.warmup_steps": 0})
-    cfg = profiles.apply(cfg, profile).override(extra)
+    # all images here have one size: grouping by length has nothing to group and would only reorder the
+    # batches, which the loss curves of "same learning" compare step by step
+    cfg = profiles.apply(cfg, profile).override({**extra, "train.group_by_length": False})
     if dev != "cuda":  # CPU: no bitsandbytes, no bf16; every other setting of the profile stays
         cfg = cfg.override({"model.quantization": "none", "model.dtype": "auto"})
     return cfg
@@ -258,8 +267,10 @@ def vlmdet_row(name: str, base: str, dataset, steps: int, dev: str, root: Path, 
         train_mod.build_trainer = original
     model = seen.pop("model")
     lora = next((p for n, p in model.named_parameters() if "lora_A" in n), None)
-    rec = {"profile": cfg.train.profile, "settings": {k: v for k, (_, v) in profiles.changes(
-        vlmdet_config("seed-settings", base, steps, dev, extra), cfg).items() if k != "train.max_steps"},
+    reference = vlmdet_config("seed-settings" if name.startswith("seed-settings") else "nightly-preset", base, steps,
+                              dev, extra)
+    rec = {"preset": SEED_PRESET if name.startswith("seed-settings") else PRESET, "profile": cfg.train.profile,
+           "settings": {k: v for k, (_, v) in profiles.changes(reference, cfg).items() if k != "train.max_steps"},
         "losses": [round(v, 3) for v in adapter.losses[: steps + 1]], "load_s": seen["load_s"],
         "adapter_dtype": str(lora.dtype) if lora is not None else None, "wall_s": round(time.time() - t, 1),
         **summarise(times, slice(1, steps + 1), seen["tokens"])}
@@ -391,16 +402,24 @@ def plot(results: dict, path: Path) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:  # no matplotlib on the GPU machine: a hand-written SVG says the same
         return _svg(series, labels, path.with_suffix(".svg"))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for n, ys in series.items():
-        ax.plot(range(1, len(ys) + 1), ys, marker=".", label=labels[n])
-    ax.set_xlabel("optimizer step (effective batch 16; step 1 = warm-up)")
-    ax.set_ylabel("training loss (answer tokens)")
-    ax.set_title("same data and seed: each profile vs the recipe's settings")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    # left: the nightly preset as written vs its profiles; right: the seed recipe as plain TRL vs vlmdet
+    groups = [("nightly preset: as written vs profiles", [n for n in series if not n.startswith(("recipe", "seed"))]),
+              ("seed recipe: plain TRL vs vlmdet train()", [n for n in series if n.startswith(("recipe", "seed"))])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for ax, (title, names) in zip(axes, groups):
+        for n in names:
+            ax.plot(range(1, len(series[n]) + 1), series[n], marker=".", label=labels[n])
+        ax.set_xlabel("optimizer step (effective batch 16; step 1 = warm-up)")
+        ax.set_ylabel("training loss (answer tokens)")
+        ax.set_title(title, fontsize=9)
+        if names:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("same data and seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -433,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="qlora", help="row whose extra last step runs under torch.profiler ('' = none)")
     ap.add_argument("--eval-images", type=int, default=64)
     ap.add_argument("--eval-batches", default="16,64", help="batch sizes for the detection rows")
-    ap.add_argument("--budget-s", type=float, default=470, help="skip a row that would end after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=480, help="skip a row that would end after this many seconds")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "vlmdet-bench-out"))
     a = ap.parse_args(argv)

@@ -25,7 +25,7 @@ def _dataset(coco_path) -> DatasetRef:
 
 def test_profiles_keep_the_effective_batch_and_what_is_learned():
     seed = load_preset("qwen2-vl-7b-nutrition")  # per_device_batch 2 x grad_accum 8
-    for name, want_batch in (("qlora", 4), ("large", 8)):
+    for name, want_batch in (("qlora", 4), ("large", 4)):
         cfg = profiles.apply(seed, name)
         assert cfg.train.profile == name
         assert cfg.train.per_device_batch == want_batch
@@ -41,8 +41,9 @@ def test_profiles_keep_the_effective_batch_and_what_is_learned():
     # an effective batch the profile's batch does not divide: the largest divisor below it
     odd = seed.override({"train.per_device_batch": 1, "train.grad_accum": 12})
     cfg = profiles.apply(odd, "large")
-    assert (cfg.train.per_device_batch, cfg.train.grad_accum) == (6, 2)
+    assert (cfg.train.per_device_batch, cfg.train.grad_accum) == (4, 3)
     assert profiles.split_batch(3, 8) == (3, 1)
+    assert profiles.split_batch(12, 8) == (6, 2)
 
 
 def test_auto_profile_follows_free_gpu_memory():
