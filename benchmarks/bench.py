@@ -442,6 +442,17 @@ def _svg(series: dict, labels: dict, path: Path) -> Path:
     return path
 
 
+def report(res: Results, out: Path) -> str:
+    md = table(res.data)
+    (out / "table.md").write_text(md + "\n")
+    try:
+        res.data["meta"]["loss_curves"] = plot(res.data, out / "loss_curves.png").name
+    except Exception as err:  # a plotting problem must not cost the numbers
+        say(f"plot failed: {err}")
+    res.save()
+    return md
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,11 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             kind = "OOM" if isinstance(err, torch.cuda.OutOfMemoryError) else type(err).__name__
             res.row(name, {"error": f"{kind}: {str(err)[:300]}"})
         free_memory()
-    md = table(res.data)
-    (out / "table.md").write_text(md + "\n")
-    curve = plot(res.data, out / "loss_curves.png")
-    res.data["meta"]["loss_curves"] = curve.name
-    res.save()
+        report(res, out)  # after every row: a run cut short by its time limit still returns table and plot
+    md = report(res, out)
     print("\n" + md + "\n", flush=True)
     say(f"done; files in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0
