@@ -358,12 +358,20 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
         out["rows"][f"after-static@{big}"] = {"ms_per_image": None, "error": f"{type(err).__name__}: {str(err)[:200]}"}
     # the log-probabilities themselves (a random model's answers rarely parse to boxes): same batch, both ways
     first = images[: batches[0]]
-    inputs = new.inputs(first)
+    inputs = new.inputs(first).to(model.device)
     seq_new, lp_new = new._generate(inputs)
     seq_old, lp_old = Detector(_NoHead(model), *args)._generate(inputs)
     same = (seq_new == seq_old).all(dim=1)
     out["logprob_check"] = {"batch": len(first), "identical_sequences": int(same.sum()),
                             "max_abs_logprob_diff": float((lp_new - lp_old).abs().max()) if bool(same.all()) else None}
+    try:
+        seq_st, lp_st = static._generate(inputs)
+        same_st = (seq_st == seq_new).all(dim=1)
+        out["logprob_check"]["static_identical_sequences"] = int(same_st.sum())
+        out["logprob_check"]["static_max_abs_logprob_diff"] = (float((lp_st - lp_new).abs().max())
+                                                              if bool(same_st.all()) else None)
+    except Exception as err:
+        out["logprob_check"]["static_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     say(f"eval log-prob check: {out['logprob_check']}")
     del model, old, new, static
     return out

@@ -15,7 +15,6 @@ from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlmdet.formats import Box, BoxFormat
 from vlmdet.samples import user_message
@@ -67,37 +66,42 @@ def _box_scores(boxes: list[Box], logprobs: list[float], ends: list[int]) -> Non
         b.score = math.exp(sum(lp) / len(lp)) if lp else 0.0
 
 
-class ChosenTokenLogProbs(LogitsProcessor):
+class ChosenTokenLogProbs:
     """Log-probability, under the raw logits, of each token greedy decoding picks, without keeping
     the [steps, batch, vocab] logits `output_logits=True` stores (1 GB at batch 64 x 24 steps of a
     152k vocabulary, plus their log-softmax).
 
-    The LM head's forward hook sees each step's raw logits, before any logits processor; the token
-    chosen from step t is the last input id at step t+1 (and the sequence's last token after the
-    loop), which `__call__`, run by generate as a logits processor, reads.
+    A forward hook on the LM head keeps the current step's log-softmax of the raw logits (before
+    any logits processor); a forward pre-hook on the model reads, at the next step, the token that
+    was chosen (the last input id) and keeps only its log-probability. Hooks, not a logits
+    processor, so a caller that passes its own `logits_processor` changes nothing here.
     """
 
-    def __init__(self, head: torch.nn.Module):
-        self.current: torch.Tensor | None = None
+    def __init__(self, model, head: torch.nn.Module):
         self.pending: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
-        self.handle = head.register_forward_hook(self._hook)
+        self.handles = [head.register_forward_hook(self._logits),
+                        model.register_forward_pre_hook(self._inputs, with_kwargs=True)]
 
-    def _hook(self, module, args, output) -> None:
-        self.current = torch.log_softmax(output[:, -1, :].float(), dim=-1)  # [batch, vocab], this step only
+    def _logits(self, module, args, output) -> None:
+        self.pending = torch.log_softmax(output[:, -1, :].float(), dim=-1)  # [batch, vocab], this step only
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.pending is not None:
-            self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.pending = self.current
-        return scores
+    def _inputs(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.pending is not None and ids is not None:  # ids[:, -1]: the token chosen at the previous step
+            self.steps.append(self.pending.gather(-1, ids[:, -1:].to(self.pending.device)).squeeze(-1))
+            self.pending = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[batch, new tokens] log-probabilities; removes the hook."""
-        self.handle.remove()
+        """[batch, new tokens] log-probabilities; removes the hooks."""
+        self.remove()
         if self.pending is not None:
-            self.steps.append(self.pending.gather(-1, sequences[:, -1:]).squeeze(-1))
-        self.current = self.pending = None
+            self.steps.append(self.pending.gather(-1, sequences[:, -1:].to(self.pending.device)).squeeze(-1))
+        self.pending = None
         return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0)).float()
 
 
@@ -150,19 +154,22 @@ class Detector:
         kw = dict(max_new_tokens=self.max_new_tokens, **GREEDY, pad_token_id=tok.pad_token_id,
                   eos_token_id=sorted(self.stop_ids))
         if self.cache != "dynamic":  # static: no torch.cat of the whole KV cache at every step
-            kw["cache_implementation"] = self.cache
+            # eager: transformers would otherwise torch.compile the forward on CUDA (minutes at a new
+            # batch shape, and the hooks below would run inside a compiled graph)
+            kw.update(cache_implementation=self.cache, disable_compile=True)
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if head is None:
             out = self.model.generate(**inputs, **kw, output_logits=True, return_dict_in_generate=True)
             gen = out.sequences[:, inputs["input_ids"].shape[1]:]
             logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)  # [b, new, vocab]
-            return out.sequences, logprobs.gather(-1, gen.unsqueeze(-1)).squeeze(-1)
-        chosen = ChosenTokenLogProbs(head)
+            return out.sequences, logprobs.gather(-1, gen.unsqueeze(-1)).squeeze(-1).cpu()
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # PEFT
+        chosen = ChosenTokenLogProbs(inner, head)
         try:
-            sequences = self.model.generate(**inputs, **kw, logits_processor=LogitsProcessorList([chosen]))
+            sequences = self.model.generate(**inputs, **kw)
         finally:
-            chosen.handle.remove()
-        return sequences, chosen.finish(sequences)
+            chosen.remove()
+        return sequences, chosen.finish(sequences).cpu()
 
     def detect_all(self, items: Iterable[tuple[str, Any]], total: int, batch_size: int, desc: str = "detect",
                    sizes: list[int] | None = None) -> list[Prediction]:
