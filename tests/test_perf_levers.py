@@ -317,3 +317,16 @@ def test_evaluation_shards_images_over_processes_and_gathers_them_in_order(synth
     samples, _ = load_split(synth_coco)
     for rank in range(2):  # every rank ends with every image's prediction, in the split's order
         assert json.loads((tmp_path / f"files.{rank}").read_text()) == [s.file for s in samples]
+
+
+def test_an_adapter_is_evaluated_on_the_base_it_was_trained_on(tmp_path, micro_config):
+    """A profile (large: bf16 base) the flow's config does not show travels with the adapter."""
+    from vlmdet.evaluation import trained_model_settings
+    from vlmdet.training.profiles import TRAINED_WITH
+
+    preset = load_preset("qwen2-vl-7b-nutrition")  # nf4 base as written
+    trained = profiles.apply(preset, "large")
+    (tmp_path / TRAINED_WITH).write_text(json.dumps({"profile": "large", "model": trained.to_dict()["model"]}))
+    seen = trained_model_settings(str(tmp_path), preset)
+    assert (seen.model.quantization, seen.model.dtype) == ("none", "bfloat16")
+    assert trained_model_settings(str(tmp_path / "elsewhere"), preset).model.quantization == "nf4"  # no record: as is

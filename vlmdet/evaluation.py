@@ -17,7 +17,26 @@ from vlmdet.samples import load_split
 log = logging.getLogger(__name__)
 
 
+def trained_model_settings(model_path: str, config: RunConfig) -> RunConfig:
+    """config with the base-loading settings the adapter at model_path was trained with, if it says.
+
+    The train task applies a speed profile (train.profile) the flow's config does not show: an
+    adapter trained on the bf16 base (profile large) is measured on the bf16 base, not on the
+    preset's 4-bit one."""
+    import json
+
+    from vlmdet.training.profiles import TRAINED_WITH
+
+    path = Path(model_path) / TRAINED_WITH
+    if not path.is_file():
+        return config
+    trained = json.loads(path.read_text()).get("model", {})
+    keys = ("quantization", "dtype", "quantize_vision")
+    return config.override({f"model.{k}": trained[k] for k in keys if k in trained})
+
+
 def detector_for(model_path: str, config: RunConfig) -> Detector:
+    config = trained_model_settings(model_path, config)
     model, processor = load_for_inference(model_path, config.model)
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
     return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,

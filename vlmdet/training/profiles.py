@@ -27,6 +27,9 @@ from vlmdet.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
+# Written beside a trained adapter: the settings its base was loaded with (evaluation loads it alike).
+TRAINED_WITH = "vlmdet_trained_with.json"
+
 # An 80 GB card shows ~79 GiB free when idle; 70 leaves room for another tenant's context.
 LARGE_FREE_GIB = 70.0
 

@@ -21,7 +21,7 @@ from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_b
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
 from vlmdet.training import faults, speed
-from vlmdet.training.profiles import accumulation_per_process
+from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,10 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     curve = None
     if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
         processor.save_pretrained(str(adapter_dir))
+        # how the base was loaded for training (a speed profile may differ from the preset): evaluation
+        # of this adapter loads the base the same way (vlmdet.evaluation.trained_model_settings)
+        (adapter_dir / TRAINED_WITH).write_text(json.dumps({"profile": config.train.profile,
+                                                            "model": config.to_dict()["model"]}, indent=1))
         (out / "log_history.json").write_text(json.dumps(history, indent=1))
         curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
     return AdapterRef(path=str(adapter_dir.resolve()), base_model=base, family=config.model.family,
