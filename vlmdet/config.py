@@ -148,12 +148,22 @@ class EvalConfig:
     eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.")
     preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.")
     timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
+<<<<<<< HEAD
     cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
                                "(preallocated for prompt + max_new_tokens, written in place; same tokens).")
 
     def __post_init__(self) -> None:
         if self.cache not in ("dynamic", "static"):
             raise ConfigError(f"eval.cache={self.cache!r}; use dynamic or static.")
+=======
+    val_max_images: int = _f(32, "Validation mAP of each kept checkpoint on at most this many validation images picks "
+                                 "the checkpoint that is published (val mAP50, then val loss, then the later step); "
+                                 "0 = pick by val loss alone. The test split only judges.")
+
+    def __post_init__(self) -> None:
+        if self.val_max_images < 0:
+            raise ConfigError(f"eval.val_max_images={self.val_max_images} must be >= 0 (0 = choose by val loss).")
+>>>>>>> main
 
 
 @dataclass
@@ -306,3 +316,24 @@ def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("name", path.stem)
     return RunConfig.from_dict(data).override(overrides or {})
+
+
+CHECK_RUN_TARGET = "local:check-published"
+
+
+def guard_check_run(config: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) -> tuple[RunConfig, str | None]:
+    """A check run (train.max_steps or data.max_images set) never publishes to the Hub by accident.
+
+    Returns the config to run and, when it was redirected, a sentence saying so. A Hub target is
+    replaced by CHECK_RUN_TARGET (a folder under the workdir) unless publish.target is among the
+    `explicit` keys (named on the command line or in the flow's overrides). A local target is left
+    alone: it is not production.
+    """
+    reasons = [f"train.max_steps={config.train.max_steps}" if config.train.max_steps > 0 else "",
+               f"data.max_images={config.data.max_images}" if config.data.max_images > 0 else ""]
+    reasons = [r for r in reasons if r]
+    if not reasons or not config.publish.target.startswith("hub:") or "publish.target" in explicit:
+        return config, None
+    note = (f"check run ({', '.join(reasons)}): publishing to {CHECK_RUN_TARGET} under the workdir instead of "
+            f"{config.publish.target}; pass publish.target explicitly to publish a check run there.")
+    return config.override({"publish.target": CHECK_RUN_TARGET}), note

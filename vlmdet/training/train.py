@@ -4,7 +4,8 @@ The data is TRL's conversational prompt-completion form, so the collator masks t
 user text and every image token) and the loss falls on the answer tokens only. Checkpoints go to
 OUT/checkpoints every `train.save_steps`; a run started again on the same OUT resumes from the last
 one (same global step, optimizer and scheduler state), which is how a killed or preempted run
-loses no work.
+loses no work. The validation split is measured at every save and picks the checkpoint that
+becomes the adapter (vlmdet.training.select); the test split is never seen here.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from vlmdet.formats import get_format
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
-from vlmdet.training import faults, speed
+from vlmdet.training import faults, select, speed
 from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
+from transformers import TrainerCallback  # already imported by faults; the step counter below is one
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
-def sft_config(config: RunConfig, out: Path):
+def sft_config(config: RunConfig, out: Path, validation: bool = False):
     from trl import SFTConfig
 
     t = config.train
@@ -98,6 +100,7 @@ def sft_config(config: RunConfig, out: Path):
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not cuda,
         completion_only_loss=True,
+        **(validation_args(config) if validation else {}),
     )
 
 
@@ -109,12 +112,15 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
     base = resolve_base(config.model.base, out.parent / "base-models", config.model)
     processor = load_processor(base, config.model)
     train_ds = build_dataset(dataset.splits["train"], config, image_cache=out / "images")
+    val_split = validation_split(dataset)
+    eval_ds = build_dataset(val_split, config, image_cache=out / "images") if val_split else None
     model = load_model(base, config.model)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, exclude_modules=config.lora.exclude or None,
                       modules_to_save=config.lora.modules_to_save or None,
                       task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=sft_config(config, out), train_dataset=train_ds,
+    trainer = SFTTrainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
+                         train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     set_adapter_dtype(trainer.model, config.train.adapter_dtype)
     trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
@@ -152,10 +158,14 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     resume = last_checkpoint(out / "checkpoints")
     if resume:
         log.info("resuming from %s", resume)
+    counter = StepCounter()
+    trainer.add_callback(counter)
     trainer.train(resume_from_checkpoint=resume)
+    selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
+                                                    trainer.state.log_history, validation_split(dataset))
 
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))  # writes on the main process only
+    trainer.save_model(str(adapter_dir))  # the selected checkpoint's weights: select loaded them; main process only
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     steps = [h["step"] for h in history if "loss" in h]
@@ -168,9 +178,14 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
                                                             "model": config.to_dict()["model"]}, indent=1))
         (out / "log_history.json").write_text(json.dumps(history, indent=1))
         curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
+    from vlmdet.provenance import provenance
+
     return AdapterRef(path=str(adapter_dir.resolve()), base_model=base, family=config.model.family,
                       global_step=trainer.state.global_step, losses=losses, loss_curve=curve,
-                      resumed_from=resume, config=config.to_dict())
+                      # resumed only if the trainer really started past step 0, not because a folder existed
+                      resumed_from=resume if counter.start_step else None, config=config.to_dict(),
+                      steps_run=counter.steps, selected_step=selected, validation=validation,
+                      provenance=provenance(dataset, config, base))
 
 
 def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "training loss") -> str | None:
@@ -193,3 +208,35 @@ def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "t
     fig.savefig(path)
     plt.close(fig)
     return str(path.resolve())
+
+
+def validation_split(dataset: DatasetRef) -> str | None:
+    """The prepared validation split's file when it holds images, else None (no validation)."""
+    path = dataset.splits.get("val")
+    if not path or not Path(path).is_file():
+        return None
+    return path if json.loads(Path(path).read_text()).get("images") else None
+
+
+def validation_args(config: RunConfig) -> dict:
+    """Trainer settings for the val loss at every save; the best-by-loss checkpoint survives rotation."""
+    return {"eval_strategy": "steps", "eval_steps": config.train.save_steps,
+            "per_device_eval_batch_size": config.train.per_device_batch,
+            "metric_for_best_model": "eval_loss", "greater_is_better": False, "load_best_model_at_end": False}
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps this call really runs, and the step training started from.
+
+    A resumed run starts at the checkpoint's step and runs only the rest; a restart from zero
+    would show start_step 0 and every step run again.
+    """
+
+    def __init__(self) -> None:
+        self.steps, self.start_step = 0, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step  # after the trainer loaded the checkpoint's state
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
