@@ -148,22 +148,17 @@ class EvalConfig:
     eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.")
     preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.")
     timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
-<<<<<<< HEAD
     cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
                                "(preallocated for prompt + max_new_tokens, written in place; same tokens).")
-
-    def __post_init__(self) -> None:
-        if self.cache not in ("dynamic", "static"):
-            raise ConfigError(f"eval.cache={self.cache!r}; use dynamic or static.")
-=======
     val_max_images: int = _f(32, "Validation mAP of each kept checkpoint on at most this many validation images picks "
                                  "the checkpoint that is published (val mAP50, then val loss, then the later step); "
                                  "0 = pick by val loss alone. The test split only judges.")
 
     def __post_init__(self) -> None:
+        if self.cache not in ("dynamic", "static"):
+            raise ConfigError(f"eval.cache={self.cache!r}; use dynamic or static.")
         if self.val_max_images < 0:
             raise ConfigError(f"eval.val_max_images={self.val_max_images} must be >= 0 (0 = choose by val loss).")
->>>>>>> main
 
 
 @dataclass
