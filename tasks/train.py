@@ -22,7 +22,8 @@ from tasks.common import image_markdown, step_dir
 from vlmdet.keys import marker_matches, step_key, training_key, write_marker
 from vlmdet.config import RunConfig
 from vlmdet.records import AdapterRef, DatasetRef
-from vlmdet.runner import OutOfMemory, StepFailed, run_step
+from vlmdet.runner import OutOfMemory, StepFailed, plan_processes, run_step
+from vlmdet.training import profiles
 
 
 def _retry_on_oom(task, task_run, state) -> bool:
@@ -69,14 +70,16 @@ def train(dataset: DatasetRef, config: RunConfig, workdir: str, fresh: bool = Fa
     """fresh: start from the base even where this configuration trained before (a forced rerun);
     a retry of the same flow run still resumes its own checkpoints."""
     log = get_run_logger()
-    config = halved_for_retry(config, task_run.run_count)
+    # the profile first (auto: from the GPU's free memory), then the out-of-memory halving over it
+    config = halved_for_retry(profiles.resolve(config), task_run.run_count)
+    processes, env = plan_processes(config.train.num_processes)
     if task_run.run_count > 1:
         log.warning("retrying after out of GPU memory with per_device_batch=%d grad_accum=%d",
                     config.train.per_device_batch, config.train.grad_accum)
     out = train_dir(workdir, dataset, config, fresh)  # halved_for_retry keeps the key: same effective batch
     try:
         record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
-                          out / "step", timeout_s=config.train.timeout_s, num_processes=config.train.num_processes)
+                          out / "step", timeout_s=config.train.timeout_s, num_processes=processes, env=env)
     except OutOfMemory as err:
         if config.train.per_device_batch > 1:
             raise  # retried once with half the batch (see _retry_on_oom)

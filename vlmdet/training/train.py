@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -20,21 +21,42 @@ from vlmdet.formats import get_format
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
-from vlmdet.training import faults, select
+from vlmdet.training import faults, select, speed
+from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
 from transformers import TrainerCallback  # already imported by faults; the step counter below is one
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(split_json: str, config: RunConfig):
+def build_dataset(split_json: str, config: RunConfig, image_cache: Path | None = None):
     """A `datasets.Dataset` of prompt/completion/images; images decode lazily from their files."""
     from datasets import Dataset, Image, Sequence
 
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
     samples, _ = load_split(split_json)
     rows = [training_example(s, fmt, config.model.prompt, config.data.category) for s in samples]
+    add_speed_columns(rows, samples, config, image_cache)
     ds = Dataset.from_list(rows)
     return ds.cast_column("images", Sequence(Image()))
+
+
+def add_speed_columns(rows: list[dict], samples: list, config: RunConfig, image_cache: Path | None) -> None:
+    """train.pre_resize: images at their processed size (the answer was rendered from the original
+    size, so boxes are unchanged); train.group_by_length: a `length` column for the sampler."""
+    m = config.model
+    if config.train.pre_resize and image_cache is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def resized(s) -> str:
+            return speed.resized_copy(s.file, s.width, s.height, m.family, m.min_pixels, m.max_pixels, image_cache)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decode/resize release the GIL
+            for row, path in zip(rows, pool.map(resized, samples)):
+                row["images"] = [path]
+    if config.train.group_by_length:
+        for row, s in zip(rows, samples):  # visual tokens dominate; the answer's characters bound its tokens
+            answer = row["completion"][0]["content"][0]["text"]
+            row["length"] = speed.visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) + len(answer)
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -51,7 +73,8 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
     return SFTConfig(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch,
-        gradient_accumulation_steps=t.grad_accum,
+        # the effective batch is the one-GPU one whatever the process count (train.num_processes)
+        gradient_accumulation_steps=accumulation_per_process(t.grad_accum, int(os.environ.get("WORLD_SIZE", 1))),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps,
@@ -60,7 +83,8 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         max_steps=t.max_steps,
         bf16=t.bf16 and cuda,
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=({"use_reentrant": False} | ({"every_n_layers": t.checkpoint_every}
+                                       if t.checkpoint_every > 1 else {})) if t.gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -71,6 +95,9 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         remove_unused_columns=False,  # the collator needs the raw images column
         max_length=None,  # never truncate: a cut answer teaches a broken box
         dataloader_num_workers=t.dataloader_workers,
+        dataloader_persistent_workers=t.dataloader_workers > 0,  # not re-spawned every epoch
+        optim=t.optim,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not cuda,
         completion_only_loss=True,
         **(validation_args(config) if validation else {}),
@@ -84,9 +111,9 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
 
     base = resolve_base(config.model.base, out.parent / "base-models", config.model)
     processor = load_processor(base, config.model)
-    train_ds = build_dataset(dataset.splits["train"], config)
+    train_ds = build_dataset(dataset.splits["train"], config, image_cache=out / "images")
     val_split = validation_split(dataset)
-    eval_ds = build_dataset(val_split, config) if val_split else None
+    eval_ds = build_dataset(val_split, config, image_cache=out / "images") if val_split else None
     model = load_model(base, config.model)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, exclude_modules=config.lora.exclude or None,
@@ -96,6 +123,9 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
                          train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     set_adapter_dtype(trainer.model, config.train.adapter_dtype)
+    trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
+    if speed.StepTimes.from_env():
+        trainer.add_callback(speed.StepTimes.from_env())
     return trainer, processor, base
 
 
@@ -135,13 +165,19 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
                                                     trainer.state.log_history, validation_split(dataset))
 
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))  # the selected checkpoint's weights: select loaded them
-    processor.save_pretrained(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # the selected checkpoint's weights: select loaded them; main process only
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     steps = [h["step"] for h in history if "loss" in h]
-    (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
+    curve = None
+    if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
+        processor.save_pretrained(str(adapter_dir))
+        # how the base was loaded for training (a speed profile may differ from the preset): evaluation
+        # of this adapter loads the base the same way (vlmdet.evaluation.trained_model_settings)
+        (adapter_dir / TRAINED_WITH).write_text(json.dumps({"profile": config.train.profile,
+                                                            "model": config.to_dict()["model"]}, indent=1))
+        (out / "log_history.json").write_text(json.dumps(history, indent=1))
+        curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
     from vlmdet.provenance import provenance
 
     return AdapterRef(path=str(adapter_dir.resolve()), base_model=base, family=config.model.family,
