@@ -1,8 +1,10 @@
 """The model card (README.md with YAML front matter) and `vlmdet.json`, written and read back.
 
 The card is what the Hub shows and indexes: its `model-index` carries mAP, mAP50 and mAP75 on the
-named split, with the evaluation data's fingerprint as `dataset.revision`, so the next run's gate can
-tell whether the champion was measured on the same data. `vlmdet.json` holds the same facts in full
+named split, with the Hub dataset's commit as `dataset.revision` (None for local data) and the
+evaluation data's fingerprint in `dataset.args.fingerprint`, so the next run's gate can tell
+whether the champion was measured on the same data. The provenance (dataset and base-model
+revisions, library versions; vlmdet.provenance) is in the front matter, the body and vlmdet.json. `vlmdet.json` holds the same facts in full
 (config, metrics, fingerprint, gate) for machines; the card is the source of truth when both exist
 because it is the file people edit on the Hub.
 """
@@ -28,6 +30,7 @@ PREVIEW = "assets/predictions.png"
 METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_SHA = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit; our fingerprints are 64 hex characters
 
 
 def hub_dataset_id(source: str) -> str | None:
@@ -53,7 +56,7 @@ def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterR
     return {
         "run_id": run_id,
         "preset": config.name,
-        "base_model": adapter.base_model or config.model.base,
+        "base_model": base_model_id(config.model.base, adapter.base_model),
         "family": config.model.family,
         "model_name": model_name,
         "metrics": report.metrics(),
@@ -62,7 +65,9 @@ def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterR
         "dataset": {"source": dataset_label(dataset.source), "hub_id": hub_dataset_id(dataset.source or config.data.dataset),
                     "fingerprint": dataset.fingerprint,
                     "counts": dataset.counts, "quarantine": dataset.quarantine_counts, "category": dataset.category},
-        "adapter": {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None},
+        "adapter": {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None,
+                    "selected_step": adapter.selected_step, "validation": adapter.validation},
+        "provenance": adapter.provenance or None,
         "gate": decision.to_dict(),
         "config": config.to_dict(),
     }
@@ -75,13 +80,18 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
     ds = meta["dataset"]
     hub_ds = ds.get("hub_id")
     base = meta["base_model"]
+    prov = meta.get("provenance") or {}
+    revision = (prov.get("dataset") or {}).get("revision")
     results = [
         EvalResult(task_type="object-detection", task_name="Object Detection",
                    dataset_type=hub_ds or ds["source"], dataset_name=ds["source"], dataset_split=ev["split"],
-                   dataset_revision=ev["data_fingerprint"] or None,
+                   # a Hub commit of the dataset, never a hash of ours (the Hub links it)
+                   dataset_revision=revision if hub_ds and _HUB_SHA.match(revision or "") else None,
+                   dataset_args={"fingerprint": ev["data_fingerprint"]} if ev["data_fingerprint"] else None,
                    metric_type=key, metric_name=METRIC_NAMES[key], metric_value=round(float(val), 6))
         for key, val in meta["metrics"].items()
     ]
+    base_revision = (prov.get("base_model") or {}).get("revision")
     data = ModelCardData(
         model_name=meta["model_name"], license=license, library_name="transformers",
         pipeline_tag="image-text-to-text",
@@ -91,6 +101,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         tags=["vlmdet", "object-detection", meta["family"], "qlora" if meta["config"]["model"]["quantization"] == "nf4"
               else "lora", ds.get("category", "nutrition-table")],
         metrics=["map"], eval_results=results,
+        **({"base_model_revision": base_revision} if base_revision else {}),
     )
     m = meta["metrics"]
     config_yaml = yaml.safe_dump(meta["config"], sort_keys=False).strip()
@@ -101,6 +112,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         f"**{ds.get('category', 'nutrition-table')}** regions in photos. It answers a detection prompt with boxes in the "
         "family's native format; vlmdet parses them into xyxy pixel boxes.",
         "",
+        *how_to_use(meta),
         "## Intended use and limits",
         "",
         f"- Intended: locating {ds.get('category')} regions on product photos similar to the training data, as a "
@@ -131,6 +143,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         "",
         decision_markdown(decision),
     ]
+    body += provenance_markdown(prov)
     if has_preview:
         body += ["## Predictions on test images", "", f"![predictions]({PREVIEW})", ""]
     if has_loss_curve:
@@ -146,6 +159,19 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+def provenance_markdown(prov: dict[str, Any]) -> list[str]:
+    """The card's Provenance section: what to load to reproduce this model."""
+    if not prov:
+        return []
+    ds, base = prov.get("dataset") or {}, prov.get("base_model") or {}
+    versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in (prov.get("versions") or {}).items())
+    return ["## Provenance", "",
+            f"- Dataset: `{ds.get('source')}` at revision `{ds.get('revision') or 'n/a (local data)'}`",
+            f"- Base model: `{base.get('id')}` at revision `{base.get('revision') or 'n/a'}`"
+            + (f" (local files hash `{base['files_hash']}`)" if base.get("files_hash") else ""),
+            f"- Trained with: {versions}; Python {prov.get('python', '?')}", ""]
 
 
 def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, source: str) -> Champion | None:
@@ -164,7 +190,7 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
                 key = str(r.metric_type).lower().replace("@", "").replace(".", "")
                 if key in METRIC_NAMES and isinstance(r.metric_value, (int, float)):
                     metrics[key] = float(r.metric_value)
-                    fingerprint = fingerprint or (r.dataset_revision or "")
+                    fingerprint = fingerprint or _card_fingerprint(r)
                     split = split or (r.dataset_split or "")
     run_id = ""
     if meta:
@@ -193,3 +219,113 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
         except json.JSONDecodeError:
             meta_data = None
     return champion_from_card(card_text, meta_data, str(folder))
+
+
+def base_model_id(configured: str, resolved: str | None) -> str:
+    """The base as the card may name it: its Hub id, or for a base that is not on the Hub what is
+    known about it, said as such. Never a path of the machine that trained (`resolved` is the
+    absolute folder that `tiny:`, `asset:` and local bases resolve to)."""
+    configured = configured or resolved or ""
+    if configured.startswith("asset:"):
+        return f"{configured} (a model shipped inside vlmdet, vlmdet/assets/{configured[6:]}; not on the Hub)"
+    if configured.startswith("tiny:"):
+        return f"{configured} (random weights built in-process by vlmdet for tests; not on the Hub)"
+    local = Path(configured).expanduser()
+    if local.is_absolute() or local.exists() or (resolved and resolved != configured):
+        return f"a local folder named {local.name!r} (not a Hub id; its origin is not recorded)"
+    return configured if _REPO_ID.match(configured) else f"{configured!r} (not a Hub id)"
+
+
+# Plain transformers that reproduce `vlmdet predict`'s boxes, per family: {answer -> pixel boxes}.
+_PARSE = {
+    "qwen2_vl": [
+        "# Answer: <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>, 0-1000 of the image",
+        'found = re.findall(r"<\\|box_start\\|>\\((\\d+),(\\d+)\\),\\((\\d+),(\\d+)\\)<\\|box_end\\|>", answer)',
+        "boxes = [[int(x1) / 1000 * W, int(y1) / 1000 * H, int(x2) / 1000 * W, int(y2) / 1000 * H] for x1, y1, x2, y2 in found]",
+    ],
+    "qwen2_5_vl": [
+        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}] in pixels of the image the processor resized',
+        "patch = processor.image_processor.patch_size  # the resized image is grid x patch pixels",
+        'grid_h, grid_w = inputs["image_grid_thw"][0, 1:].tolist()',
+        "sx, sy = W / (grid_w * patch), H / (grid_h * patch)",
+        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
+        'boxes = [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
+    ],
+    "qwen3_vl": [
+        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}], 0-1000 of the image',
+        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
+        'boxes = [[x1 / 1000 * W, y1 / 1000 * H, x2 / 1000 * W, y2 / 1000 * H] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
+    ],
+}
+
+
+def usage_snippet(repo: str, prompt: str, family: str) -> str:
+    """Python that loads `repo`, detects on photo.jpg and prints xyxy boxes in its pixels."""
+    return "\n".join([
+        "import json, re",
+        "from PIL import Image, ImageOps",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        f"repo = {json.dumps(repo)}",
+        "processor = AutoProcessor.from_pretrained(repo)  # carries the pixel budget the model was measured with",
+        'model = AutoModelForImageTextToText.from_pretrained(repo, dtype="auto", device_map="auto")',
+        'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")  # as a viewer shows it',
+        "W, H = image.size",
+        f'messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {json.dumps(prompt)}}}]}}]',
+        "text = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        "# add_special_tokens=False: the chat template already holds every special token, as in training",
+        'inputs = processor(text=[text], images=[image], add_special_tokens=False, return_tensors="pt").to(model.device)',
+        "out = model.generate(**inputs)  # greedy, both stop tokens, answer length: generation_config.json",
+        'answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)',
+        *_PARSE[family],
+        "print(boxes)  # [[x1, y1, x2, y2], ...] in pixels of photo.jpg",
+    ])
+
+
+def how_to_use(meta: dict[str, Any]) -> list[str]:
+    """The card's "How to use" section: the exact prompt, plain transformers code, the answer format."""
+    from vlmdet.formats import Box, get_format
+
+    cfg = meta["config"]
+    family, category = meta["family"], cfg["data"]["category"]
+    prompt = cfg["model"]["prompt"].format(category=category)
+    target = cfg["publish"]["target"]
+    repo = target[4:] if target.startswith("hub:") else f"path/to/{meta['model_name']}"
+    lo, hi = cfg["model"]["min_pixels"], cfg["model"]["max_pixels"]
+    fmt = get_format(family, lo, hi)
+    example = fmt.render([Box(64, 48, 320, 240, category)], 640, 480, category)
+    coords = {"qwen2_vl": "integers 0-1000 relative to the image",
+              "qwen2_5_vl": "absolute pixels of the image after the processor's resize (smart_resize, factor 28, "
+                            "within the pixel budget), not of the original",
+              "qwen3_vl": "integers 0-1000 relative to the image"}[family]
+    return [
+        "## How to use",
+        "",
+        f"The exact prompt (one image, then this text, in the chat template): `{prompt}`",
+        "",
+        "With plain `transformers` (no vlmdet needed); this prints the boxes `vlmdet predict` gives:",
+        "",
+        "```python",
+        usage_snippet(repo, prompt, family),
+        "```",
+        "",
+        f"Answer format ({family}): one entry per box, coordinates {coords}; a box at (64, 48)-(320, 240) of a "
+        f"640x480 photo is written `{example}`, no object `{fmt.no_object_answer}`. The saved processor resizes every "
+        f"image into {lo}-{hi} pixels (the budget the model was trained and measured with), and "
+        "`generation_config.json` decodes greedily (no sampling, no repetition penalty: it would penalise a "
+        "coordinate digit already written) and stops at `<|im_end|>` or `<|endoftext|>`.",
+        "",
+        "Served over HTTP with batching: `vlmdet serve --model " + (repo if target.startswith("hub:") else "FOLDER")
+        + "` (see vlmdet's docs/serving.md).",
+        "",
+    ]
+
+
+def _card_fingerprint(result: EvalResult) -> str:
+    """The evaluation data's fingerprint in a model-index entry: dataset.args.fingerprint, or (cards
+    written before the revision became the Hub's) a 64-hex dataset.revision."""
+    args = result.dataset_args if isinstance(result.dataset_args, dict) else {}
+    if args.get("fingerprint"):
+        return str(args["fingerprint"])
+    rev = result.dataset_revision or ""
+    return rev if re.fullmatch(r"[0-9a-f]{64}", rev) else ""
