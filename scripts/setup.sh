@@ -33,7 +33,7 @@ if ! "$VPY" -c 'import sys, platform; sys.exit(sys.version_info[:2] != (3, 11) o
   "$VPY" -m pip install -q -e ".[test]"
   exit 0
 fi
-"$VPY" -m pip install -q "pip==26.3"  # the installer is pinned too: its resolver and hash checks
+"$VPY" -m pip install -qq "pip==26.3"  # the installer is pinned too: its resolver and hash checks
 
 if [ "$WANT_CUDA" = auto ]; then
   if [ -e /proc/driver/nvidia/version ] || nvidia-smi -L >/dev/null 2>&1; then WANT_CUDA=1; else WANT_CUDA=0; fi
@@ -61,7 +61,7 @@ fi
 if [ -n "$CPU_TORCH" ]; then
   echo "setup.sh: no NVIDIA driver: torch $CPU_TORCH (CPU build) from $TORCH_CPU_INDEX, the rest from $LOCK (~1.5 GB in $VENV)"
   VISION_CPU="$VISION${CPU_TORCH#"$TORCH"}"  # the same local label: 0.29.1+cpu
-  "$VPY" -m pip install -q --no-deps --index-url "$TORCH_CPU_INDEX" "torch==$CPU_TORCH" "torchvision==$VISION_CPU"
+  "$VPY" -m pip install -qq --no-deps --index-url "$TORCH_CPU_INDEX" "torch==$CPU_TORCH" "torchvision==$VISION_CPU"
   # The lock without torch and the packages only its CUDA build needs; still exact and hash-checked.
   FILTERED=$(mktemp)
   trap 'rm -f "$FILTERED"' EXIT
@@ -75,7 +75,7 @@ for line in open(sys.argv[1]):
     if keep:
         sys.stdout.write(line)
 EOF
-  "$VPY" -m pip install -q --require-hashes --no-deps -r "$FILTERED"
+  "$VPY" -m pip install -qq --require-hashes --no-deps -r "$FILTERED"
 else
   if [ "$WANT_CUDA" = 0 ]; then
     echo "setup.sh: no NVIDIA driver, but no CPU build of torch $TORCH at $TORCH_CPU_INDEX" \
@@ -83,10 +83,11 @@ else
   fi
   echo "setup.sh: installing $LOCK: torch $TORCH (CUDA build) with its NVIDIA libraries:" \
        "about 3 GB to download, 6.5 GB in $VENV."
-  "$VPY" -m pip install -q --require-hashes --no-deps -r "$LOCK"
+  "$VPY" -m pip install -qq --require-hashes --no-deps -r "$LOCK"
 fi
+# -qq: errors still print; pip's per-index notes and setuptools' "Editable installation" banner do not.
 # vlmdet itself, built with the locked setuptools (no isolated build env to download), then a check
 # that the installed set is consistent (every requirement of every package met).
-"$VPY" -m pip install -q --no-deps --no-build-isolation -e .
+"$VPY" -m pip install -qq --no-deps --no-build-isolation -e .
 "$VPY" -m pip check
 echo "vlmdet installed in $VENV: activate with '. $VENV/bin/activate'"
