@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import metrics_table
 from tasks.evaluate import evaluate
-from tasks.gate import gate
+from tasks.gate import find_champion, gate, measure_champion
 from tasks.merge import merge
 from tasks.prepare_data import prepare_data, prepared_exists
 from tasks.publish import publish, resolve_token
@@ -39,7 +39,12 @@ def build_config(preset: str, threshold: float | None, dataset: str | None, over
 def _gate_summary(decision: GateDecision) -> dict[str, Any]:
     return {"threshold": decision.threshold, "passed": decision.passed, "reason": decision.reason,
             "metric": decision.metric, "value": decision.value, "champion": decision.champion,
-            "min_delta": decision.min_delta}
+            "min_delta": decision.min_delta,
+            # the paired bootstrap against the champion on today's test images (None without a champion)
+            "champion_recorded": decision.champion_recorded, "champion_evaluated": decision.champion_evaluated,
+            "p_better": decision.p_better, "ci": [decision.ci_low, decision.ci_high] if decision.p_better is not None
+            else None, "min_probability": decision.min_probability, "resamples": decision.resamples,
+            "images": decision.images, "disagreements": decision.disagreements, "picture": decision.picture}
 
 
 def _load_last(path: Path) -> dict[str, Any] | None:
@@ -93,14 +98,19 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
             base_report = evaluate(adapter.base_model, data, config, str(wd), name="base")
 
     token = resolve_token(config)
-    decision = gate(report, config, token=token, workdir=str(wd))
+    # Like with like: the champion's detections on today's test split (re-evaluated when its card's
+    # numbers come from other data), so the gate compares both models on the same images.
+    champion = find_champion(config, token=token, workdir=str(wd))
+    champion_report = measure_champion(champion, report, data, config, str(wd), token=token)
+    judged = dict(token=token, workdir=str(wd), champion=champion, champion_report=champion_report, dataset=data)
+    decision = gate(report, config, **judged)
     published = merged = merged_report = None
     if decision.passed:
         merged = merge(adapter, data, config, str(wd))
         # The gate measured 4-bit base + adapter; what gets published is the adapter merged into
         # unquantized weights. Measure that too, and publish only if it still clears the gate.
         merged_report = evaluate(merged.path, data, config, str(wd), name="merged")
-        decision = gate(merged_report, config, token=token, workdir=str(wd))
+        decision = gate(merged_report, config, name="merged", **judged)
         if decision.passed:
             published = publish(merged, merged_report, data, adapter, decision, config, str(wd), token=token).to_dict()
     if not published:
@@ -111,6 +121,7 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
         "metrics": report.metrics(),
         "base_metrics": base_report.metrics() if base_report else None,
         "merged_metrics": merged_report.metrics() if merged_report else None,
+        "champion_metrics": champion_report.metrics() if champion_report else None,
         "gate": _gate_summary(decision),
         "published": published,
         "adapter": adapter.path,
@@ -131,7 +142,7 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
                             "adapter": adapter.to_dict(), "report": report.to_dict(),
                             "base_report": base_report.to_dict() if base_report else None,
                             "decision_settings": decision_settings(config)})
-    rows = metrics_table(adapter=report, base=base_report, merged=merged_report)
+    rows = metrics_table(adapter=report, base=base_report, merged=merged_report, champion=champion_report)
     table = "\n".join(f"| {r['model']} | {r['mAP']} | {r['mAP50']} | {r['mAP75']} | {r['images']} |" for r in rows)
     create_markdown_artifact(
         f"## Retrain summary\n\n| model | mAP | mAP50 | mAP75 | images |\n|---|---|---|---|---|\n{table}\n\n"
