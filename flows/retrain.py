@@ -23,6 +23,7 @@ from tasks.prepare_data import prepare_data, prepared_exists
 from tasks.publish import publish, resolve_token
 from tasks.train import train
 from vlmdet.config import RunConfig, load_preset
+from vlmdet.gate import clears_threshold
 from vlmdet.keys import decision_settings, evaluation_key
 from vlmdet.records import AdapterRef, EvalReport, GateDecision, write_json
 
@@ -101,7 +102,8 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     # Like with like: the champion's detections on today's test split (re-evaluated when its card's
     # numbers come from other data), so the gate compares both models on the same images.
     champion = find_champion(config, token=token, workdir=str(wd))
-    champion_report = measure_champion(champion, report, data, config, str(wd), token=token)
+    champion_report = (measure_champion(champion, report, data, config, str(wd), token=token)
+                       if clears_threshold(report, config.gate) else None)  # below it, no comparison is needed
     judged = dict(token=token, workdir=str(wd), champion=champion, champion_report=champion_report, dataset=data)
     decision = gate(report, config, **judged)
     published = merged = merged_report = None

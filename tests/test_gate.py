@@ -142,3 +142,29 @@ def test_compare_refuses_reports_on_different_splits(tmp_path):
     gt = _split(tmp_path)
     with pytest.raises(ValueError, match="same test split"):
         compare(_report(1.0, n=6), _report(1.0, split="val", n=6), gt, CFG)
+
+
+def test_the_card_of_a_replacement_shows_the_comparison_and_its_picture(tmp_path):
+    from pubkit import records
+
+    from vlmdet import publishing
+    from vlmdet.config import RunConfig
+
+    merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()
+    (merged_dir / "config.json").write_text("{}")  # the publication copies the folder; no model needed here
+    merged, report, dataset, adapter, _ = records(tmp_path, merged_dir, map50=0.81)
+    comparison = _cmp(0.70, 0.81, 0.97)
+    Image.new("RGB", (20, 10)).save(tmp_path / "d.png")
+    comparison.picture = str(tmp_path / "d.png")
+    decision = decide(report, CFG, _champ(0.95, fp="fp-old"), comparison)
+    publishing.publish(merged, report, dataset, adapter, decision, RunConfig(name="smoke"), tmp_path)
+    card = (tmp_path / "published" / "README.md").read_text()
+    assert "### Compared with the model it replaced" in card
+    assert ("On the same 120 test images (the previous model was evaluated again on this run's test split): map50 "
+            "0.8100 against 0.7000") in card
+    assert "[-0.0100, +0.0500] (95%)" in card and "97.0% of resamples (required: 90%)" in card
+    assert (tmp_path / "published" / "assets" / "gate_disagreements.png").is_file()
+    assert "](assets/gate_disagreements.png)" in card
+    gate = json.loads((tmp_path / "published" / "vlmdet.json").read_text())["gate"]
+    assert gate["p_better"] == 0.97 and gate["champion"] == 0.70 and gate["champion_recorded"] == 0.95

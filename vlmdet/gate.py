@@ -79,6 +79,12 @@ def compare(report: EvalReport, champion_report: EvalReport, gt: str | dict, cfg
                       disagreements=worst), champ, chall
 
 
+def clears_threshold(report: EvalReport, cfg: GateConfig) -> bool:
+    """Whether the champion needs measuring at all: a model below the threshold is refused without it."""
+    value = float(getattr(report, cfg.metric))
+    return not math.isnan(value) and value >= cfg.threshold
+
+
 def decide(report: EvalReport, cfg: GateConfig, champion: Champion | None,
            comparison: Comparison | None = None) -> GateDecision:
     """Decide whether `report`'s model may be published; the reason names both models' numbers."""
