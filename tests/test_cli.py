@@ -59,14 +59,16 @@ def test_overrides_are_typed_and_checked():
 
 
 def test_presets_load_and_the_seed_recipe_is_the_seed_recipe():
-    assert {"smoke", "qwen2-vl-7b-nutrition"} <= set(list_presets())
-    seed = load_preset("qwen2-vl-7b-nutrition")
+    assert {"smoke", "qwen2-vl-7b-nutrition", "seed-recipe"} <= set(list_presets())
+    seed = load_preset("seed-recipe")
     assert (seed.model.base, seed.model.quantization) == ("Qwen/Qwen2-VL-7B-Instruct", "nf4")
     assert (seed.lora.r, seed.lora.alpha, seed.lora.dropout) == (64, 16, 0.1)
     assert seed.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert (seed.train.per_device_batch, seed.train.grad_accum, seed.train.learning_rate) == (2, 8, 1e-5)
     assert (seed.train.scheduler, seed.train.epochs, seed.train.warmup_steps) == ("cosine", 3, 50)
     assert seed.train.bf16 and seed.train.gradient_checkpointing
+    # exactly as originally run: the whole model nf4, adapters in the bf16 TRL casts them to
+    assert seed.model.quantize_vision and seed.train.adapter_dtype == "bfloat16"
 
 
 def test_bad_setting_on_the_command_line_is_a_clear_error(capsys):

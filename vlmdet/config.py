@@ -51,6 +51,9 @@ class ModelConfig:
     base: str = _f("tiny:qwen2_vl", "Base model: a Hub id, a local folder, or tiny:FAMILY for a random tiny model built in-process.")
     family: str = _f("qwen2_vl", "Model family (answer format and prompt): qwen2_vl, qwen2_5_vl or qwen3_vl.")
     quantization: str = _f("none", "nf4 (4-bit QLoRA, needs CUDA) or none. nf4 uses double quant and bf16 compute.")
+    quantize_vision: bool = _f(False, "With nf4: quantize the vision tower and its merger too. Off: they stay bf16 "
+                                      "(about +0.9 GiB for Qwen2-VL-7B) so the model measured during training sees "
+                                      "images as the merged bf16 model that ships does (docs/recipe.md).")
     dtype: str = _f("auto", "Weights dtype when not quantized: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
     min_pixels: int = _f(64 * 28 * 28, "Processor pixel budget, lower bound (multiples of 28x28 = one visual token after the 2x2 merge).")
     max_pixels: int = _f(1024 * 28 * 28, "Processor pixel budget, upper bound: larger photos are resized to fit, boxes mapped back.")
@@ -72,6 +75,9 @@ class LoraSettings:
     alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
     dropout: float = _f(0.1, "Dropout on the LoRA input.")
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.")
+    exclude: str = _f(".*visual.*", "Regex (full match on the module name) of modules never adapted: the vision "
+                                    "tower stays as pretrained (Qwen2.5-VL's vision MLP also has gate/up/down_proj). "
+                                    "Empty = none excluded.")
     modules_to_save: list[str] = _f([], "Modules trained in full beside the adapters (e.g. lm_head when the label's "
                                         "tokens were rare in pretraining); merged like the adapters.")
 
@@ -99,11 +105,17 @@ class TrainConfig:
     num_processes: int = _f(1, "GPUs for this step: >1 launches the child with `accelerate launch`.")
     timeout_s: int = _f(6 * 3600, "Kill the training child after this many seconds.")
     dataloader_workers: int = _f(0, "DataLoader worker processes.")
+    adapter_dtype: str = _f("float32", "dtype of the trainable LoRA weights (master weights; compute stays bf16 under "
+                                       "autocast). TRL casts them to bfloat16 on 4-bit bases, where a step of AdamW at "
+                                       "lr<=1e-4 is below half a bf16 ulp of a LoRA weight and rounds to nothing "
+                                       "(docs/recipe.md); bfloat16 reproduces that.")
 
     def __post_init__(self) -> None:
         for name in ("per_device_batch", "grad_accum", "save_steps", "num_processes", "timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1.")
+        if self.adapter_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.adapter_dtype={self.adapter_dtype!r}; use float32 (default) or bfloat16.")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise ConfigError(f"train.max_steps={self.max_steps}, train.epochs={self.epochs}: set max_steps > 0 or epochs > 0.")
 

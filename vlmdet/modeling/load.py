@@ -60,8 +60,19 @@ def quantization_config(cfg: ModelConfig):
     from transformers import BitsAndBytesConfig
 
     # bnb_4bit_compute_dtype (not compute_type: transformers ignores unknown names silently).
+    kw: dict[str, Any] = {}
+    if not cfg.quantize_vision:
+        kw["llm_int8_skip_modules"] = UNQUANTIZED_VISION
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16, **kw)
+
+
+# Modules kept in bf16 when model.quantize_vision is off. An explicit skip list replaces transformers'
+# default one (the output head), so lm_head is named again. Module names differ between transformers
+# versions ("model.visual" in 5.x, "visual" before; matching is by prefix, by regex and by suffix, or by
+# substring in older releases), so both spellings are listed; tests/gpu checks no Linear4bit is left
+# under "visual" on the GPU machine's transformers.
+UNQUANTIZED_VISION = ["model.visual", "visual", "lm_head"]
 
 
 def load_processor(path: str, cfg: ModelConfig):
