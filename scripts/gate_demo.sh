@@ -5,7 +5,8 @@
 #      trained for a few steps clears the threshold but is refused: the champion is evaluated
 #      again on the new test images and the reason names both numbers there;
 #   3. a challenger trained longer on the same new data beats it and is published.
-# Usage: scripts/gate_demo.sh [OUT]   (default runs/gate-demo; ~15 minutes on 2 free cores)
+# Usage: scripts/gate_demo.sh [OUT]   (default runs/gate-demo; ~10 minutes on 2 free cores;
+#        on a shared machine OMP_NUM_THREADS=1 avoids thread thrashing)
 set -euo pipefail
 OUT=$(realpath -m "${1:-runs/gate-demo}")
 TARGET="local:$OUT/published"
@@ -26,14 +27,14 @@ print(f"  reason: {g['reason']}")
 EOF
 }
 
-echo "== 1. champion (smoke data, seed 0, 300 steps)"
-$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/1-champion" --train.max_steps 300
+echo "== 1. champion (smoke data, seed 0, 60 steps)"
+$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/1-champion" --train.max_steps 60
 show "$OUT/1-champion"
 
-echo "== 2. new data (seed 1), challenger trained 120 steps: must be refused"
-$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/2-short" --data.seed 1 --train.max_steps 120
+echo "== 2. new data (seed 1), challenger trained 20 steps: must be refused"
+$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/2-short" --data.seed 1 --train.max_steps 20
 show "$OUT/2-short"
 
-echo "== 3. the same new data, challenger trained 900 steps: must be published"
-$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/3-long" --data.seed 1 --train.max_steps 900
+echo "== 3. the same new data, challenger trained 300 steps: must be published"
+$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/3-long" --data.seed 1 --train.max_steps 300
 show "$OUT/3-long"

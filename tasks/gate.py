@@ -18,7 +18,7 @@ from vlmdet.champion import champion_config, champion_model, published_predictio
 from vlmdet.config import RunConfig
 from vlmdet.gate import Champion, compare, decide, decision_markdown, disagreement_picture
 from vlmdet.publishing import TransientPublishError, read_champion
-from vlmdet.records import DatasetRef, EvalReport, GateDecision
+from vlmdet.records import DatasetRef, EvalReport, GateDecision, atomic_write_text
 
 
 def retry_transient_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
@@ -101,6 +101,8 @@ def gate(report: EvalReport, config: RunConfig, token: str | None = None, workdi
     logger.info("gate %s: %s", "passed" if decision.passed else "closed", decision.reason)
     picture = ("\n\nChampion (left) and new model (right) on those images; green: ground truth, red: predictions.\n\n"
                + image_markdown(decision.picture, "disagreements")) if decision.picture else ""
+    # on disk too, beside the picture: the decision survives a Prefect server without artifact history
+    atomic_write_text(step_dir(workdir, "gate", name, "decision.md"), decision_markdown(decision))
     create_markdown_artifact(markdown=decision_markdown(decision) + picture, key="gate-decision" if name == "adapter" else f"gate-decision-{name}",
                              description=f"Publish gate ({name}) for {config.publish.target}")
     return decision

@@ -168,3 +168,15 @@ def test_the_card_of_a_replacement_shows_the_comparison_and_its_picture(tmp_path
     assert "](assets/gate_disagreements.png)" in card
     gate = json.loads((tmp_path / "published" / "vlmdet.json").read_text())["gate"]
     assert gate["p_better"] == 0.97 and gate["champion"] == 0.70 and gate["champion_recorded"] == 0.95
+
+
+def test_the_champion_is_evaluated_with_its_own_answer_settings_on_todays_eval_settings():
+    from vlmdet.champion import champion_config
+
+    today = load_preset("smoke", {"eval.max_new_tokens": 99})
+    theirs = load_preset("qwen2.5-vl-7b-nutrition").to_dict()
+    cfg = champion_config(Champion(metrics={"map50": 0.9}, config=theirs), today)
+    assert cfg.model.family == "qwen2_5_vl" and cfg.model.max_pixels == theirs["model"]["max_pixels"]
+    assert cfg.model.prompt == theirs["model"]["prompt"]
+    assert cfg.eval.max_new_tokens == 99 and cfg.data == today.data and cfg.model.base == today.model.base
+    assert champion_config(Champion(metrics={"map50": 0.9}), today) == today  # no vlmdet.json: today's settings

@@ -17,9 +17,9 @@ from flows.retrain import retrain
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 # The smoke preset, shortened: fewer images and steps (the smoke base still learns the task), 500 resamples.
-SMOKE = {"data.dataset": "synth:240", "train.max_steps": 250, "train.save_steps": 1000, "eval.preview_images": 2,
+SMOKE = {"data.dataset": "synth:240", "train.max_steps": 100, "train.save_steps": 1000, "eval.preview_images": 2,
          "publish.token_secret": "", "gate.resamples": 500}
-WEAK = {"train.max_steps": 15, "eval.eval_base": False}  # a challenger that barely trained
+WEAK = {"train.max_steps": 4, "eval.eval_base": False}  # a challenger that barely trained
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_a_champion_measured_on_other_data_is_evaluated_again_on_todays_images(c
         assert text in g["reason"]
     assert not g["passed"] and s["published"] is None
     assert g["picture"] and Path(g["picture"]).is_file() and g["disagreements"]
+    assert g["reason"] in (tmp_path / "gate" / "adapter" / "decision.md").read_text()
 
 
 def test_a_merged_model_worse_than_its_adapter_is_not_published(tiny_model, tmp_path, monkeypatch):
