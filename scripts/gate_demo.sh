@@ -27,14 +27,20 @@ print(f"  reason: {g['reason']}")
 EOF
 }
 
-echo "== 1. champion (smoke data, seed 0, 60 steps)"
-$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/1-champion" --train.max_steps 60
-show "$OUT/1-champion"
+STAGES=${STAGES:-1 2 3}  # e.g. STAGES="2 3" to run the challengers again against the published champion
 
-echo "== 2. new data (seed 1), challenger trained 20 steps: must be refused"
-$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/2-short" --data.seed 1 --train.max_steps 20
-show "$OUT/2-short"
-
-echo "== 3. the same new data, challenger trained 300 steps: must be published"
-$VLMDET retrain "${COMMON[@]}" --workdir "$OUT/3-long" --data.seed 1 --train.max_steps 300
-show "$OUT/3-long"
+if [[ " $STAGES " == *" 1 "* ]]; then
+  echo "== 1. champion (smoke data, seed 0, 60 steps)"
+  $VLMDET retrain "${COMMON[@]}" --workdir "$OUT/1-champion" --train.max_steps 60
+  show "$OUT/1-champion"
+fi
+if [[ " $STAGES " == *" 2 "* ]]; then
+  echo "== 2. new data (seed 1), challenger trained 20 steps: must be refused"
+  $VLMDET retrain "${COMMON[@]}" --workdir "$OUT/2-short" --data.seed 1 --train.max_steps 20
+  show "$OUT/2-short"
+fi
+if [[ " $STAGES " == *" 3 "* ]]; then
+  echo "== 3. the same new data, challenger trained 300 steps: must be published"
+  $VLMDET retrain "${COMMON[@]}" --workdir "$OUT/3-long" --data.seed 1 --train.max_steps 300
+  show "$OUT/3-long"
+fi

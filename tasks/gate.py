@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 
 from tasks.common import image_markdown, step_dir
 from tasks.evaluate import evaluate
-from vlmdet.champion import champion_config, champion_model, published_predictions, reuse_report
+from vlmdet.champion import champion_config, champion_model, published_predictions, reuse_report, was_evaluated
 from vlmdet.config import RunConfig
 from vlmdet.gate import Champion, compare, decide, decision_markdown, disagreement_picture
 from vlmdet.publishing import TransientPublishError, read_champion
@@ -65,7 +65,7 @@ def measure_champion(champion: Champion | None, report: EvalReport, dataset: Dat
         if path:
             log.info("champion %s was measured on today's %s split (%s): reusing its published predictions",
                      champion.source, report.split, report.data_fingerprint[:12])
-            return reuse_report(champion, report, path, config.gate.metric)
+            return reuse_report(champion, report, path)
     log.info("champion %s was measured on %s/%s, today's data is %s/%s: evaluating it again on today's images",
              champion.source, champion.data_fingerprint[:12] or "unknown", champion.split or "?",
              report.data_fingerprint[:12], report.split)
@@ -90,9 +90,8 @@ def gate(report: EvalReport, config: RunConfig, token: str | None = None, workdi
     comparison = None
     if champion is not None and champion_report is not None and dataset is not None:
         gt = dataset.splits[report.split]
-        # reuse_report names the champion's card as its model; a fresh evaluation names the fetched folder
         comparison, _, _ = compare(report, champion_report, gt, config.gate,
-                                   champion_evaluated=champion_report.model != champion.source)
+                                   champion_evaluated=was_evaluated(champion_report))
         disagreement_picture(comparison, gt, champion_report, report,
                              step_dir(workdir, "gate", name, "disagreements.png"))
     decision = decide(report, config.gate, champion, comparison)

@@ -180,3 +180,16 @@ def test_the_champion_is_evaluated_with_its_own_answer_settings_on_todays_eval_s
     assert cfg.model.prompt == theirs["model"]["prompt"]
     assert cfg.eval.max_new_tokens == 99 and cfg.data == today.data and cfg.model.base == today.model.base
     assert champion_config(Champion(metrics={"map50": 0.9}), today) == today  # no vlmdet.json: today's settings
+
+
+def test_a_champion_report_says_whether_it_was_evaluated_in_this_run(tmp_path):
+    """A local champion's folder is both its card's source and the model path a fresh evaluation names."""
+    from vlmdet.champion import reuse_report, was_evaluated
+
+    champ = Champion(metrics={"map50": 0.9}, data_fingerprint="fp-a", split="test", source=str(tmp_path),
+                     kind="local", location=str(tmp_path))
+    fresh = _report(0.8, predictions=str(tmp_path / "eval.json"))
+    fresh.model = str(tmp_path)
+    assert was_evaluated(fresh)
+    reused = reuse_report(champ, _report(0.7), str(tmp_path / "eval" / "predictions.json"))
+    assert not was_evaluated(reused) and reused.map50 == 0.9 and reused.split == "test"

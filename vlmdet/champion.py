@@ -70,10 +70,18 @@ def champion_model(champion: Champion, workdir: str | Path, endpoint: str = "", 
     return _download(champion, None, Path(workdir) / "champion" / (champion.revision[:12] or "head"), endpoint, token)
 
 
-def reuse_report(champion: Champion, report: EvalReport, predictions: str, metric: str) -> EvalReport:
+REUSED = "published predictions of "  # EvalReport.model of a champion that was not evaluated again
+
+
+def reuse_report(champion: Champion, report: EvalReport, predictions: str) -> EvalReport:
     """An EvalReport for the champion from its card's numbers and its published predictions."""
     m = champion.metrics
     return EvalReport(map=m.get("map", float("nan")), map50=m.get("map50", float("nan")),
                       map75=m.get("map75", float("nan")), split=champion.split, num_images=report.num_images,
-                      parse_failures=0, predictions=predictions, model=champion.source,
+                      parse_failures=0, predictions=predictions, model=REUSED + champion.source,
                       data_fingerprint=champion.data_fingerprint)
+
+
+def was_evaluated(champion_report: EvalReport) -> bool:
+    """True when the champion's report comes from an evaluation in this run, not from its publication."""
+    return not champion_report.model.startswith(REUSED)
