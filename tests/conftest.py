@@ -1,6 +1,8 @@
 """Shared fixtures. Append yours; keep them cheap unless session-scoped."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -9,7 +11,9 @@ def prefect_harness():
     """One temporary Prefect API (SQLite) for the whole session: starting one costs seconds."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # 120 s, not Prefect's 30: a busy 2-core machine (CI, parallel work) can take longer to start it
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors
+    with prefect_test_harness(server_startup_timeout=120):
         yield
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -101,7 +102,7 @@ def test_predict_uses_the_built_in_defaults_unless_a_preset_is_named(tmp_path, m
 
     seen = {}
 
-    def fake_predict_files(model, files, out, config, explicit):
+    def fake_predict_files(model, files, out, config, explicit, echo=None):
         seen.update(config=config, explicit=explicit)
         return out / "predictions.json"
 
@@ -117,3 +118,67 @@ def test_predict_uses_the_built_in_defaults_unless_a_preset_is_named(tmp_path, m
     assert seen["explicit"] == {"eval.batch_size"}
     assert main(base + ["--eval.max_new_tokens", "200", str(img)]) == 0
     assert seen["config"].eval.max_new_tokens == 200 and seen["config"].data == RunConfig().data
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        parser().parse_args([*argv, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_commands_help_is_readable(capsys):
+    # argparse %-formats help text: train.gradient_checkpointing's "~30% slower" once printed the
+    # argparse action's dict in place of "30%".
+    commands = parser()._subparsers._group_actions[0].choices
+    for command in commands:
+        text = _help(capsys, command)
+        assert "{'option_strings'" not in text and "%(" not in text, command
+    assert "~30% slower" in _help(capsys, "retrain")
+
+
+def test_predict_help_lists_only_the_settings_prediction_reads(capsys):
+    from vlmdet.cli import INFERENCE_SETTINGS
+
+    text = _help(capsys, "predict")
+    listed = set(re.findall(r"--((?:model|data|eval|train|lora|gate|publish)\.\w+)", text))
+    assert listed == set(INFERENCE_SETTINGS)
+    assert {"model.prompt", "data.category", "eval.batch_size", "eval.max_new_tokens"} <= listed
+    retrain = set(re.findall(r"--((?:model|data|eval|train|lora|gate|publish)\.\w+)", _help(capsys, "retrain")))
+    assert retrain == {k for k in all_keys() if "." in k}  # retrain: all of them
+
+
+def test_add_settings_is_the_hook_for_another_command():
+    # what `vlmdet serve` does: its own parser, the inference settings, inference_config()
+    import argparse
+
+    from vlmdet.cli import INFERENCE_SETTINGS, add_settings, inference_config
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default=None)
+    add_settings(p, INFERENCE_SETTINGS)
+    args = p.parse_args(["--eval.batch_size", "3", "--set", "model.prompt=Find the {category}."])
+    args.command = "serve"
+    cfg = inference_config(args)
+    assert cfg.eval.batch_size == 3 and cfg.model.prompt == "Find the {category}."
+    args = p.parse_args(["--set", "lora.r=4"])
+    args.command = "serve"
+    with pytest.raises(ConfigError, match="`vlmdet serve` does not use this setting"):
+        inference_config(args)
+
+
+def test_a_skipped_rerun_says_the_gate_and_publication_are_the_earlier_runs(capsys, tmp_path):
+    # "no champion published at the target yet" was true when that run decided, not now that it published
+    from vlmdet.cli import _print_summary
+
+    m = {"map": 0.7, "map50": 0.9, "map75": 0.8}
+    summary = {"metrics": m, "adapter": "a", "published": {"target": "local:published"}, "skipped": True,
+               "skip_reason": "data, configuration and base model unchanged since 2026-11-27T02:00:00",
+               "gate": {"passed": True, "reason": "map50=0.9000 >= threshold 0.5000; no champion published at the target yet."}}
+    _print_summary(tmp_path, summary)
+    out = capsys.readouterr().out
+    assert "Nothing new: data, configuration and base model unchanged since 2026-11-27T02:00:00" in out
+    assert "gate (that run): PASSED" in out and "published (that run): local:published" in out
+    _print_summary(tmp_path, dict(summary, skipped=False))
+    out = capsys.readouterr().out
+    assert "gate:      PASSED" in out and "(that run)" not in out

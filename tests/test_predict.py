@@ -100,7 +100,7 @@ def test_bad_files_are_reported_and_exif_is_applied(tiny_model, tmp_path):
     garbage.write_bytes(b"this is not a JPEG" * 10)
     out = tmp_path / "pred"
     argv = ["predict", "--model", tiny_model, "--out", str(out), "--eval.max_new_tokens", "4"]
-    assert main(argv + [str(good), str(empty), str(rotated), str(garbage)]) == 0
+    assert main(argv + [str(good), str(empty), str(rotated), str(garbage)]) == 6  # EXIT_SOME_INPUTS_FAILED
 
     result = read(out)
     assert [(Path(r["file"]).name, r["width"], r["height"]) for r in result["images"]] == [
@@ -263,3 +263,27 @@ def test_the_checkpoints_repetition_penalty_does_not_change_greedy_answers(tiny_
     penalised, raw_penalised = answers(1.5)
     assert not torch.equal(raw_plain, raw_penalised), "the penalty should change this model's plain greedy output"
     assert penalised == plain
+
+
+def test_a_line_per_image_in_input_order_the_same_in_predictions_json_and_exit_6(tiny_model, tmp_path, monkeypatch,
+                                                                                   capsys):
+    spy_generate(monkeypatch, replace=lambda processor: FakeModel(processor, ANSWERS["qwen2_vl"]))
+    first, third = tmp_path / "first.png", tmp_path / "third.png"
+    Image.new("RGB", (1000, 500), "white").save(first)
+    Image.new("RGB", (200, 100), "white").save(third)
+    missing = tmp_path / "second.jpg"
+    out = tmp_path / "pred"
+    argv = ["predict", "--model", tiny_model, "--out", str(out), "--eval.batch_size", "3"]
+    assert main(argv + [str(first), str(missing), str(third)]) == 6
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    assert printed == [
+        f"{first}: 1 box, best score 1.00 (xyxy 100 100 500 300)",
+        f"{missing}: FAILED missing-file: no such file",
+        f"{third}: 1 box, best score 1.00 (xyxy 20 20 100 60)",
+    ]
+    result = read(out)
+    assert [r["line"] for r in result["images"]] == [printed[0], printed[2]]
+    assert result["errors"] == [{"file": str(missing), "error": "missing-file: no such file", "line": printed[1]}]
+    assert result["failed"] == 1
+    # every image read: exit 0
+    assert main(argv + [str(first)]) == 0

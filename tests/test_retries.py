@@ -114,3 +114,86 @@ def test_a_wrong_flow_run_id_is_a_one_line_error_that_says_where_ids_come_from(p
         task_run_attempts("not-a-uuid")
     with pytest.raises(ConfigError, match="no flow run 00000000-.*PREFECT_API_URL"):
         task_run_attempts("00000000-0000-0000-0000-000000000000")
+
+
+# --- the flow run's own attempts, UI links, the latest failed nightly run (issue 13, item 8) ---
+
+_flow_calls = {"n": 0}
+
+
+@flow(name="flaky-flow", retries=1, retry_delay_seconds=0)
+def flaky_flow() -> int:
+    _flow_calls["n"] += 1
+    steady()
+    if _flow_calls["n"] == 1:
+        raise RuntimeError("first night: the GPU node went away")
+    return _flow_calls["n"]
+
+
+def _settled(flow_run_id, ready, timeout=30):
+    from flows.retries import run_report
+
+    deadline = time.monotonic() + timeout
+    while True:
+        report = run_report(flow_run_id)
+        if ready(report) or time.monotonic() > deadline:
+            return report
+        time.sleep(0.5)
+
+
+def test_a_retried_flow_run_shows_both_runs_with_the_first_error_and_links(prefect_harness):
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
+    from flows.retries import format_report
+
+    _flow_calls["n"] = 0
+    state = flaky_flow(return_state=True)
+    assert state.is_completed() and _flow_calls["n"] == 2
+    flow_run_id = state.state_details.flow_run_id
+    with temporary_settings({PREFECT_UI_URL: "http://prefect.example:4200"}):
+        report = _settled(flow_run_id, lambda r: len(r["attempts"]) == 2 and r["attempts"][0]["error"]
+                          and len(r["task_runs"]) == 2)
+    assert [a["outcome"] for a in report["attempts"]] == ["retried", "Completed"]
+    assert "first night: the GPU node went away" in report["attempts"][0]["error"]
+    assert report["url"] == f"http://prefect.example:4200/runs/flow-run/{flow_run_id}"
+    # each flow attempt ran `steady` once: two task runs, one in each run of the flow
+    assert sorted(t["flow_attempt"] for t in report["task_runs"]) == [1, 2]
+    for t in report["task_runs"]:
+        assert t["url"] == f"http://prefect.example:4200/runs/task-run/{t['task_run_id']}"
+        assert all(a["url"] == t["url"] for a in t["attempts"])
+    text = format_report(report)
+    assert "the flow ran 2 times" in text and "first night: the GPU node went away" in text
+    assert f"runs/task-run/{report['task_runs'][0]['task_run_id']}" in text
+
+
+def test_a_retry_from_the_ui_is_a_second_attempt_of_the_same_flow_run():
+    # The UI's Retry on a failed run: Failed, then AwaitingRetry (Scheduled), Pending, Running again.
+    from prefect.states import Scheduled
+
+    states = _at([(Pending(), 0), (Running(), 1), (Failed(message="CUDA error: device lost"), 60),
+                  (Scheduled(name="AwaitingRetry"), 3600), (Pending(), 3601), (Running(), 3602), (Completed(), 3700)])
+    attempts = attempts_from_states(states, [])
+    assert [(a["attempt"], a["outcome"], a["error"]) for a in attempts] == [
+        (1, "Failed", "CUDA error: device lost"), (2, "Completed", None)]
+
+
+def test_without_an_id_the_latest_failed_run_of_the_deployment_is_taken(prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed as FailedState
+
+    from flows.retries import latest_failed_run
+    from vlmdet.config import ConfigError
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("retries-probe-nightly")
+        dep_id = client.create_deployment(flow_id=flow_id, name="nightly")
+        runs = []
+        for final in (FailedState(message="old failure"), FailedState(message="last night"), Completed()):
+            run = client.create_flow_run_from_deployment(dep_id)
+            client.set_flow_run_state(run.id, Running(), force=True)
+            client.set_flow_run_state(run.id, final, force=True)
+            runs.append(run.id)
+            time.sleep(0.05)  # distinct expected start times
+    assert latest_failed_run("retries-probe-nightly/nightly") == runs[1]  # not the newer, completed one
+    with pytest.raises(ConfigError, match="no deployment 'retries-probe-nightly/nope'.*--deployment"):
+        latest_failed_run("retries-probe-nightly/nope")

@@ -3,37 +3,104 @@
 Settings options (`--train.max_steps 10`) are generated from the config dataclasses, so their
 defaults and help live in one place (vlmdet/config.py). Commands that run the Prefect flow or read
 the Prefect API import it lazily: the library itself never imports Prefect.
+
+A mistake in the input (a setting, a path, a model, a token) is one line on stderr naming the input
+and the fix, and an exit code that says which kind (EXIT_CODES, README "Exit codes"); its
+traceback only with -v. Prefect's own log lines about such an error are dropped from the console
+(they still reach the Prefect API, so the UI shows them).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from vlmdet.config import ConfigError, RunConfig, field_help, list_presets, load_preset
 
+# Exit codes, documented in README "Exit codes"; scripts and schedulers can tell the kinds apart.
+EXIT_OK = 0
+EXIT_FAILED = 1  # a step failed for a reason that is not the input: a crash, timeout, out of memory, a bug
+EXIT_CONFIG = 2  # usage or settings: unknown option, preset or setting, a bad value (argparse uses 2 as well)
+EXIT_DATA = 3  # the dataset: a bad spec, a missing path, no usable images
+EXIT_MODEL = 4  # the model: no such folder or repository, not a model folder, pickle-only weights
+EXIT_HUB = 5  # the Hub: a missing or rejected token, an unreachable Hub, an invalid repo id
+EXIT_SOME_INPUTS_FAILED = 6  # predict: some images could not be read (the rest are in predictions.json)
+EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "a step failed (not the input's fault; -v for the traceback)",
+              EXIT_CONFIG: "bad command line or setting", EXIT_DATA: "bad dataset", EXIT_MODEL: "bad model",
+              EXIT_HUB: "Hugging Face Hub: token or connection", EXIT_SOME_INPUTS_FAILED: "predict: an input failed"}
+# Class names of the user errors, to recognise Prefect's log lines about them (the exception object
+# itself is not on every such record: "Finished in state Failed('... DataError: ...')").
+USER_ERROR_NAMES = ("ConfigError", "DataError", "ModelError", "PermanentPublishError", "TransientPublishError")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
-def _add_settings(p: argparse.ArgumentParser) -> None:
+# The settings `vlmdet predict` (and any other command that only runs a trained model: `serve`)
+# reads: how the model is loaded and prompted and how images are batched. Training, gate and
+# publish settings mean nothing there, so its --help does not list them.
+INFERENCE_SETTINGS = ("model.family", "model.quantization", "model.quantize_vision", "model.dtype", "model.min_pixels", "model.max_pixels",
+                      "model.attn_implementation", "model.prompt", "data.category", "eval.batch_size",
+                      "eval.max_new_tokens")
+
+
+def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] | None = None) -> None:
+    """Add `--KEY V` for each dotted setting in `keys` (all of vlmdet/config.py when None) and `--set KEY=VALUE`.
+
+    The hook for every command with settings: `add_settings(p, INFERENCE_SETTINGS)`, then
+    `settings_overrides(args)` gives the dict for `RunConfig.override`/`load_preset` (only those keys
+    are accepted; another is a ConfigError naming the ones the command reads), or
+    `inference_config(args)` the whole RunConfig of a model-running command.
+    """
+    helps = field_help()
+    keys = list(helps) if keys is None else list(keys)
+    unknown = [k for k in keys if k not in helps]
+    if unknown:
+        raise ValueError(f"add_settings: no such settings {unknown}")
     g = p.add_argument_group("settings (override the preset; see vlmdet/config.py)")
-    for key, (default, help_) in field_help().items():
-        g.add_argument(f"--{key}", dest=f"set:{key}", default=None, metavar="V", help=f"{help_} [default {default!r}]")
+    for key in keys:
+        default, help_ = helps[key]
+        # argparse %-formats help text: a literal % (e.g. "~30% slower") must be doubled
+        g.add_argument(f"--{key}", dest=f"set:{key}", default=None, metavar="V",
+                       help=f"{help_} [default {default!r}]".replace("%", "%%"))
     g.add_argument("--set", dest="set_pairs", action="append", default=[], metavar="KEY=VALUE",
-                   help="Any setting by dotted key, repeatable.")
+                   help="Any of the settings above by dotted key, repeatable.")
+    p.set_defaults(settings_keys=tuple(keys))
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, {dotted key: string value}, checked against the command's keys."""
     out = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
-    for pair in args.set_pairs:
+    allowed = getattr(args, "settings_keys", ())
+    command = f"vlmdet {getattr(args, 'command', None) or ''}".strip()
+    for pair in getattr(args, "set_pairs", []):
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
+        if key not in allowed:
+            if key not in field_help():
+                raise ConfigError(f"--set {key}: unknown setting; `{command}` reads: {', '.join(allowed)}")
+            raise ConfigError(f"--set {key}: `{command}` does not use this setting; it reads: "
+                              f"{', '.join(allowed)}")
         out[key] = value
     return out
+
+
+_overrides = settings_overrides  # the name the commands below use
+
+
+def inference_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of a command that runs a trained model (predict, serve): --preset when given
+    (prompt, batch size, answer length), else RunConfig's defaults, then the command-line settings.
+    Family and pixel budget still come from the model folder unless set explicitly."""
+    # The smoke preset's short answers would cut a JSON box in half, hence the defaults without --preset.
+    preset = getattr(args, "preset", None)
+    return load_preset(preset, _overrides(args)) if preset else RunConfig().override(_overrides(args))
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -54,10 +121,17 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import retrain
+    from vlmdet.data.sources import check_spec
 
     overrides = _overrides(args)
-    load_preset(args.preset, overrides)  # fail on a bad setting before Prefect starts
+    config = load_preset(args.preset, overrides)  # fail on a bad setting before Prefect starts
+    if args.dataset is not None:
+        config = config.override({"data.dataset": args.dataset})
+    check_spec(config.data.dataset)  # a typo in the spec is a one-line error now, not after Prefect starts
+    _check_base(config)
+    from flows.retrain import retrain  # Prefect: imported only once the input is known to be good
+
+    _filter_console_logs(args)
     summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
                       overrides=overrides, force=args.force)
     _print_summary(Path(args.workdir), summary)
@@ -74,13 +148,25 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     for name, m in rows:
         if m:
             print(f"{name:<12}{m['map']:>8.3f}{m['map50']:>8.3f}{m['map75']:>8.3f}")
-    print(f"gate:      {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
+    # A skipped run repeats the summary of the run it skipped to: its gate reason and publication
+    # are that run's ("no champion ... yet" was true then, before it published), so say whose they are.
+    then = " (that run)" if s.get("skipped") else ""
+    print(f"{'gate' + then + ':':<10} {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
     print(f"adapter:   {s['adapter']}")
     if s.get("published"):
-        print(f"published: {s['published']['target']}")
+        print(f"{'published' + then + ':':<10} {s['published']['target']}")
     if s.get("evaluation", {}).get("preview"):
         print(f"preview:   {s['evaluation']['preview']}")
     print(f"summary:   {(workdir / 'summary.json').resolve()}")
+
+
+def _check_base(config: RunConfig) -> None:
+    """model.base exists (a folder or a Hub repo, the HF cache when offline) and holds safetensors, before
+    any data is prepared: a typo is a one-line error in a second, not a child-process traceback later."""
+    from vlmdet.modeling.load import check_model_source
+
+    if not config.model.base.startswith(("tiny:", "asset:")):  # built in-process / shipped in the package
+        check_model_source(config.model.base, "model.base")
 
 
 def _prepared(config, workdir: Path):
@@ -98,6 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmdet.training.train import train
 
     config = load_preset(args.preset, _overrides(args))
+    _check_base(config)
     wd = Path(args.workdir).resolve()
     data = _prepared(config, wd)
     adapter = train(data, config, wd / "train" / training_key(config, data.fingerprint))
@@ -108,8 +195,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vlmdet.evaluation import evaluate
+    from vlmdet.modeling.load import check_model_source
 
     config = load_preset(args.preset, _overrides(args))
+    check_model_source(args.model, "--model")
     wd = Path(args.workdir).resolve()
     report = evaluate(args.model, _prepared(config, wd), config, wd / "eval" / Path(args.model).name)
     print(json.dumps(dict(report.metrics(), split=report.split, images=report.num_images,
@@ -118,28 +207,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    config = inference_config(args)  # a bad setting fails before torch is imported
+
+    from tqdm.auto import tqdm
+
     from vlmdet.prediction.cli import predict_files
 
-    # No preset: RunConfig's defaults (a full-length answer); family and pixel budget come from
-    # the model folder. The smoke preset's short answers would cut a JSON box in half.
-    config = load_preset(args.preset, _overrides(args)) if args.preset else RunConfig().override(_overrides(args))
-    files = []
+    files: list[Path] = []
     for item in args.images:
         p = Path(item)
         files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
     if not files:
         raise ConfigError("no images given: pass image files or folders holding .jpg/.png files")
     explicit = set(_overrides(args))
-    out = predict_files(args.model, files, Path(args.out), config, explicit)
-    print(out)
-    return 0
+    out = predict_files(args.model, files, Path(args.out), config, explicit, echo=tqdm.write)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    failed = int(result.get("failed", 0))
+    print(f"{len(files) - failed} of {len(files)} images read, {failed} failed; predictions: {out}")
+    return EXIT_SOME_INPUTS_FAILED if failed else EXIT_OK
 
 
 def cmd_retries(args: argparse.Namespace) -> int:
-    from flows.retries import format_attempts, task_run_attempts
+    from flows.retries import format_report, latest_failed_run, run_report
 
-    print(format_attempts(task_run_attempts(args.flow_run)))
-    return 0
+    _filter_console_logs(args)
+    flow_run = args.flow_run
+    if flow_run is None:
+        flow_run = latest_failed_run(args.deployment)
+        if flow_run is None:
+            print(f"no failed run of {args.deployment}")
+            return EXIT_OK
+    print(format_report(run_report(flow_run)))
+    return EXIT_OK
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -150,8 +249,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vlmdet", description=__doc__.splitlines()[0] + " Train, measure and publish "
-                                 "a Qwen2-VL-family nutrition-table detector.")
-    ap.add_argument("-v", "--verbose", action="store_true")
+                                 "a Qwen2-VL-family nutrition-table detector.",
+                                 epilog="exit codes: " + "; ".join(f"{c} {m}" for c, m in EXIT_CODES.items()))
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="Generate a synthetic COCO dataset of nutrition tables.")
@@ -178,21 +278,26 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="retrain even when nothing changed since the last success")
         if name == "evaluate":
             p.add_argument("--model", required=True)
-        _add_settings(p)
+        add_settings(p)
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("predict", help="Detect on images; writes OUT/predictions.json and a drawn image per input.")
-    p.add_argument("--model", required=True, help="a merged model folder or an adapter folder")
+    p = sub.add_parser("predict", help="Detect on images; a line per image, OUT/predictions.json and a drawn image "
+                       f"per input. Exit {EXIT_SOME_INPUTS_FAILED} when any image could not be read.")
+    p.add_argument("--model", required=True, help="a merged model folder or an adapter folder, or a Hub repo id")
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default=None,
                    help=f"settings source for prompt, batch size, answer length (one of {', '.join(list_presets())}, "
                         "or a YAML path); default: the built-in defaults, with family and pixel budget read from --model")
     p.add_argument("images", nargs="+", help="image files or folders")
-    _add_settings(p)
+    add_settings(p, INFERENCE_SETTINGS)
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("retries", help="Every attempt of every task run of a flow run, with its error.")
-    p.add_argument("flow_run", help="flow run id")
+    p = sub.add_parser("retries", help="Every attempt of a flow run and of each of its task runs, with its error "
+                       "and its link in the Prefect UI.")
+    p.add_argument("flow_run", nargs="?", default=None,
+                   help="flow run id (default: the latest failed run of --deployment)")
+    p.add_argument("--deployment", default="retrain/nightly-gpu",
+                   help="FLOW/DEPLOYMENT whose latest failed run is shown when no id is given")
     p.set_defaults(fn=cmd_retries)
 
     p = sub.add_parser("presets", help="List the shipped presets.")
@@ -200,24 +305,110 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def quiet_offline() -> None:
+    """Offline runs without noise. No telemetry from Prefect: the temporary server a run starts
+    (it inherits this environment) would post a heartbeat each start, log "Failed to send
+    telemetry" offline, and its first SQLite write races the flow's ("database is locked", a
+    ~100-line traceback). The user's own setting wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the server's heartbeat service
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's SDK analytics (prefect._internal.analytics)
+    # The first start in a fresh PREFECT_HOME migrates a new database: past Prefect's 20 s default on
+    # a busy 2-core machine, which then fails the run with "Timed out ... ephemeral Prefect API server".
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+class _DropUserErrorLogs(logging.Filter):
+    """Console only: Prefect's task/flow failure lines and their tracebacks for a user error. The CLI
+    prints that error once; the API handler is not filtered, so the Prefect UI keeps the full log."""
+
+    _names = re.compile(r"\b(" + "|".join(USER_ERROR_NAMES) + r")\b")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        if record.exc_info and record.exc_info[1] is not None and classify(record.exc_info[1]) is not None:
+            return False
+        return not self._names.search(record.getMessage())
+
+
+def _filter_console_logs(args: argparse.Namespace) -> None:
+    """Call once Prefect is imported (it installs its console handler on the root logger then)."""
+    if args.verbose:
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropUserErrorLogs) for f in handler.filters):
+            handler.addFilter(_DropUserErrorLogs())
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when main() first ran: main() may
+    run many times in one process (tests capture stderr anew each time)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def classify(err: BaseException) -> int | None:
+    """The exit code of a user error (EXIT_CONFIG ... EXIT_HUB), None for anything else."""
+    from vlmdet.data.errors import DataError
+    from vlmdet.publishing.errors import PermanentPublishError, TransientPublishError
+
+    name = type(err).__name__
+    if name == "ModelError":  # vlmdet.modeling.load imports torch: recognised by name
+        return EXIT_MODEL
+    if isinstance(err, DataError):
+        return EXIT_DATA
+    if isinstance(err, (PermanentPublishError, TransientPublishError)):
+        return EXIT_HUB  # Transient only gets here after its retries: the Hub stayed unreachable
+    if isinstance(err, ConfigError):
+        return EXIT_CONFIG
+    if name == "StepFailed" and getattr(err, "kind", "") == "config":  # a ConfigError in the step's child process
+        return EXIT_MODEL if "ModelError:" in str(err) else EXIT_CONFIG
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_offline()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not root.handlers:  # what logging.basicConfig does, with a handler that follows sys.stderr
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
     if not args.verbose:  # one line per HTTP request to the Prefect API drowns what matters
-        for noisy in ("httpx", "httpcore"):
+        for noisy in ("httpx", "httpcore", "httpx2", "httpcore2"):  # huggingface_hub 2.x speaks httpx2
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
-    except ConfigError as err:
-        print(f"vlmdet: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        from vlmdet.data import DataError
+    except KeyboardInterrupt:
+        print("vlmdet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error ends as one line and a documented code
+        code = classify(err)
+        if args.verbose:
+            traceback.print_exc()
+        if code is None:
+            hint = "" if args.verbose else " (rerun with -v for the traceback)"
+            print(f"vlmdet: error: {type(err).__name__}: {_one_line(err)}{hint}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"vlmdet: error: {_one_line(err)}", file=sys.stderr)
+        return code
+    finally:  # main() may run again in the same process (tests): leave logging as it was
+        root.setLevel(level)
+        for handler in logging.getLogger().handlers:
+            for f in [f for f in handler.filters if isinstance(f, _DropUserErrorLogs)]:
+                handler.removeFilter(f)
 
-        if isinstance(err, DataError):
-            print(f"vlmdet: error: {err}", file=sys.stderr)
-            return 2
-        raise
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vlmdet.config import RunConfig
-from vlmdet.modeling.load import adapter_base, load_model, load_processor, torch_dtype
+from vlmdet.modeling.load import adapter_base, check_safe_weights, load_model, load_processor, torch_dtype
 from vlmdet.records import AdapterRef, MergedRef
 from vlmdet.samples import user_message
 
@@ -53,6 +53,7 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
     from peft import PeftModel
 
     adapter_path = adapter.path if isinstance(adapter, AdapterRef) else str(adapter)
+    check_safe_weights(adapter_path, adapter=True, what="adapter")  # PEFT would unpickle an adapter_model.bin
     base = adapter_base(adapter_path)
     out = Path(out)
     dtype = torch_dtype(config.model)

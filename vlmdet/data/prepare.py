@@ -1,7 +1,9 @@
 """Validate a COCO dataset, normalise its images once, split it, and describe it in a DatasetRef.
 
 Rules (each rejected image or box becomes a QuarantineEntry with a reason and a detail):
-- Images: missing-file, empty-file, unreadable, truncated, too-large (Pillow's decompression-bomb
+- Images: outside-root (a file_name that is absolute, climbs out with `..` or is a symbolic link
+  pointing out of the dataset's folder: never opened, so a dataset cannot copy a file of the
+  worker's disk into a published model card), missing-file, empty-file, unreadable, truncated, too-large (Pillow's decompression-bomb
   limit), duplicate (same bytes as an earlier image: the first is kept, so copies can never sit in
   two splits and leak test images into training). Re-encoded near-duplicates are not detected.
 - Boxes are taken to refer to the image as displayed, EXIF orientation applied (what a labelling
@@ -90,6 +92,9 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
     for order, img in enumerate(images):
         file = str(img.get("file_name", ""))
         path = _resolve(root, file)
+        if isinstance(path, str):
+            quarantine.append(QuarantineEntry(file, "outside-root", path))
+            continue
         if path is None:
             quarantine.append(QuarantineEntry(file, "missing-file", f"not found under {root}"))
             continue
@@ -168,10 +173,22 @@ def _read_coco(path: Path) -> dict[str, Any]:
     return coco
 
 
-def _resolve(root: Path, file: str) -> Path | None:
+def _resolve(root: Path, file: str) -> Path | str | None:
+    """The image file inside `root`; None when missing; a reason (str) when the name leads out of root."""
+    if not file:
+        return None
+    if Path(file).is_absolute() or Path(file).drive:
+        return f"file_name is an absolute path; expected a name relative to {root}. Not opened."
+    inside = root.resolve()
     # COCO exports often name files relative to an images/ folder next to the json.
     for path in (root / file, root / "images" / file):
-        if file and path.is_file():
+        # resolve() follows every symbolic link and folds `..`: the real file must lie inside the root
+        real = path.resolve()
+        if not real.is_relative_to(inside):
+            return (f"resolves to a file outside the dataset folder {inside} "
+                    f"({'a symbolic link points out' if '..' not in Path(file).parts else 'it climbs out with ..'}). "
+                    "Not opened.")
+        if path.is_file():
             return path
     return None
 

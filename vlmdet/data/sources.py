@@ -15,7 +15,10 @@ with a suffix: `hub:ORG/NAME@bbox=xyxy-abs` (one of BBOX_LAYOUTS).
 
 Boxes are taken to refer to the image as displayed (EXIF orientation applied), so normalised
 boxes are scaled by the displayed width and height. Image bytes are written as they are (no
-recompression); prepare() validates and normalises them. Each COCO image keeps the dataset's own
+recompression); prepare() validates and normalises them. An image given by path alone (no bytes)
+is read only when the path lies inside the dataset's own folder (hf-disk:/parquet:) or the Hugging
+Face caches (hub:); otherwise its file_name is the path as given, which prepare() quarantines as
+outside-root without opening it. Each COCO image keeps the dataset's own
 split name in a "split" key so that prepare() never mixes a dataset's held-out split into training.
 """
 from __future__ import annotations
@@ -45,21 +48,55 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BM
 
 def materialize(spec: str, workdir: str | Path, seed: int, image_size: Iterable[int] = (320, 240)) -> Path:
     """Resolve `spec` to a COCO annotations.json (written under workdir unless spec is coco:)."""
-    scheme, sep, rest = spec.partition(":")
-    if not sep or scheme not in SCHEMES or not rest:
-        raise DataError(f"data.dataset={spec!r} is not a dataset spec; use one of synth:N, coco:PATH, "
-                        "hub:ORG/NAME[@bbox=LAYOUT], hf-disk:PATH, parquet:PATH.")
-    target, layout = _split_layout(spec, rest)
+    scheme, target, layout = parse_spec(spec)
     workdir = Path(workdir)
     if scheme == "synth":
-        if layout != BBOX_LAYOUTS[0] or not target.isdigit() or int(target) < 1:
-            raise DataError(f"data.dataset={spec!r}: synth takes a positive image count, e.g. synth:240.")
         size = tuple(int(v) for v in image_size)
         return generate(workdir / f"synth-{target}-seed{seed}-{size[0]}x{size[1]}", int(target), seed, size)
     if scheme == "coco":
         return _coco_path(target)
     out = workdir / ("source-" + re.sub(r"[^A-Za-z0-9._-]+", "-", f"{scheme}-{target}").strip("-"))
-    return to_coco(_load_splits(scheme, target, spec, out), out, layout, spec)
+    return to_coco(_load_splits(scheme, target, spec, out), out, layout, spec, roots=_image_roots(scheme, target))
+
+
+def _image_roots(scheme: str, target: str) -> tuple[Path, ...]:
+    """Where a dataset's path-only images may live: its own folder, or for hub: the HF caches it downloads to."""
+    if scheme == "hub":
+        import datasets
+        from huggingface_hub import constants
+
+        return (Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE))
+    path = Path(target).expanduser()
+    if scheme == "parquet":  # a folder, a file or a glob: the folder above the first wildcard
+        parts = [p for p in path.parts[: next((i for i, p in enumerate(path.parts) if re.search(r"[*?[]", p)),
+                                              len(path.parts))]]
+        path = Path(*parts) if parts else Path(".")
+        path = path if path.is_dir() else path.parent
+    return (path,)
+
+
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """(scheme, target, box layout) of a dataset spec; DataError naming the spec when it is malformed."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise DataError(f"data.dataset={spec!r} is not a dataset spec; use one of synth:N, coco:PATH, "
+                        "hub:ORG/NAME[@bbox=LAYOUT], hf-disk:PATH, parquet:PATH.")
+    target, layout = _split_layout(spec, rest)
+    if scheme == "synth" and (layout != BBOX_LAYOUTS[0] or not target.isdigit() or int(target) < 1):
+        raise DataError(f"data.dataset={spec!r}: synth takes a positive image count, e.g. synth:240.")
+    return scheme, target, layout
+
+
+def check_spec(spec: str) -> None:
+    """The mistakes a spec can be checked for without reading or downloading anything: its form, and
+    that a local coco:/hf-disk:/parquet: path exists. Lets the CLI fail before the flow starts."""
+    scheme, target, _ = parse_spec(spec)
+    if scheme == "coco":
+        _coco_path(target)
+    elif scheme == "hf-disk" and not Path(target).expanduser().exists():
+        raise DataError(f"hf-disk:{target}: no such folder; expected a dataset written by save_to_disk.")
+    elif scheme == "parquet":
+        _parquet_files(target)
 
 
 def _split_layout(spec: str, rest: str) -> tuple[str, str]:
@@ -123,8 +160,11 @@ def _parquet_files(target: str) -> dict[str, list[str]]:
     return groups
 
 
-def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: str = "") -> Path:
-    """Write every split's images (bytes unchanged) under out/images and one out/annotations.json."""
+def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: str = "",
+            roots: Iterable[Path] = ()) -> Path:
+    """Write every split's images (bytes unchanged) under out/images and one out/annotations.json.
+
+    roots: folders a path-only image may be read from (none by default: only embedded bytes)."""
     import datasets
 
     if layout not in BBOX_LAYOUTS:
@@ -134,6 +174,7 @@ def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: 
     annotations: list[dict[str, Any]] = []
     categories: dict[str, int] = {}
     used: set[str] = set()
+    roots = tuple(Path(r).resolve() for r in roots)
     for split, ds in splits.items():
         missing = {"image", "objects"} - set(ds.column_names)
         if missing:
@@ -145,7 +186,7 @@ def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: 
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for index, row in enumerate(ds):
             image_id = str(row.get("image_id") or f"{split}-{index}")
-            data = _image_bytes(row["image"])
+            data, outside = _image_bytes(row["image"], roots)
             width, height, fmt = _displayed_size(data)
             stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:80] or str(index)
             ext = EXTENSIONS.get(fmt or "", ".img")
@@ -154,7 +195,9 @@ def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: 
                 clash += 1
                 name = f"images/{split}/{stem}_{index}{'' if clash == 1 else f'_{clash}'}{ext}"
             used.add(name)
-            if data is not None:
+            if outside is not None:
+                name = outside  # the path as the dataset gave it: prepare() quarantines it as outside-root
+            elif data is not None:
                 (out / name).write_bytes(data)
             # an unreadable image keeps the dataset's size so that prepare() can report it
             width = width or int(row.get("width") or 0)
@@ -223,22 +266,27 @@ def to_xywh(bbox: Any, layout: str, width: int, height: int) -> Any:
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def _image_bytes(value: Any) -> bytes | None:
+def _image_bytes(value: Any, roots: tuple[Path, ...] = ()) -> tuple[bytes | None, str | None]:
+    """(the image's bytes or None, None) or (None, its path) for a path that lies outside every root
+    (absolute after resolving links and `..`; such a file is never read)."""
     if value is None:
-        return None
+        return None, None
     if isinstance(value, bytes):
-        return value
+        return value, None
     if isinstance(value, dict):
         if value.get("bytes"):
-            return value["bytes"]
+            return value["bytes"], None
         value = value.get("path")
     if isinstance(value, str):
-        return Path(value).read_bytes() if Path(value).is_file() else None
+        real = Path(value).expanduser().resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            return None, str(Path(value).expanduser().absolute())
+        return (real.read_bytes() if real.is_file() else None), None
     if isinstance(value, Image.Image):  # a decoded image without its file: PNG keeps every pixel
         buf = io.BytesIO()
         value.save(buf, "PNG")
-        return buf.getvalue()
-    return None
+        return buf.getvalue(), None
+    return None, None
 
 
 def _displayed_size(data: bytes | None) -> tuple[int, int, str | None]:

@@ -15,6 +15,18 @@ from vlmdet.config import ConfigError, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
+# Every from_pretrained of a model, adapter, config or processor: no code from the repository runs
+# here (a Hub repo can ship Python that trust_remote_code=True would execute), and no pickle is
+# unpickled (torch.load of a .bin can run arbitrary code). The repositories vlmdet writes itself
+# hold safetensors only.
+SAFE = {"trust_remote_code": False}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}  # Trainer's own files
+
+
+class ModelError(ConfigError):
+    """A model, adapter or processor that cannot or must not be loaded; the message says which, why and the fix."""
+
 
 def resolve_base(base: str, cache_dir: str | Path, model_cfg: ModelConfig | None = None) -> str:
     """A path or Hub id that `from_pretrained` understands."""
@@ -78,7 +90,7 @@ UNQUANTIZED_VISION = ["model.visual", "visual", "lm_head"]
 def load_processor(path: str, cfg: ModelConfig):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, **SAFE)
     # The pixel budget bounds visual tokens per image: a 4000 px photo is resized to fit it.
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     for name in ("min_pixels", "max_pixels"):  # older processors read these attributes directly
@@ -99,12 +111,14 @@ def device_map() -> Any:
 def load_model(path: str, cfg: ModelConfig, quantize: bool = True, dtype: torch.dtype | None = None):
     from transformers import AutoModelForImageTextToText
 
-    kwargs: dict[str, Any] = {"dtype": dtype or torch_dtype(cfg), "attn_implementation": cfg.attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": dtype or torch_dtype(cfg), "attn_implementation": cfg.attn_implementation,
+                              "use_safetensors": True, **SAFE}
     qc = quantization_config(cfg) if quantize else None
     if qc is not None:
         kwargs["quantization_config"] = qc
     if has_cuda():
         kwargs["device_map"] = device_map()
+    check_safe_weights(path)
     return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
 
 
@@ -124,6 +138,7 @@ def load_for_inference(path: str, cfg: ModelConfig):
 
         base = adapter_base(path)
         model = load_model(base, cfg)
+        check_safe_weights(path, adapter=True)
         model = PeftModel.from_pretrained(model, path)
         proc_src = path if (Path(path) / "preprocessor_config.json").is_file() or (Path(path) / "processor_config.json").is_file() else base
     else:
@@ -141,7 +156,7 @@ def family_of(path: str | Path) -> str:
     from transformers import AutoConfig
 
     src = adapter_base(path) if is_adapter(path) else str(path)
-    model_type = AutoConfig.from_pretrained(src).model_type
+    model_type = AutoConfig.from_pretrained(src, **SAFE).model_type
     if model_type not in FAMILY_BY_MODEL_TYPE:
         raise ConfigError(f"{path}: model_type {model_type!r} is not a supported family "
                           f"({', '.join(FAMILY_BY_MODEL_TYPE)})")
@@ -153,9 +168,89 @@ def saved_pixel_budget(path: str | Path) -> tuple[int, int] | None:
     from transformers import AutoImageProcessor
 
     try:
-        ip = AutoImageProcessor.from_pretrained(str(path))
+        ip = AutoImageProcessor.from_pretrained(str(path), **SAFE)
     except (OSError, ValueError):
         return None
     size = getattr(ip, "size", None) or {}
     lo, hi = size.get("shortest_edge"), size.get("longest_edge")
     return (int(lo), int(hi)) if lo and hi else None
+
+
+def _repo_files(name: str, what: str) -> list[str]:
+    """The file names of Hub repo `name` (the cached snapshot when offline); ModelError when there is none."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    local = Path(name).expanduser().resolve()
+    nothing = f"{what} {name}: no such folder or repository (no folder {local}"
+    try:
+        if constants.is_offline_mode():
+            folder = Path(snapshot_download(name, local_files_only=True))
+            return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        return HfApi().list_repo_files(name)
+    except HFValidationError:
+        raise ModelError(f"{nothing}, and {name!r} is not a Hub repo id). Pass a model folder "
+                         "(what save_pretrained wrote, e.g. WORKDIR/published) or ORG/NAME.") from None
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{nothing}; HF_HUB_OFFLINE=1 and the HF cache holds no repository {name}). Check the "
+                         "path, or download the model once with network access.") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{nothing}, and the Hub has no repository {name} that this token can read). "
+                         "Check the path or the repo id (private repos need HF_TOKEN).") from None
+    except (HfHubHTTPError, OSError, Exception) as err:  # noqa: BLE001 - refused, DNS, timeouts (httpx's or httpx2's)
+        raise ModelError(f"{nothing}, and the Hub at {constants.ENDPOINT} could not be reached to look for a "
+                         f"repository {name}: {type(err).__name__}). Check the path, or the network (with "
+                         "HF_HUB_OFFLINE=1 a model in the HF cache is used).") from None
+
+
+def check_model_source(name: str, what: str = "--model") -> str:
+    """`name` as from_pretrained should get it: a model or adapter folder, or a Hub repo that exists.
+
+    Fails (ModelError) before any download or weight is read: no such folder or repository, a
+    folder that holds no saved model, or weights in pickle form only (see check_safe_weights).
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not ((path / "config.json").is_file() or is_adapter(path)):
+            raise ModelError(f"{what} {name}: not a saved model or adapter folder (no config.json or "
+                             "adapter_config.json in it). Pass the folder save_pretrained wrote, e.g. "
+                             "WORKDIR/published or WORKDIR/train/*/adapter.")
+        check_safe_weights(path, adapter=is_adapter(path), what=what)
+        return str(path.resolve())
+    files = _repo_files(name, what)
+    check_safe_weights(name, adapter="adapter_config.json" in files and "config.json" not in files, what=what,
+                       files=files)
+    return name
+
+
+def check_safe_weights(source: str | Path, adapter: bool = False, what: str = "model",
+                       files: list[str] | None = None) -> None:
+    """Refuse a folder or repo whose weights exist only as pickles (pytorch_model.bin, adapter_model.bin).
+
+    Unpickling runs whatever code the file names, so a checkpoint from a repository vlmdet did not
+    write itself could take over the worker that holds the Hub token. `files`: the repo's file
+    names (a Hub repo); a local folder is listed here; a Hub id without `files` is left to
+    from_pretrained(use_safetensors=True), which refuses pickles on its own.
+    """
+    if files is None:
+        folder = Path(source)
+        if not folder.is_dir():
+            return
+        files = [p.name for p in folder.iterdir() if p.is_file()]
+    names = [Path(f).name for f in files]
+    if adapter:
+        safe = "adapter_model.safetensors" in names
+        pickles = [n for n in names if n.startswith("adapter_model") and n.endswith(PICKLE_SUFFIXES)]
+        fix = "PeftModel.from_pretrained(base, PATH).save_pretrained(OUT)  # writes adapter_model.safetensors"
+    else:
+        safe = any(n.endswith(".safetensors") for n in names)
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in NOT_WEIGHTS]
+        fix = "AutoModelForImageTextToText.from_pretrained(PATH).save_pretrained(OUT)  # writes model.safetensors"
+    if safe:
+        return
+    if pickles:
+        raise ModelError(f"{what} {source}: refusing {', '.join(sorted(pickles)[:3])}: its weights exist only as "
+                         "pickle files, and unpickling a checkpoint can run arbitrary code, so vlmdet loads "
+                         f"safetensors only. Convert it once where you trust it: {fix}, and pass OUT.")
+    raise ModelError(f"{what} {source}: no {'adapter_model.safetensors' if adapter else '*.safetensors weights'} "
+                     "in it; pass a folder or repo that save_pretrained wrote.")

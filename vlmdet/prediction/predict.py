@@ -77,8 +77,11 @@ class Detector:
     def detect(self, images: list, files: list[str]) -> list[Prediction]:
         """images: RGB PIL images as displayed (EXIF applied)."""
         tok = self.processor.tokenizer
+        # add_special_tokens=False as TRL's collator tokenizes the training prompt: the chat template
+        # already holds every special token, and a tokenizer that adds a BOS would otherwise put one
+        # in front at inference only (tests/test_consistency.py).
         inputs = self.processor(text=[self.text] * len(images), images=images, return_tensors="pt",
-                                padding=True, padding_side="left")
+                                padding=True, padding_side="left", add_special_tokens=False)
         inputs = inputs.to(self.model.device)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **GREEDY,
                                   output_logits=True, return_dict_in_generate=True,
