@@ -8,6 +8,8 @@ numbers, the reason and a picture of the images the two models disagree on go in
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
@@ -54,9 +56,11 @@ def fetch_champion(champion: Champion, config: RunConfig, workdir: str, token: s
 
 
 def measure_champion(champion: Champion | None, report: EvalReport, dataset: DatasetRef, config: RunConfig,
-                     workdir: str, token: str | None = None) -> EvalReport | None:
+                     workdir: str, token: str | None = None,
+                     evaluate_with: Callable[[str, RunConfig], EvalReport] | None = None) -> EvalReport | None:
     """The champion's detections on today's test split: its published ones when they were measured there,
-    else a fresh evaluation of its model (evaluate task, name "champion"). None without a champion."""
+    else a fresh evaluation of its model (evaluate task, name "champion"; `evaluate_with(model, config)`
+    runs it the flow's way, with its result storage). None without a champion."""
     if champion is None:
         return None
     log = get_run_logger()
@@ -70,7 +74,10 @@ def measure_champion(champion: Champion | None, report: EvalReport, dataset: Dat
              champion.source, champion.data_fingerprint[:12] or "unknown", champion.split or "?",
              report.data_fingerprint[:12], report.split)
     model = fetch_champion(champion, config, workdir, token)
-    return evaluate(model, dataset, champion_config(champion, config), workdir, name="champion")
+    cfg = champion_config(champion, config)
+    if evaluate_with is not None:
+        return evaluate_with(model, cfg)
+    return evaluate(model, dataset, cfg, workdir, name="champion")
 
 
 @task(name="gate", task_run_name="gate-{name}", cache_policy=NONE)

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.common import step_dir
 from vlmdet.config import ConfigError, RunConfig
 from vlmdet.data import DataError, materialize, prepare
-from vlmdet.keys import data_key, source_stamp
+from vlmdet.keys import data_key, source_revision, source_stamp, stamp_revision
 from vlmdet.records import DatasetRef
 
 
@@ -32,7 +32,8 @@ def prepared_exists(workdir: str | Path, config: RunConfig) -> bool:
 
 def _cache_key(context, parameters) -> str:
     config: RunConfig = parameters["config"]
-    blob = json.dumps({"dir": str(data_dir(parameters["workdir"], config)), "source": source_stamp(config.data.dataset)})
+    stamp = parameters.get("stamp") or source_stamp(config.data.dataset)
+    blob = json.dumps({"dir": str(data_dir(parameters["workdir"], config)), "source": stamp})
     return "prepare-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -49,10 +50,17 @@ def _transient_only(task, task_run, state) -> bool:
 
 @task(name="prepare_data", cache_key_fn=_cache_key, cache_expiration=timedelta(days=30), persist_result=True,
       retries=2, retry_delay_seconds=30, retry_condition_fn=_transient_only)
-def prepare_data(config: RunConfig, workdir: str) -> DatasetRef:
+def prepare_data(config: RunConfig, workdir: str, stamp: str | None = None) -> DatasetRef:
+    """stamp: keys.source_stamp of the dataset, computed once by the caller so that the cache key and
+    the data loaded name the same Hub revision (computed here when not given)."""
+    spec = config.data.dataset
+    stamp = stamp or source_stamp(spec)
     root = data_dir(workdir, config)
-    raw = materialize(config.data.dataset, root / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
-    ref = prepare(raw, root / "prepared", config.data, source=config.data.dataset)
+    # a hub: source loads at the commit its stamp names; the provenance records that revision
+    pinned = stamp_revision(stamp)
+    raw = materialize(spec, root / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size),
+                      revision=pinned)
+    ref = prepare(raw, root / "prepared", config.data, source=spec, revision=pinned or source_revision(spec, stamp))
     create_table_artifact([{"split": s, **c} for s, c in ref.counts.items()], key="dataset-counts",
                           description=f"Prepared {ref.source}, fingerprint {ref.fingerprint[:12]}")
     quarantined = ref.quarantine_counts

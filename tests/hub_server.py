@@ -255,7 +255,8 @@ class Handler(BaseHTTPRequestHandler):
             data, lfs = commit.files[name]
             etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
             return 200, data, {"X-Repo-Commit": commit.oid, "ETag": f'"{etag}"'}
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|preupload|commit|commits|refs|tag|tree)(?:/([^/]+)(/.*)?)?)?",
+        # datasets share the models' routes (one namespace here): dataset_info reads a dataset's sha
+        m = re.fullmatch(r"/api/(?:models|datasets)/([^/]+/[^/]+)(?:/(revision|preupload|commit|commits|refs|tag|tree)(?:/([^/]+)(/.*)?)?)?",
                          path)
         if not m:
             raise HubError(404, f"no route for {method} {path}")

@@ -30,7 +30,8 @@ def test_killed_training_resumes_from_its_checkpoint_on_flow_retry(tiny_model, t
     assert state.is_completed(), state
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["training"]["resumed_from"].endswith("checkpoint-2")
-    assert summary["training"]["global_step"] == 4  # it continued; a restart would also reach 4 but without resumed_from
+    # it continued: the retry ran steps 3 and 4 only (a restart from zero would run 4 and report no resume)
+    assert summary["training"]["global_step"] == 4 and summary["training"]["steps_run"] == 2
     assert len(calls) == 1, "the flow retry must reuse the cached data preparation"
     attempts = {t["name"]: t for t in task_run_attempts(state.state_details.flow_run_id)}
     train_runs = [t for name, t in attempts.items() if name.startswith("train")]

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from vlmdet.formats import get_format
 from vlmdet.records import DatasetRef
 from vlmdet.samples import load_split
+from vlmdet.training import faults, select
 from vlmdet.training.train import build_trainer, train
 
 
@@ -58,11 +61,83 @@ def test_loss_decreases_on_a_fixed_batch(synth_coco, micro_config, tmp_path):
     assert adapter.loss_curve and (tmp_path / "train" / "loss_curve.png").is_file()
 
 
-def test_training_resumes_from_the_last_checkpoint(synth_coco, micro_config, tmp_path):
+def test_resume_runs_only_the_remaining_steps_with_the_saved_optimizer_state(synth_coco, micro_config, tmp_path,
+                                                                           monkeypatch):
+    """A run continued on the same folder starts at checkpoint-2 with its Adam moments and runs steps 3
+    and 4 only; a restart from zero would run 1-4 with an empty optimizer state."""
     out = tmp_path / "train"
     first = train(_dataset(synth_coco), micro_config.override({"train.max_steps": 2, "train.save_steps": 1}), out)
-    assert first.resumed_from is None
-    # the same run asked for more steps (as after a crash at step 2 of 4): it continues, not restarts
+    assert first.resumed_from is None and first.steps_run == 2
+    saved = torch.load(out / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    assert saved and all("exp_avg" in v for v in saved.values())
+
+    seen: dict = {"steps": []}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen["start"] = state.global_step
+            seen["exp_avg"] = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["steps"].append(state.global_step)
+
+    monkeypatch.setattr(faults, "callbacks", lambda: [Probe()])
     second = train(_dataset(synth_coco), micro_config.override({"train.max_steps": 4, "train.save_steps": 1}), out)
+    assert seen["start"] == 2 and seen["steps"] == [3, 4]  # only the remaining optimizer steps ran
+    assert second.steps_run == 2 and second.global_step == 4
     assert second.resumed_from and second.resumed_from.endswith("checkpoint-2")
-    assert second.global_step == 4
+    assert set(seen["exp_avg"]) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(seen["exp_avg"][k], v["exp_avg"]), k  # the optimizer state was restored, not re-created
+
+
+def test_validation_picks_the_published_checkpoint(synth_coco, micro_config, tmp_path, monkeypatch):
+    """Val loss at every save, val mAP of every kept checkpoint; the winner's weights become the adapter."""
+    from safetensors.torch import load_file
+
+    coco = json.loads(synth_coco.read_text())
+    keep = {im["id"] for im in coco["images"][:2]}
+    val = synth_coco.parent / "val-two.json"
+    val.write_text(json.dumps(dict(coco, images=coco["images"][:2],
+                                   annotations=[a for a in coco["annotations"] if a["image_id"] in keep])))
+    data = DatasetRef(fingerprint="test", root=str(synth_coco.parent),
+                      splits={"train": str(synth_coco), "val": str(val), "test": str(synth_coco)}, counts={})
+    loaded, scored = [], []
+    real_load, real_map = select.load_checkpoint_weights, select.val_map
+
+    def load(model, folder):
+        loaded.append(Path(folder).name)
+        real_load(model, folder)
+
+    def val_map(model, processor, config, split, n):
+        metrics = real_map(model, processor, config, split, n)  # the real detector on the model in memory
+        assert set(metrics) == {"map", "map50", "map75"} and split == str(val) and n == 2
+        scored.append(loaded[-1])
+        # a random micro model scores 0 everywhere: make the *oldest* kept checkpoint the best
+        return dict(metrics, map50=0.9 if len(scored) == 1 else 0.1)
+
+    monkeypatch.setattr(select, "load_checkpoint_weights", load)
+    monkeypatch.setattr(select, "val_map", val_map)
+    config = micro_config.override({"train.max_steps": 3, "train.save_steps": 1, "train.save_total_limit": 2,
+                                    "eval.val_max_images": 2, "eval.max_new_tokens": 4})
+    adapter = train(data, config, tmp_path / "train")
+    kept = sorted(select.checkpoints(tmp_path / "train" / "checkpoints"))
+    assert len(kept) >= 2 and kept[-1] == 3 and scored == [f"checkpoint-{s}" for s in kept]
+    assert adapter.selected_step == kept[0] != adapter.global_step == 3
+    rows = {r["step"]: r for r in adapter.validation["checkpoints"]}
+    assert set(rows) == set(kept) and all(isinstance(r["val_loss"], float) for r in rows.values())
+    assert adapter.validation["chosen"]["step"] == kept[0] and adapter.validation["val_images"] == 2
+    published = load_file(str(tmp_path / "train" / "adapter" / "adapter_model.safetensors"))
+    chosen = load_file(str(tmp_path / "train" / "checkpoints" / f"checkpoint-{kept[0]}" / "adapter_model.safetensors"))
+    last = load_file(str(tmp_path / "train" / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors"))
+    assert set(published) == set(chosen)
+    assert all(torch.equal(published[k], chosen[k]) for k in chosen)
+    assert any(not torch.equal(published[k], last[k]) for k in last)  # not simply the final weights
+
+
+def test_choose_ranks_val_map50_then_loss_then_step():
+    rows = [{"step": 1, "val_loss": 0.5, "val_map50": 0.7}, {"step": 2, "val_loss": 0.4, "val_map50": 0.7},
+            {"step": 3, "val_loss": 0.9, "val_map50": 0.6}]
+    assert select.choose(rows)["step"] == 2
+    assert select.choose([{"step": 1, "val_loss": 0.3}, {"step": 2, "val_loss": 0.3}])["step"] == 2
+    assert select.choose([{"step": 4, "val_loss": None}, {"step": 2, "val_loss": 1.0}])["step"] == 2

@@ -91,7 +91,8 @@ class TrainConfig:
     epochs: float = _f(3.0, "Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs). 10 is a good first check of a preset.")
     per_device_batch: int = _f(2, "Samples per device per forward pass.")
-    grad_accum: int = _f(8, "Gradient accumulation steps: effective batch = per_device_batch x grad_accum x GPUs.")
+    grad_accum: int = _f(8, "Gradient accumulation steps on one GPU: effective batch = per_device_batch x grad_accum, "
+                                "kept on N GPUs (each accumulates grad_accum / N).")
     learning_rate: float = _f(1e-5, "Peak learning rate.")
     scheduler: str = _f("cosine", "Learning-rate schedule (transformers SchedulerType).")
     warmup_steps: int = _f(50, "Linear warm-up steps.")
@@ -102,18 +103,37 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep this many checkpoints.")
     logging_steps: int = _f(1, "Log the loss every N steps.")
     seed: int = _f(0, "Training seed.")
-    num_processes: int = _f(1, "GPUs for this step: >1 launches the child with `accelerate launch`.")
+    num_processes: int = _f(0, "Training processes, one per GPU: 0 = every GPU this worker can see (CUDA_VISIBLE_DEVICES "
+                               "respected; >1 launches the child with `accelerate launch`); N pins the first N GPUs. "
+                               "grad_accum is divided by N so the effective batch stays the same.")
     timeout_s: int = _f(6 * 3600, "Kill the training child after this many seconds.")
-    dataloader_workers: int = _f(0, "DataLoader worker processes.")
+    dataloader_workers: int = _f(0, "DataLoader worker processes (decode and process images beside the GPU).")
     adapter_dtype: str = _f("float32", "dtype of the trainable LoRA weights (master weights; compute stays bf16 under "
                                        "autocast). TRL casts them to bfloat16 on 4-bit bases, where a step of AdamW at "
                                        "lr<=1e-4 is below half a bf16 ulp of a LoRA weight and rounds to nothing "
                                        "(docs/recipe.md); bfloat16 reproduces that.")
+    # --- speed levers (vlmdet/training/profiles.py sets them together; benchmarks/RESULTS.md measures them) ---
+    profile: str = _f("auto", "Speed/memory profile applied over the preset: auto (large when the GPU has >= 70 GiB "
+                              "free, else qlora), qlora (4-bit base, peak <= 12 GiB), large (bf16 base, no "
+                              "checkpointing, 80 GB cards) or preset (the preset's settings exactly, e.g. seed-recipe).")
+    checkpoint_every: int = _f(1, "With gradient_checkpointing: checkpoint every Nth decoder layer only (1 = all); "
+                                  "the others keep their activations, trading memory for less recomputation.")
+    group_by_length: bool = _f(False, "Batch samples of similar length (visual tokens of the resized image) together: "
+                                      "less padding when photo sizes vary.")
+    optim: str = _f("adamw_torch", "Optimizer (transformers OptimizerNames): adamw_torch or adamw_torch_fused.")
+    pre_resize: bool = _f(False, "Store training images resized to the pixel budget once (boxes unchanged) instead "
+                                 "of decoding full-size photos every epoch.")
 
     def __post_init__(self) -> None:
-        for name in ("per_device_batch", "grad_accum", "save_steps", "num_processes", "timeout_s"):
+        for name in ("per_device_batch", "grad_accum", "save_steps", "timeout_s", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1.")
+        if self.num_processes < 0:
+            raise ConfigError(f"train.num_processes={self.num_processes}: use 0 (every visible GPU) or a count >= 1.")
+        if self.profile not in ("auto", "qlora", "large", "preset"):
+            raise ConfigError(f"train.profile={self.profile!r}; use auto, qlora, large or preset.")
+        if self.optim not in ("adamw_torch", "adamw_torch_fused"):
+            raise ConfigError(f"train.optim={self.optim!r}; use adamw_torch or adamw_torch_fused.")
         if self.adapter_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.adapter_dtype={self.adapter_dtype!r}; use float32 (default) or bfloat16.")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
@@ -128,6 +148,17 @@ class EvalConfig:
     eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.")
     preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.")
     timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
+    cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
+                               "(preallocated for prompt + max_new_tokens, written in place; same tokens).")
+    val_max_images: int = _f(32, "Validation mAP of each kept checkpoint on at most this many validation images picks "
+                                 "the checkpoint that is published (val mAP50, then val loss, then the later step); "
+                                 "0 = pick by val loss alone. The test split only judges.")
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("dynamic", "static"):
+            raise ConfigError(f"eval.cache={self.cache!r}; use dynamic or static.")
+        if self.val_max_images < 0:
+            raise ConfigError(f"eval.val_max_images={self.val_max_images} must be >= 0 (0 = choose by val loss).")
 
 
 @dataclass
@@ -294,3 +325,24 @@ def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("name", path.stem)
     return RunConfig.from_dict(data).override(overrides or {})
+
+
+CHECK_RUN_TARGET = "local:check-published"
+
+
+def guard_check_run(config: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) -> tuple[RunConfig, str | None]:
+    """A check run (train.max_steps or data.max_images set) never publishes to the Hub by accident.
+
+    Returns the config to run and, when it was redirected, a sentence saying so. A Hub target is
+    replaced by CHECK_RUN_TARGET (a folder under the workdir) unless publish.target is among the
+    `explicit` keys (named on the command line or in the flow's overrides). A local target is left
+    alone: it is not production.
+    """
+    reasons = [f"train.max_steps={config.train.max_steps}" if config.train.max_steps > 0 else "",
+               f"data.max_images={config.data.max_images}" if config.data.max_images > 0 else ""]
+    reasons = [r for r in reasons if r]
+    if not reasons or not config.publish.target.startswith("hub:") or "publish.target" in explicit:
+        return config, None
+    note = (f"check run ({', '.join(reasons)}): publishing to {CHECK_RUN_TARGET} under the workdir instead of "
+            f"{config.publish.target}; pass publish.target explicitly to publish a check run there.")
+    return config.override({"publish.target": CHECK_RUN_TARGET}), note

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from vlmdet.config import RunConfig
@@ -16,10 +17,54 @@ from vlmdet.samples import load_split
 log = logging.getLogger(__name__)
 
 
+def trained_model_settings(model_path: str, config: RunConfig) -> RunConfig:
+    """config with the base-loading settings the adapter at model_path was trained with, if it says.
+
+    The train task applies a speed profile (train.profile) the flow's config does not show: an
+    adapter trained on the bf16 base (profile large) is measured on the bf16 base, not on the
+    preset's 4-bit one."""
+    import json
+
+    from vlmdet.training.profiles import TRAINED_WITH
+
+    path = Path(model_path) / TRAINED_WITH
+    if not path.is_file():
+        return config
+    trained = json.loads(path.read_text()).get("model", {})
+    keys = ("quantization", "dtype", "quantize_vision")
+    return config.override({f"model.{k}": trained[k] for k in keys if k in trained})
+
+
 def detector_for(model_path: str, config: RunConfig) -> Detector:
+    config = trained_model_settings(model_path, config)
     model, processor = load_for_inference(model_path, config.model)
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
-    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)
+    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
+                    cache=config.eval.cache)
+
+
+def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -> list:
+    """Predictions for every sample, in order. Under `accelerate launch` with N processes (one per
+    GPU) each rank detects every Nth image and all ranks receive all predictions."""
+    from vlmdet.data.images import open_image
+    from vlmdet.training.speed import visual_tokens
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    mine = samples[rank::world]
+    m = config.model
+    sizes = [visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) for s in mine]
+    preds = det.detect_all([(s.file, lambda s=s: open_image(s.file)) for s in mine], len(mine),
+                           config.eval.batch_size, desc=desc, sizes=sizes)
+    if world == 1:
+        return preds
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # accelerate launch / torchrun set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, [(rank + world * k, p) for k, p in enumerate(preds)])
+    return [p for _, p in sorted((t for part in gathered for t in part), key=lambda t: t[0])]
 
 
 def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str | Path, split: str | None = None) -> EvalReport:
@@ -33,19 +78,20 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
     out.mkdir(parents=True, exist_ok=True)
     samples, coco = load_split(dataset.splits[split])
     det = detector_for(model_path, config)
-    preds = det.detect_all(((s.file, lambda s=s: open_image(s.file)) for s in samples), len(samples),
-                           config.eval.batch_size, desc=f"evaluate {split}")
+    preds = detect_sharded(det, samples, config, desc=f"evaluate {split}")
     cat_id = next((c["id"] for c in coco["categories"] if c["name"] == config.data.category), 1)
     results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
                for s, p in zip(samples, preds) for b in p.boxes]
     metrics = coco_map(coco, results)
-    write_json(out / "predictions.json", results, indent=None)
     per_image = [dict(p.to_dict(), image_id=s.image_id, truth=[[b.x1, b.y1, b.x2, b.y2] for b in s.boxes])
                  for s, p in zip(samples, preds)]
-    write_json(out / "per_image.json", per_image, indent=1)
     n = config.eval.preview_images
-    preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
-                   out / "preview.png") if n else None
+    preview = None
+    if int(os.environ.get("RANK", 0)) == 0:  # under several GPUs every rank has all predictions; one writes
+        write_json(out / "predictions.json", results, indent=None)
+        write_json(out / "per_image.json", per_image, indent=1)
+        preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
+                       out / "preview.png") if n else None
     failures = sum(not p.parse_ok for p in preds)
     log.info("%s on %s: mAP %.3f mAP50 %.3f mAP75 %.3f (%d images, %d unparsable answers)", model_path, split,
              metrics["map"], metrics["map50"], metrics["map75"], len(samples), failures)

@@ -68,6 +68,7 @@ class DatasetRef(Record):
     quarantine: list[dict[str, str]] = field(default_factory=list)
     source: str = ""
     category: str = "nutrition-table"
+    revision: str | None = None  # the Hub commit a hub: source was loaded at; None for local data
 
     @property
     def quarantine_counts(self) -> dict[str, int]:
@@ -89,6 +90,10 @@ class AdapterRef(Record):
     loss_curve: str | None = None  # PNG of the training loss
     resumed_from: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    steps_run: int | None = None  # optimizer steps this call executed (global_step minus the resumed step)
+    selected_step: int | None = None  # the checkpoint the adapter was taken from (validation picks it)
+    validation: dict[str, Any] = field(default_factory=dict)  # per-checkpoint val loss / mAP and the rule
+    provenance: dict[str, Any] = field(default_factory=dict)  # vlmdet.provenance.provenance()
 
 
 @dataclass

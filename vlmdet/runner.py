@@ -48,6 +48,37 @@ def command(step: str, request: Path, result: Path, num_processes: int = 1) -> l
     return [sys.executable, "-m", "vlmdet.steps", step, str(request), str(result)]
 
 
+def plan_processes(requested: int, visible: int | None = None,
+                   environ: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    """(processes, extra environment) for a step asking for `requested` GPUs (0 = every visible one).
+
+    One process per GPU: a single process that sees several GPUs makes SFTTrainer wrap the model in
+    nn.DataParallel, which it refuses. So N processes (accelerate launch) for N visible GPUs, and a
+    request for fewer than are visible pins the first ones with CUDA_VISIBLE_DEVICES.
+    """
+    from vlmdet.config import ConfigError
+
+    environ = os.environ if environ is None else environ
+    if visible is None:
+        import torch
+
+        visible = torch.cuda.device_count()  # honours CUDA_VISIBLE_DEVICES; no CUDA context is created
+    if visible == 0:
+        if requested > 1:
+            raise ConfigError(f"train.num_processes={requested} but no CUDA GPU is visible to this worker; "
+                              "set train.num_processes=0 (one process per visible GPU) or 1.")
+        return 1, {}
+    if requested > visible:
+        raise ConfigError(f"train.num_processes={requested} but this worker sees {visible} GPU(s); set it to at most "
+                          f"{visible}, or 0 for all of them.")
+    n = requested or visible
+    if n == visible:
+        return n, {}
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in listed.split(",") if d.strip()] if listed else [str(i) for i in range(visible)]
+    return n, {"CUDA_VISIBLE_DEVICES": ",".join(devices[:n])}
+
+
 def _load_prctl():
     """libc's prctl, looked up in the parent: the child between fork and exec should only call it."""
     if not sys.platform.startswith("linux"):

@@ -18,11 +18,15 @@ Rules (each rejected image or box becomes a QuarantineEntry with a reason and a 
   it would teach (and score) "no table here" on a photo that has one.
 - Normalised images (out_dir/images/HASH.ext) are RGB without a rotating EXIF tag: a file that is
   already so is copied byte for byte; others are re-encoded once (PNG stays PNG, the rest JPEG q95).
-- Splits are drawn from sha256(seed, content hash), so an image keeps its split when others are
-  added. A dataset's own held-out split (an image "split" of val/validation/test/dev, as written
-  by sources.py for Hub datasets) becomes our test split, untouched; its train split is divided
-  into train and val. Every split holds at least one image when there are 3 or more (val may be
-  empty only when data.val_fraction is 0).
+- Splits are drawn from sha256(seed, group), so an image keeps its split when others are added.
+  The group is the product the image shows where the data say so (a COCO image's "group" key,
+  which sources.py fills from Open Food Facts `meta.barcode`), else the image's content hash: all
+  photos of one product land in one split, so the test score never measures a product seen in
+  training. A dataset's own held-out split (an image "split" of val/validation/test/dev, as
+  written by sources.py for Hub datasets) becomes our test split, untouched; its train split is
+  divided into train and val by group, and a train image of a product that also has a held-out
+  photo is quarantined (product-in-test). Every split holds at least one image when there are 3
+  or more (val may be empty only when data.val_fraction is 0).
 - data.max_images keeps the first N usable images in split-hash order (an even sample across
   splits); images past the cap are not examined, so the quarantine covers the examined ones only.
 """
@@ -65,7 +69,8 @@ class _Item:
     file: str
     content_hash: str
     held_out: bool
-    rank: float  # uniform in [0, 1) from (seed, content hash): decides the split
+    rank: float  # uniform in [0, 1) from (seed, group): decides the split
+    group: str = ""  # the product (e.g. "barcode:123"), else "image:<content hash>"
     name: str = ""
     width: int = 0
     height: int = 0
@@ -73,8 +78,11 @@ class _Item:
     boxes: list[list[float]] = field(default_factory=list)  # xywh pixels of the normalised image
 
 
-def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, source: str = "") -> DatasetRef:
-    """Validate, normalise and split the COCO dataset at `annotations`; write out_dir/{split}.json and report.json."""
+def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, source: str = "",
+            revision: str | None = None) -> DatasetRef:
+    """Validate, normalise and split the COCO dataset at `annotations`; write out_dir/{split}.json and report.json.
+
+    revision: the Hub commit the source was loaded at (None for local data), recorded as provenance."""
     annotations, out_dir = Path(annotations), Path(out_dir)
     (out_dir / "report.json").unlink(missing_ok=True)  # until rewritten, the folder is incomplete
     coco = _read_coco(annotations)
@@ -107,9 +115,12 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
             continue
         first_seen[digest] = file
         held_out = str(img.get("split", "")).lower() in HELD_OUT_SPLITS
-        candidates.append((_Item(order, file, digest, held_out, _rank(cfg.seed, digest)), img, path))
+        group = str(img.get("group") or "").strip()
+        # an image of no known product is its own group, ranked by its bytes as before groups existed
+        rank = _rank(cfg.seed, group) if group else _rank(cfg.seed, digest)
+        candidates.append((_Item(order, file, digest, held_out, rank, group or f"image:{digest}"), img, path))
     if cfg.max_images > 0:
-        candidates.sort(key=lambda c: c[0].rank)
+        candidates.sort(key=lambda c: (c[0].rank, c[0].order))
 
     # Pass 2 (decode): unreadable images and bad boxes; normalise what is kept.
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -134,6 +145,7 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
         items.append(item)
     bar.close()
     items.sort(key=lambda it: it.order)
+    items = _drop_products_in_test(items, quarantine)
     _remove_stale(out_dir / "images", {it.name for it in items})
 
     groups = _split(items, cfg, annotations, len(images), quarantine)
@@ -143,19 +155,28 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
         path = out_dir / f"{name}.json"
         _write_coco(path, groups[name], category)
         splits[name] = str(path)
-        counts[name] = {"images": len(groups[name]), "boxes": sum(len(it.boxes) for it in groups[name])}
+        counts[name] = {"images": len(groups[name]), "boxes": sum(len(it.boxes) for it in groups[name]),
+                        "groups": len({it.group for it in groups[name]})}
     fingerprint = _fingerprint(groups, cfg)
     ref = DatasetRef(fingerprint=fingerprint, root=str(out_dir), splits=splits, counts=counts,
-                     quarantine=[q.to_dict() for q in quarantine], source=source, category=category)
+                     quarantine=[q.to_dict() for q in quarantine], source=source, category=category,
+                     revision=revision)
+    products = sum(1 for it in items if not it.group.startswith("image:"))
     report = {"source": source, "annotations": str(annotations), "fingerprint": fingerprint, "counts": counts,
-              "input_images": len(images), "usable_images": len(items), "quarantine_counts": ref.quarantine_counts,
+              "revision": revision, "input_images": len(images), "usable_images": len(items),
+              "groups": {"total": len({it.group for it in items}), "images_with_product": products,
+                         "by_split": {n: c["groups"] for n, c in counts.items()},
+                         "rule": "one product (meta.barcode / COCO 'group') never spans two splits; an image "
+                                 "without one is its own group"},
+              "quarantine_counts": ref.quarantine_counts,
               "quarantine": ref.quarantine, "config": dataclasses.asdict(cfg),
               "rules": {"edge_tolerance_px": EDGE_TOLERANCE_PX, "min_box_px": MIN_BOX_PX,
                         "held_out_splits": sorted(HELD_OUT_SPLITS), "boxes_refer_to": "image as displayed (EXIF applied)"}}
     write_json(out_dir / "report.json", report)  # written last: its presence means the folder is complete
-    log.info("prepared %d of %d images from %s: %s; quarantined %s", len(items), len(images), source or annotations,
-             ", ".join(f"{k} {v['images']} images / {v['boxes']} boxes" for k, v in counts.items()),
-             dict(ref.quarantine_counts) or "nothing")
+    log.info("prepared %d of %d images from %s: %s; %d groups (%d images of a known product); quarantined %s",
+             len(items), len(images), source or annotations,
+             ", ".join(f"{k} {v['images']} images / {v['boxes']} boxes / {v['groups']} groups" for k, v in counts.items()),
+             report["groups"]["total"], products, dict(ref.quarantine_counts) or "nothing")
     return ref
 
 
@@ -274,6 +295,24 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
             path.unlink()
 
 
+def _drop_products_in_test(items: list[_Item], quarantine: list[QuarantineEntry]) -> list[_Item]:
+    """Quarantine training images of a product that has a photo in the dataset's held-out split.
+
+    The held-out split becomes our test split untouched (others compare on it); moving the product's
+    other photos there would change it, keeping them in training would leak the product.
+    """
+    held = {it.group: it.file for it in items if it.held_out}
+    kept = []
+    for it in items:
+        if not it.held_out and it.group in held:
+            quarantine.append(QuarantineEntry(it.file, "product-in-test",
+                                              f"{it.group} also has a photo in the held-out split ({held[it.group]}); "
+                                              "kept out of training and validation so no product is in two splits"))
+        else:
+            kept.append(it)
+    return kept
+
+
 def _split(items: list[_Item], cfg: DataConfig, annotations: Path, total: int,
            quarantine: list[QuarantineEntry]) -> dict[str, list[_Item]]:
     if not items:
@@ -296,16 +335,17 @@ def _split(items: list[_Item], cfg: DataConfig, annotations: Path, total: int,
     for name in ("test", "val"):
         if groups[name] or (name == "val" and cfg.val_fraction == 0):
             continue
-        if len(groups["train"]) < 2:
+        if len({it.group for it in groups["train"]}) < 2:
             break
-        pick = min(groups["train"], key=lambda it: it.rank)
-        groups["train"].remove(pick)
-        groups[name].append(pick)
+        pick = min(groups["train"], key=lambda it: it.rank).group  # a whole product moves, never half of it
+        groups[name] += [it for it in groups["train"] if it.group == pick]
+        groups["train"] = [it for it in groups["train"] if it.group != pick]
     empty = [n for n in SPLITS if not groups[n] and not (n == "val" and cfg.val_fraction == 0)]
     if empty:
         raise DataError(f"split(s) {', '.join(empty)} would be empty: {len(items)} usable of {total} images in "
                         f"{annotations} (train {len(groups['train'])}, val {len(groups['val'])}, test "
-                        f"{len(groups['test'])}); at least 3 usable images are needed, training images first. "
+                        f"{len(groups['test'])}, {len({it.group for it in items})} product groups); at least 3 usable "
+                        "images of 3 different products are needed, training images first. "
                         f"Quarantined: {_top_reasons(quarantine) or 'none'}.")
     for name in SPLITS:
         groups[name].sort(key=lambda it: it.order)

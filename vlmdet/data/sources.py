@@ -19,7 +19,9 @@ recompression); prepare() validates and normalises them. An image given by path 
 is read only when the path lies inside the dataset's own folder (hf-disk:/parquet:) or the Hugging
 Face caches (hub:); otherwise its file_name is the path as given, which prepare() quarantines as
 outside-root without opening it. Each COCO image keeps the dataset's own
-split name in a "split" key so that prepare() never mixes a dataset's held-out split into training.
+split name in a "split" key so that prepare() never mixes a dataset's held-out split into training,
+and, where the data say which product it shows (Open Food Facts `meta.barcode`), that product in
+a "group" key so that prepare() keeps every photo of one product in one split.
 """
 from __future__ import annotations
 
@@ -46,8 +48,12 @@ COCO_LAYOUT = ("a COCO annotations.json (keys images, annotations, categories) o
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
-def materialize(spec: str, workdir: str | Path, seed: int, image_size: Iterable[int] = (320, 240)) -> Path:
-    """Resolve `spec` to a COCO annotations.json (written under workdir unless spec is coco:)."""
+def materialize(spec: str, workdir: str | Path, seed: int, image_size: Iterable[int] = (320, 240),
+                revision: str | None = None) -> Path:
+    """Resolve `spec` to a COCO annotations.json (written under workdir unless spec is coco:).
+
+    revision: for hub: specs, the dataset commit to load (keys.source_stamp records it), so the
+    data used is the data the cache key and the model card name."""
     scheme, target, layout = parse_spec(spec)
     workdir = Path(workdir)
     if scheme == "synth":
@@ -56,7 +62,8 @@ def materialize(spec: str, workdir: str | Path, seed: int, image_size: Iterable[
     if scheme == "coco":
         return _coco_path(target)
     out = workdir / ("source-" + re.sub(r"[^A-Za-z0-9._-]+", "-", f"{scheme}-{target}").strip("-"))
-    return to_coco(_load_splits(scheme, target, spec, out), out, layout, spec, roots=_image_roots(scheme, target))
+    return to_coco(_load_splits(scheme, target, spec, out, revision), out, layout, spec,
+                   roots=_image_roots(scheme, target))
 
 
 def _image_roots(scheme: str, target: str) -> tuple[Path, ...]:
@@ -122,13 +129,13 @@ def _coco_path(target: str) -> Path:
     return path
 
 
-def _load_splits(scheme: str, target: str, spec: str, out: Path) -> dict[str, Any]:
+def _load_splits(scheme: str, target: str, spec: str, out: Path, revision: str | None = None) -> dict[str, Any]:
     """The dataset's splits as {name: datasets.Dataset}."""
     import datasets  # heavy import, only for these specs
 
     try:
         if scheme == "hub":
-            loaded = datasets.load_dataset(target)
+            loaded = datasets.load_dataset(target, revision=revision) if revision else datasets.load_dataset(target)
         elif scheme == "hf-disk":
             if not Path(target).expanduser().exists():
                 raise DataError(f"hf-disk:{target}: no such folder; expected a dataset written by save_to_disk.")
@@ -202,8 +209,12 @@ def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: 
             # an unreadable image keeps the dataset's size so that prepare() can report it
             width = width or int(row.get("width") or 0)
             height = height or int(row.get("height") or 0)
-            images.append({"id": len(images) + 1, "file_name": name, "width": width, "height": height,
-                           "split": split, "source_id": image_id, "meta": row.get("meta")})
+            image = {"id": len(images) + 1, "file_name": name, "width": width, "height": height,
+                     "split": split, "source_id": image_id, "meta": row.get("meta")}
+            group = product_group(row.get("meta"))
+            if group:
+                image["group"] = group
+            images.append(image)
             for bbox, label in _objects(row["objects"], names):
                 cat = categories.setdefault(label, len(categories) + 1)
                 annotations.append({"id": len(annotations) + 1, "image_id": len(images), "category_id": cat,
@@ -214,6 +225,19 @@ def to_coco(splits: dict[str, Any], out: Path, layout: str = "yxyx-norm", spec: 
     path = out / "annotations.json"
     path.write_text(json.dumps(coco, default=str))
     return path
+
+
+def product_group(meta: Any) -> str | None:
+    """The product an image shows, when the data say so: Open Food Facts `meta.barcode`.
+
+    Photos of one product (front, back, several shots of the same table) look alike; left to the
+    hash they land in train and test and the test score measures recall of seen packages.
+    """
+    if isinstance(meta, dict):
+        barcode = str(meta.get("barcode") or "").strip()
+        if barcode:
+            return f"barcode:{barcode}"
+    return None
 
 
 def _label_names(feature: Any) -> list[str] | None:

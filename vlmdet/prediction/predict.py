@@ -9,6 +9,7 @@ every box and would pull all scores together.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -65,31 +66,70 @@ def _box_scores(boxes: list[Box], logprobs: list[float], ends: list[int]) -> Non
         b.score = math.exp(sum(lp) / len(lp)) if lp else 0.0
 
 
+class ChosenTokenLogProbs:
+    """Log-probability, under the raw logits, of each token greedy decoding picks, without keeping
+    the [steps, batch, vocab] logits `output_logits=True` stores (1 GB at batch 64 x 24 steps of a
+    152k vocabulary, plus their log-softmax).
+
+    A forward hook on the LM head keeps the current step's log-softmax of the raw logits (before
+    any logits processor); a forward pre-hook on the model reads, at the next step, the token that
+    was chosen (the last input id) and keeps only its log-probability. Hooks, not a logits
+    processor, so a caller that passes its own `logits_processor` changes nothing here.
+    """
+
+    def __init__(self, model, head: torch.nn.Module):
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+        self.handles = [head.register_forward_hook(self._logits),
+                        model.register_forward_pre_hook(self._inputs, with_kwargs=True)]
+
+    def _logits(self, module, args, output) -> None:
+        self.pending = torch.log_softmax(output[:, -1, :].float(), dim=-1)  # [batch, vocab], this step only
+
+    def _inputs(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.pending is not None and ids is not None:  # ids[:, -1]: the token chosen at the previous step
+            self.steps.append(self.pending.gather(-1, ids[:, -1:].to(self.pending.device)).squeeze(-1))
+            self.pending = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[batch, new tokens] log-probabilities; removes the hooks."""
+        self.remove()
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, sequences[:, -1:].to(self.pending.device)).squeeze(-1))
+        self.pending = None
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0)).float()
+
+
 class Detector:
-    def __init__(self, model, processor, fmt: BoxFormat, prompt: str, category: str, max_new_tokens: int = 128):
-        self.model, self.processor, self.fmt = model, processor, fmt
+    def __init__(self, model, processor, fmt: BoxFormat, prompt: str, category: str, max_new_tokens: int = 128,
+                 cache: str = "dynamic"):
+        self.model, self.processor, self.fmt, self.cache = model, processor, fmt, cache
         self.prompt, self.category, self.max_new_tokens = prompt, category, max_new_tokens
         tok = processor.tokenizer
         self.stop_ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id}
         self.text = processor.apply_chat_template([user_message(prompt, category)], add_generation_prompt=True)
 
-    @torch.no_grad()
-    def detect(self, images: list, files: list[str]) -> list[Prediction]:
-        """images: RGB PIL images as displayed (EXIF applied)."""
-        tok = self.processor.tokenizer
+    def inputs(self, images: list):
+        """The processor's tensors for a batch (CPU work: safe to run in a background thread)."""
         # add_special_tokens=False as TRL's collator tokenizes the training prompt: the chat template
         # already holds every special token, and a tokenizer that adds a BOS would otherwise put one
         # in front at inference only (tests/test_consistency.py).
-        inputs = self.processor(text=[self.text] * len(images), images=images, return_tensors="pt",
-                                padding=True, padding_side="left", add_special_tokens=False)
-        inputs = inputs.to(self.model.device)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **GREEDY,
-                                  output_logits=True, return_dict_in_generate=True,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=sorted(self.stop_ids))
-        gen = out.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new tokens]
-        # Raw logits, not out.scores: scores are after the logits processors, not the model's distribution.
-        logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)  # [b, new, vocab]
-        token_lp = logprobs.gather(-1, gen.unsqueeze(-1)).squeeze(-1).tolist()
+        return self.processor(text=[self.text] * len(images), images=images, return_tensors="pt",
+                              padding=True, padding_side="left", add_special_tokens=False)
+
+    @torch.no_grad()
+    def detect(self, images: list, files: list[str], inputs=None) -> list[Prediction]:
+        """images: RGB PIL images as displayed (EXIF applied); inputs: self.inputs(images) if already made."""
+        tok = self.processor.tokenizer
+        inputs = (self.inputs(images) if inputs is None else inputs).to(self.model.device)
+        sequences, token_lp = self._generate(inputs)
+        gen = sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new tokens]
+        token_lp = token_lp.tolist()
         preds = []
         for i, (img, f) in enumerate(zip(images, files)):
             ids = gen[i].tolist()
@@ -103,23 +143,61 @@ class Detector:
             preds.append(Prediction(f, w, h, boxes, answer, parsed.ok, parsed.error))
         return preds
 
-    def detect_all(self, items: Iterable[tuple[str, Any]], total: int, batch_size: int, desc: str = "detect") -> list[Prediction]:
-        """items: (file, PIL image or loader) pairs; a loader is called when its batch comes."""
-        preds: list[Prediction] = []
-        batch: list[tuple[str, Any]] = []
+    def _generate(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequences, [batch, new tokens] log-probabilities of the chosen tokens under the raw logits).
+
+        Raw logits, not generate's scores: scores are after the logits processors, not the model's
+        distribution. A model exposing its LM head gets ChosenTokenLogProbs (one step's logits at a
+        time); any other generate-able object the full `output_logits` of every step.
+        """
+        tok = self.processor.tokenizer
+        kw = dict(max_new_tokens=self.max_new_tokens, **GREEDY, pad_token_id=tok.pad_token_id,
+                  eos_token_id=sorted(self.stop_ids))
+        if self.cache != "dynamic":  # static: no torch.cat of the whole KV cache at every step
+            # eager: transformers would otherwise torch.compile the forward on CUDA (minutes at a new
+            # batch shape, and the hooks below would run inside a compiled graph)
+            kw.update(cache_implementation=self.cache, disable_compile=True)
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is None:
+            out = self.model.generate(**inputs, **kw, output_logits=True, return_dict_in_generate=True)
+            gen = out.sequences[:, inputs["input_ids"].shape[1]:]
+            logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)  # [b, new, vocab]
+            return out.sequences, logprobs.gather(-1, gen.unsqueeze(-1)).squeeze(-1).cpu()
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # PEFT
+        chosen = ChosenTokenLogProbs(inner, head)
+        try:
+            sequences = self.model.generate(**inputs, **kw)
+        finally:
+            chosen.remove()
+        return sequences, chosen.finish(sequences).cpu()
+
+    def detect_all(self, items: Iterable[tuple[str, Any]], total: int, batch_size: int, desc: str = "detect",
+                   sizes: list[int] | None = None) -> list[Prediction]:
+        """items: (file, PIL image or loader) pairs; a loader is called when its batch comes.
+
+        Predictions come back in the order of `items`. With `sizes` (e.g. visual tokens an image),
+        batches are formed largest first, so images of one batch pad little and an out-of-memory
+        shows on the first batch. The next batch's images are decoded and processed in a background
+        thread while the GPU generates the current one.
+        """
+        items = list(items)
+        order = sorted(range(len(items)), key=lambda i: -sizes[i]) if sizes else list(range(len(items)))
+        batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+        def load(batch: list[int]):
+            imgs = [im() if callable(im) else im for im in (items[i][1] for i in batch)]
+            return imgs, self.inputs(imgs)
+
+        preds: list[Prediction | None] = [None] * len(items)
         bar = tqdm(total=total, desc=desc, unit="img")
-
-        def flush() -> None:
-            imgs = [im() if callable(im) else im for _, im in batch]
-            preds.extend(self.detect(imgs, [f for f, _ in batch]))
-            bar.update(len(batch))
-            batch.clear()
-
-        for item in items:
-            batch.append(item)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(load, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                imgs, inputs = ahead.result()
+                if k + 1 < len(batches):
+                    ahead = pool.submit(load, batches[k + 1])
+                for i, p in zip(batch, self.detect(imgs, [items[i][0] for i in batch], inputs)):
+                    preds[i] = p
+                bar.update(len(batch))
         bar.close()
-        return preds
+        return preds  # type: ignore[return-value]

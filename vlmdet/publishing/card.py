@@ -1,8 +1,10 @@
 """The model card (README.md with YAML front matter) and `vlmdet.json`, written and read back.
 
 The card is what the Hub shows and indexes: its `model-index` carries mAP, mAP50 and mAP75 on the
-named split, with the evaluation data's fingerprint as `dataset.revision`, so the next run's gate can
-tell whether the champion was measured on the same data. `vlmdet.json` holds the same facts in full
+named split, with the Hub dataset's commit as `dataset.revision` (None for local data) and the
+evaluation data's fingerprint in `dataset.args.fingerprint`, so the next run's gate can tell
+whether the champion was measured on the same data. The provenance (dataset and base-model
+revisions, library versions; vlmdet.provenance) is in the front matter, the body and vlmdet.json. `vlmdet.json` holds the same facts in full
 (config, metrics, fingerprint, gate) for machines; the card is the source of truth when both exist
 because it is the file people edit on the Hub.
 """
@@ -30,6 +32,7 @@ PREDICTIONS = "eval/predictions.json"  # the published model's detections on its
 METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_SHA = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit; our fingerprints are 64 hex characters
 
 
 def hub_dataset_id(source: str) -> str | None:
@@ -64,7 +67,9 @@ def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterR
         "dataset": {"source": dataset_label(dataset.source), "hub_id": hub_dataset_id(dataset.source or config.data.dataset),
                     "fingerprint": dataset.fingerprint,
                     "counts": dataset.counts, "quarantine": dataset.quarantine_counts, "category": dataset.category},
-        "adapter": {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None},
+        "adapter": {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None,
+                    "selected_step": adapter.selected_step, "validation": adapter.validation},
+        "provenance": adapter.provenance or None,
         "gate": decision.to_dict(),
         "config": config.to_dict(),
     }
@@ -77,13 +82,18 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
     ds = meta["dataset"]
     hub_ds = ds.get("hub_id")
     base = meta["base_model"]
+    prov = meta.get("provenance") or {}
+    revision = (prov.get("dataset") or {}).get("revision")
     results = [
         EvalResult(task_type="object-detection", task_name="Object Detection",
                    dataset_type=hub_ds or ds["source"], dataset_name=ds["source"], dataset_split=ev["split"],
-                   dataset_revision=ev["data_fingerprint"] or None,
+                   # a Hub commit of the dataset, never a hash of ours (the Hub links it)
+                   dataset_revision=revision if hub_ds and _HUB_SHA.match(revision or "") else None,
+                   dataset_args={"fingerprint": ev["data_fingerprint"]} if ev["data_fingerprint"] else None,
                    metric_type=key, metric_name=METRIC_NAMES[key], metric_value=round(float(val), 6))
         for key, val in meta["metrics"].items()
     ]
+    base_revision = (prov.get("base_model") or {}).get("revision")
     data = ModelCardData(
         model_name=meta["model_name"], license=license, library_name="transformers",
         pipeline_tag="image-text-to-text",
@@ -93,6 +103,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         tags=["vlmdet", "object-detection", meta["family"], "qlora" if meta["config"]["model"]["quantization"] == "nf4"
               else "lora", ds.get("category", "nutrition-table")],
         metrics=["map"], eval_results=results,
+        **({"base_model_revision": base_revision} if base_revision else {}),
     )
     m = meta["metrics"]
     config_yaml = yaml.safe_dump(meta["config"], sort_keys=False).strip()
@@ -134,6 +145,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         decision_markdown(decision),
         *gate_comparison_section(decision),
     ]
+    body += provenance_markdown(prov)
     if has_preview:
         body += ["## Predictions on test images", "", f"![predictions]({PREVIEW})", ""]
     if has_loss_curve:
@@ -172,6 +184,19 @@ def gate_comparison_section(decision: GateDecision) -> list[str]:
     return lines
 
 
+def provenance_markdown(prov: dict[str, Any]) -> list[str]:
+    """The card's Provenance section: what to load to reproduce this model."""
+    if not prov:
+        return []
+    ds, base = prov.get("dataset") or {}, prov.get("base_model") or {}
+    versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in (prov.get("versions") or {}).items())
+    return ["## Provenance", "",
+            f"- Dataset: `{ds.get('source')}` at revision `{ds.get('revision') or 'n/a (local data)'}`",
+            f"- Base model: `{base.get('id')}` at revision `{base.get('revision') or 'n/a'}`"
+            + (f" (local files hash `{base['files_hash']}`)" if base.get("files_hash") else ""),
+            f"- Trained with: {versions}; Python {prov.get('python', '?')}", ""]
+
+
 def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, source: str) -> Champion | None:
     """The champion's metrics from a card's model-index (preferred) or vlmdet.json; None if neither has any."""
     metrics: dict[str, float] = {}
@@ -188,7 +213,7 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
                 key = str(r.metric_type).lower().replace("@", "").replace(".", "")
                 if key in METRIC_NAMES and isinstance(r.metric_value, (int, float)):
                     metrics[key] = float(r.metric_value)
-                    fingerprint = fingerprint or (r.dataset_revision or "")
+                    fingerprint = fingerprint or _card_fingerprint(r)
                     split = split or (r.dataset_split or "")
     run_id = ""
     config: dict = {}
@@ -220,3 +245,13 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
         except json.JSONDecodeError:
             meta_data = None
     return champion_from_card(card_text, meta_data, str(folder))
+
+
+def _card_fingerprint(result: EvalResult) -> str:
+    """The evaluation data's fingerprint in a model-index entry: dataset.args.fingerprint, or (cards
+    written before the revision became the Hub's) a 64-hex dataset.revision."""
+    args = result.dataset_args if isinstance(result.dataset_args, dict) else {}
+    if args.get("fingerprint"):
+        return str(args["fingerprint"])
+    rev = result.dataset_revision or ""
+    return rev if re.fullmatch(r"[0-9a-f]{64}", rev) else ""

@@ -4,12 +4,14 @@ The data is TRL's conversational prompt-completion form, so the collator masks t
 user text and every image token) and the loss falls on the answer tokens only. Checkpoints go to
 OUT/checkpoints every `train.save_steps`; a run started again on the same OUT resumes from the last
 one (same global step, optimizer and scheduler state), which is how a killed or preempted run
-loses no work.
+loses no work. The validation split is measured at every save and picks the checkpoint that
+becomes the adapter (vlmdet.training.select); the test split is never seen here.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,20 +21,42 @@ from vlmdet.formats import get_format
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
-from vlmdet.training import faults
+from vlmdet.training import faults, select, speed
+from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
+from transformers import TrainerCallback  # already imported by faults; the step counter below is one
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(split_json: str, config: RunConfig):
+def build_dataset(split_json: str, config: RunConfig, image_cache: Path | None = None):
     """A `datasets.Dataset` of prompt/completion/images; images decode lazily from their files."""
     from datasets import Dataset, Image, Sequence
 
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
     samples, _ = load_split(split_json)
     rows = [training_example(s, fmt, config.model.prompt, config.data.category) for s in samples]
+    add_speed_columns(rows, samples, config, image_cache)
     ds = Dataset.from_list(rows)
     return ds.cast_column("images", Sequence(Image()))
+
+
+def add_speed_columns(rows: list[dict], samples: list, config: RunConfig, image_cache: Path | None) -> None:
+    """train.pre_resize: images at their processed size (the answer was rendered from the original
+    size, so boxes are unchanged); train.group_by_length: a `length` column for the sampler."""
+    m = config.model
+    if config.train.pre_resize and image_cache is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def resized(s) -> str:
+            return speed.resized_copy(s.file, s.width, s.height, m.family, m.min_pixels, m.max_pixels, image_cache)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decode/resize release the GIL
+            for row, path in zip(rows, pool.map(resized, samples)):
+                row["images"] = [path]
+    if config.train.group_by_length:
+        for row, s in zip(rows, samples):  # visual tokens dominate; the answer's characters bound its tokens
+            answer = row["completion"][0]["content"][0]["text"]
+            row["length"] = speed.visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) + len(answer)
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -41,7 +65,7 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
-def sft_config(config: RunConfig, out: Path):
+def sft_config(config: RunConfig, out: Path, validation: bool = False):
     from trl import SFTConfig
 
     t = config.train
@@ -49,7 +73,8 @@ def sft_config(config: RunConfig, out: Path):
     return SFTConfig(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch,
-        gradient_accumulation_steps=t.grad_accum,
+        # the effective batch is the one-GPU one whatever the process count (train.num_processes)
+        gradient_accumulation_steps=accumulation_per_process(t.grad_accum, int(os.environ.get("WORLD_SIZE", 1))),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps,
@@ -58,7 +83,8 @@ def sft_config(config: RunConfig, out: Path):
         max_steps=t.max_steps,
         bf16=t.bf16 and cuda,
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=({"use_reentrant": False} | ({"every_n_layers": t.checkpoint_every}
+                                       if t.checkpoint_every > 1 else {})) if t.gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -69,8 +95,12 @@ def sft_config(config: RunConfig, out: Path):
         remove_unused_columns=False,  # the collator needs the raw images column
         max_length=None,  # never truncate: a cut answer teaches a broken box
         dataloader_num_workers=t.dataloader_workers,
+        dataloader_persistent_workers=t.dataloader_workers > 0,  # not re-spawned every epoch
+        optim=t.optim,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not cuda,
         completion_only_loss=True,
+        **(validation_args(config) if validation else {}),
     )
 
 
@@ -81,15 +111,21 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
 
     base = resolve_base(config.model.base, out.parent / "base-models", config.model)
     processor = load_processor(base, config.model)
-    train_ds = build_dataset(dataset.splits["train"], config)
+    train_ds = build_dataset(dataset.splits["train"], config, image_cache=out / "images")
+    val_split = validation_split(dataset)
+    eval_ds = build_dataset(val_split, config, image_cache=out / "images") if val_split else None
     model = load_model(base, config.model)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, exclude_modules=config.lora.exclude or None,
                       modules_to_save=config.lora.modules_to_save or None,
                       task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=sft_config(config, out), train_dataset=train_ds,
+    trainer = SFTTrainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
+                         train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     set_adapter_dtype(trainer.model, config.train.adapter_dtype)
+    trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
+    if speed.StepTimes.from_env():
+        trainer.add_callback(speed.StepTimes.from_env())
     return trainer, processor, base
 
 
@@ -122,19 +158,34 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     resume = last_checkpoint(out / "checkpoints")
     if resume:
         log.info("resuming from %s", resume)
+    counter = StepCounter()
+    trainer.add_callback(counter)
     trainer.train(resume_from_checkpoint=resume)
+    selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
+                                                    trainer.state.log_history, validation_split(dataset))
 
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
-    processor.save_pretrained(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # the selected checkpoint's weights: select loaded them; main process only
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     steps = [h["step"] for h in history if "loss" in h]
-    (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
+    curve = None
+    if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
+        processor.save_pretrained(str(adapter_dir))
+        # how the base was loaded for training (a speed profile may differ from the preset): evaluation
+        # of this adapter loads the base the same way (vlmdet.evaluation.trained_model_settings)
+        (adapter_dir / TRAINED_WITH).write_text(json.dumps({"profile": config.train.profile,
+                                                            "model": config.to_dict()["model"]}, indent=1))
+        (out / "log_history.json").write_text(json.dumps(history, indent=1))
+        curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
+    from vlmdet.provenance import provenance
+
     return AdapterRef(path=str(adapter_dir.resolve()), base_model=base, family=config.model.family,
                       global_step=trainer.state.global_step, losses=losses, loss_curve=curve,
-                      resumed_from=resume, config=config.to_dict())
+                      # resumed only if the trainer really started past step 0, not because a folder existed
+                      resumed_from=resume if counter.start_step else None, config=config.to_dict(),
+                      steps_run=counter.steps, selected_step=selected, validation=validation,
+                      provenance=provenance(dataset, config, base))
 
 
 def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "training loss") -> str | None:
@@ -157,3 +208,35 @@ def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "t
     fig.savefig(path)
     plt.close(fig)
     return str(path.resolve())
+
+
+def validation_split(dataset: DatasetRef) -> str | None:
+    """The prepared validation split's file when it holds images, else None (no validation)."""
+    path = dataset.splits.get("val")
+    if not path or not Path(path).is_file():
+        return None
+    return path if json.loads(Path(path).read_text()).get("images") else None
+
+
+def validation_args(config: RunConfig) -> dict:
+    """Trainer settings for the val loss at every save; the best-by-loss checkpoint survives rotation."""
+    return {"eval_strategy": "steps", "eval_steps": config.train.save_steps,
+            "per_device_eval_batch_size": config.train.per_device_batch,
+            "metric_for_best_model": "eval_loss", "greater_is_better": False, "load_best_model_at_end": False}
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps this call really runs, and the step training started from.
+
+    A resumed run starts at the checkpoint's step and runs only the rest; a restart from zero
+    would show start_step 0 and every step run again.
+    """
+
+    def __init__(self) -> None:
+        self.steps, self.start_step = 0, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step  # after the trainer loaded the checkpoint's state
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1

@@ -1,0 +1,99 @@
+"""Several GPUs: vlmdet's train step (the child process the flow runs) on 1 GPU, then on N, same
+data, seed and effective batch 16; prints samples/s, the speed-up and the loss difference.
+
+    python benchmarks/multi_gpu.py                      # every visible GPU vs one (a 2- or 4-GPU machine)
+    python benchmarks/multi_gpu.py --processes 1,2,4 --profile qlora
+    python benchmarks/multi_gpu.py --tiny --processes 1 # CPU check of the path
+
+It goes through vlmdet.runner.plan_processes and run_step exactly as tasks/train.py does (one
+process per GPU with `accelerate launch`, grad_accum divided by the process count); per-step times
+come from the child via VLMDET_STEP_TIMES. Writes multi_gpu.json under $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench import PRESET, build_base, say, write_dataset  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from vlmdet.config import load_preset
+    from vlmdet.runner import plan_processes, run_step
+    from vlmdet.training import profiles
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is the warm-up)")
+    ap.add_argument("--processes", default="", help="comma list of process counts (default: 1 and every visible GPU)")
+    ap.add_argument("--profile", default="qlora")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "vlmdet-bench-out"))
+    a = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = torch.cuda.device_count()
+    counts = [int(n) for n in a.processes.split(",")] if a.processes else sorted({1, max(gpus, 1)})
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    base, _ = build_base(work, a.tiny, dev)
+    dataset = write_dataset(work, 16 * a.steps, (224, 168) if a.tiny else (1024, 768))
+    cfg = load_preset(PRESET, {"model.base": base, "train.max_steps": a.steps, "train.save_steps": 100000,
+                               "train.logging_steps": 1, "train.warmup_steps": 0})
+    cfg = profiles.apply(cfg, a.profile)
+    if dev != "cuda":
+        cfg = cfg.override({"model.quantization": "none", "model.dtype": "auto", "train.dataloader_workers": 0})
+    result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "visible_gpus": gpus,
+              "profile": a.profile, "effective_batch": cfg.train.per_device_batch * cfg.train.grad_accum, "runs": {}}
+    for n in counts:
+        processes, env = plan_processes(n)
+        run = work / f"multi-{n}"
+        times_file = run / "step_times.json"
+        run.mkdir(parents=True, exist_ok=True)
+        times_file.unlink(missing_ok=True)
+        say(f"{n} process(es): start ({env or 'all visible GPUs'})")
+        t = time.time()
+        try:
+            rec = run_step("train", {"dataset": dataset.to_dict(), "config": cfg.to_dict(), "out": str(run / "train")},
+                           run / "step", timeout_s=1200, num_processes=processes,
+                           env={**env, "VLMDET_STEP_TIMES": str(times_file),  # the child imports this checkout
+                                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))})
+        except Exception as err:
+            result["runs"][n] = {"error": str(err)[:500]}
+            say(f"{n}: failed: {err}")
+            continue
+        timing = json.loads(times_file.read_text()) if times_file.is_file() else {"step_s": []}
+        steady = timing["step_s"][1:]
+        med = statistics.median(steady) if steady else float("nan")
+        result["runs"][n] = {"processes": processes, "wall_s": round(time.time() - t, 1), "step_s": timing["step_s"],
+                             "samples_per_s": round(result["effective_batch"] / med, 2),
+                             "samples_per_s_with_warmup": round(result["effective_batch"] * len(timing["step_s"])
+                                                                / max(sum(timing["step_s"]), 1e-9), 2),
+                             "peak_alloc_GiB_rank0": timing.get("peak_alloc_GiB"),
+                             "losses": [round(v, 4) for v in rec["losses"]]}
+        say(f"{n}: {result['runs'][n]}")
+        (out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
+    one = result["runs"].get(1, {})
+    for n, r in result["runs"].items():
+        if n != 1 and "samples_per_s" in r and "samples_per_s" in one:
+            r["speedup"] = round(r["samples_per_s"] / one["samples_per_s"], 2)
+            r["max_loss_diff_vs_1"] = round(max(abs(x - y) for x, y in zip(r["losses"], one["losses"])), 4)
+    (out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

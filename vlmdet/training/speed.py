@@ -1,0 +1,142 @@
+"""Training-speed mechanisms that change how fast a step runs, never what it computes.
+
+- A frozen vision tower gets no backward pass. transformers' `enable_input_require_grads` (called
+  by TRL and by `gradient_checkpointing_enable` for PEFT models) hooks the input embeddings of
+  *every* sub-model, the vision tower's `patch_embed` included, so its output requires grad and
+  autograd records the whole tower: 32 blocks over ~4,000 patches an image, whose activations are
+  kept (or recomputed under checkpointing) and whose backward runs, all for a gradient that no
+  trainable weight uses (the LoRA targets are the language model's). Removing that hook where a
+  sub-model has nothing trainable leaves every LoRA gradient bit-identical.
+- Lengths for grouping samples by size, from the image size alone (no decoding).
+- Training images stored once at the size the processor would resize them to.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from vlmdet.formats.resize import QWEN2_FACTOR, QWEN3_FACTOR, smart_resize
+
+log = logging.getLogger(__name__)
+
+# Names of the hook functions transformers (make_inputs_require_grads) and PEFT
+# (make_inputs_require_grad) register; matched by name because both libraries lose track of
+# their own handles when the hook is registered twice (TRL's __init__, then train()).
+_REQUIRE_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def _hf_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def frozen_input_hooks_removed(model) -> list[str]:
+    """Remove the require-grad hooks on the input embeddings of sub-models without trainable weights.
+
+    Returns the names of the sub-models whose hook was removed (e.g. ["model.visual"]).
+    """
+    from transformers import PreTrainedModel
+
+    removed = []
+    for name, sub in _hf_model(model).named_modules():
+        if not isinstance(sub, PreTrainedModel) or any(p.requires_grad for p in sub.parameters()):
+            continue
+        try:
+            emb = sub.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        hooks = getattr(emb, "_forward_hooks", None) or {}
+        drop = [k for k, fn in hooks.items() if getattr(fn, "__name__", "") in _REQUIRE_GRAD_HOOKS]
+        for k in drop:
+            del hooks[k]
+        if drop:
+            removed.append(name)
+    return removed
+
+
+class FrozenTowersOutOfBackward(TrainerCallback):
+    """Re-applies frozen_input_hooks_removed when training starts: Trainer.train() enables gradient
+    checkpointing, which registers the hooks again after the trainer was built."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        removed = frozen_input_hooks_removed(self.model)
+        if removed:
+            log.info("no backward through frozen %s (nothing trainable there)", ", ".join(removed))
+
+
+def factor(family: str) -> int:
+    """Pixels per visual token side after the 2x2 merge."""
+    return QWEN3_FACTOR if family == "qwen3_vl" else QWEN2_FACTOR
+
+
+def visual_tokens(width: int, height: int, family: str, min_pixels: int, max_pixels: int) -> int:
+    f = factor(family)
+    h, w = smart_resize(height, width, factor=f, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // f) * (w // f)
+
+
+def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int, max_pixels: int,
+                 cache_dir: Path) -> str:
+    """The image at the size the processor resizes it to (same resampling), stored once in cache_dir.
+
+    The processor's own resize of a picture already at its target size is the identity, so what the
+    model sees is the same; the answer is rendered from the original width/height as before.
+    Returns src itself when no resize would happen.
+    """
+    from PIL import Image
+
+    from vlmdet.data.images import open_image
+
+    h, w = smart_resize(height, width, factor=factor(family), min_pixels=min_pixels, max_pixels=max_pixels)
+    if (w, h) == (width, height):
+        return src
+    st = os.stat(src)
+    dst = cache_dir / f"{Path(src).stem}-{st.st_size}-{st.st_mtime_ns}-{w}x{h}.png"
+    if not dst.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # bicubic, as Qwen2VLImageProcessor resizes; PNG so the stored pixels are exactly these
+        im = open_image(src).resize((w, h), Image.Resampling.BICUBIC)
+        tmp = dst.with_suffix(f".{os.getpid()}.tmp")
+        im.save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, dst)  # atomic: ranks of a multi-GPU run may write the same file
+    return str(dst)
+
+
+class StepTimes(TrainerCallback):
+    """VLMDET_STEP_TIMES=FILE: the wall time of every optimizer step, written as JSON by rank 0
+    (benchmarks/multi_gpu.py reads it from a training child it cannot reach otherwise)."""
+
+    def __init__(self, path: str):
+        self.path, self.times, self.t = Path(path), [], 0.0
+
+    @classmethod
+    def from_env(cls) -> "StepTimes | None":
+        path = os.environ.get("VLMDET_STEP_TIMES")
+        return cls(path) if path else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import json
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(round(time.perf_counter() - self.t, 4))
+        if state.is_world_process_zero:
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            self.path.write_text(json.dumps({"step_s": self.times, "peak_alloc_GiB": peak}))
