@@ -98,9 +98,9 @@ def _run(monkeypatch, tmp_path, split: Path, family: str, shift_lowest: bool):
 
     real_detect = Detector.detect
 
-    def detect(self, images, files):
+    def detect(self, images, files, *args, **kwargs):
         oracle.files = list(files)
-        return real_detect(self, images, files)
+        return real_detect(self, images, files, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "load_for_inference", load)
     monkeypatch.setattr(Detector, "detect", detect)
