@@ -25,7 +25,7 @@ def _dataset(coco_path) -> DatasetRef:
 
 def test_profiles_keep_the_effective_batch_and_what_is_learned():
     seed = load_preset("qwen2-vl-7b-nutrition")  # per_device_batch 2 x grad_accum 8
-    for name, want_batch in (("qlora", 4), ("large", 4)):
+    for name, want_batch in (("qlora", 8), ("large", 4)):
         cfg = profiles.apply(seed, name)
         assert cfg.train.profile == name
         assert cfg.train.per_device_batch == want_batch

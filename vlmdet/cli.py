@@ -48,6 +48,10 @@ INFERENCE_SETTINGS = ("model.family", "model.quantization", "model.quantize_visi
                       "model.attn_implementation", "model.prompt", "data.category", "eval.batch_size",
                       "eval.max_new_tokens")
 
+# `vlmdet serve`: the inference settings, its own, and the Hub endpoint a repo is followed on.
+SERVE_SETTINGS = INFERENCE_SETTINGS + ("serve.max_batch_size", "serve.max_wait_ms", "serve.max_queue",
+                                       "serve.max_body_mb", "serve.reload_interval_s", "publish.endpoint")
+
 
 def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] | None = None) -> None:
     """Add `--KEY V` for each dotted setting in `keys` (all of vlmdet/config.py when None) and `--set KEY=VALUE`.
@@ -227,6 +231,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_INPUTS_FAILED if failed else EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = inference_config(args)  # as predict: a bad setting fails before torch is imported
+
+    from vlmdet.serving.server import serve
+
+    serve(args.model, config, set(_overrides(args)), host=args.host, port=args.port, token_file=args.token_file,
+          revision=args.revision)
+    return EXIT_OK
+
+
 def cmd_retries(args: argparse.Namespace) -> int:
     from flows.retries import format_report, latest_failed_run, run_report
 
@@ -278,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="retrain even when nothing changed since the last success")
         if name == "evaluate":
             p.add_argument("--model", required=True)
-        add_settings(p)
+        add_settings(p, [k for k in field_help() if not k.startswith("serve.")])  # serve.*: `vlmdet serve` only
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("predict", help="Detect on images; a line per image, OUT/predictions.json and a drawn image "
@@ -291,6 +305,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     add_settings(p, INFERENCE_SETTINGS)
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("serve", help="Serve a model over HTTP: POST /detect, GET /health, GET /metrics, POST /reload "
+                                     "(docs/serving.md).")
+    p.add_argument("--model", required=True, help="a merged model folder, an adapter folder, a local: publication "
+                                                  "folder or a Hub repo ORG/NAME (followed to its newest revision)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default=None, help="a file holding a bearer token; requests without "
+                                                      "'Authorization: Bearer TOKEN' get 401 (all routes but /health)")
+    p.add_argument("--revision", default="main", help="Hub repos: the branch or tag to serve and follow")
+    p.add_argument("--preset", default=None, help="settings source for prompt and answer length, as for predict")
+    add_settings(p, SERVE_SETTINGS)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("retries", help="Every attempt of a flow run and of each of its task runs, with its error "
                        "and its link in the Prefect UI.")

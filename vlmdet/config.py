@@ -197,6 +197,29 @@ class PublishConfig:
 
 
 @dataclass
+class ServeConfig:
+    max_batch_size: int = _f(8, "`vlmdet serve`: most images in one generate call; concurrent requests share it. More "
+                                "raises images/s until the GPU is full, and each request's latency with it.")
+    max_wait_ms: float = _f(5.0, "`vlmdet serve`: how long the first request of a batch waits for others to join it; "
+                                 "a few ms costs a lone request little and lets a burst share one generate call.")
+    max_queue: int = _f(64, "`vlmdet serve`: images waiting beyond this are answered 503 (busy) at once instead of "
+                            "queueing for minutes; each holds its decoded pixels (36 MB for a 12 MP photo).")
+    max_body_mb: float = _f(20.0, "`vlmdet serve`: largest request body (upload or JSON with base64) in MB; larger "
+                                  "is refused with 413 and never stored. Bodies are held in memory only, never on disk.")
+    reload_interval_s: float = _f(0.0, "`vlmdet serve` of a Hub repo or published folder: look for a newer revision "
+                                       "every N seconds and swap it in without a restart (0 = only on POST /reload).")
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("max_wait_ms", "max_body_mb", "reload_interval_s"):
+            if getattr(self, name) < 0 or (name == "max_body_mb" and self.max_body_mb == 0):
+                raise ConfigError(f"serve.{name}={getattr(self, name)} must be positive"
+                                  f"{'' if name == 'max_body_mb' else ' or 0'}.")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("custom", "Preset name, recorded in the model card and summary.")
     data: DataConfig = field(default_factory=DataConfig)
@@ -206,6 +229,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,16 +7,22 @@ does not reproduce the adapter's logits fails loudly instead of publishing a dif
 """
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlmdet.config import RunConfig
 from vlmdet.modeling.load import adapter_base, check_safe_weights, load_model, load_processor, torch_dtype
+from vlmdet.prediction.predict import GREEDY, stop_token_ids
 from vlmdet.records import AdapterRef, MergedRef
 from vlmdet.samples import user_message
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,20 @@ def tolerance(dtype: torch.dtype, scale: float, adapter_effect: float = 0.0) -> 
     return max(4e-2 * max(1.0, scale), 0.5 * adapter_effect)
 
 
+def published_generation_config(base: GenerationConfig, tokenizer, max_new_tokens: int) -> GenerationConfig:
+    """The decoding the model was measured with, as its generation_config.json: a plain
+    `model.generate(**inputs)` (transformers, a pipeline, vLLM) then gives the card's boxes. The base's
+    file would bring sampling and repetition_penalty (Qwen2-VL-7B-Instruct ships 1.05, which
+    penalises a coordinate digit already written)."""
+    gc = copy.deepcopy(base)
+    gc.update(**GREEDY)
+    gc.eos_token_id = sorted(stop_token_ids(tokenizer))  # both: <|im_end|> ends the turn, <|endoftext|> the text
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.max_new_tokens = max_new_tokens  # the answer length evaluation allowed; transformers' default is 20 in all
+    gc.validate(strict=True)
+    return gc
+
+
 def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images: list) -> MergedRef:
     """Merge the adapter folder into its base; save to OUT; check logits on `images` (PIL, RGB)."""
     from peft import PeftModel
@@ -66,6 +86,8 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
     with model.disable_adapter():
         effect = (_logits(model, batch) - expected).abs().max().item()  # what the adapter changes
     merged = model.merge_and_unload()
+    merged.generation_config = published_generation_config(merged.generation_config, processor.tokenizer,
+                                                           config.eval.max_new_tokens)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)

@@ -56,6 +56,18 @@ def check_model(model_path: str) -> str:
     return source
 
 
+def config_for_model(model_path: str, config: RunConfig, explicit: set[str] = frozenset()) -> RunConfig:
+    """`config` with the family and pixel budget the model folder was saved with, unless set in
+    `explicit` (the dotted keys the user gave): what `vlmdet predict` and `vlmdet serve` detect with."""
+    overrides = {}
+    if "model.family" not in explicit:
+        overrides["model.family"] = family_of(model_path)
+    budget = saved_pixel_budget(model_path)
+    if budget and not explicit & {"model.min_pixels", "model.max_pixels"}:
+        overrides.update({"model.min_pixels": budget[0], "model.max_pixels": budget[1]})
+    return config.override(overrides)
+
+
 def predict_files(model_path: str, files: list[Path], out: Path, config: RunConfig, explicit: set[str] = frozenset(),
                   echo: Callable[[str], None] | None = None) -> Path:
     """Writes OUT/predictions.json and OUT/<name>.jpg with the boxes drawn.
@@ -67,13 +79,7 @@ def predict_files(model_path: str, files: list[Path], out: Path, config: RunConf
     come from the model folder unless set."""
     model_path = check_model(model_path)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {}
-    if "model.family" not in explicit:
-        overrides["model.family"] = family_of(model_path)
-    budget = saved_pixel_budget(model_path)
-    if budget and not explicit & {"model.min_pixels", "model.max_pixels"}:
-        overrides.update({"model.min_pixels": budget[0], "model.max_pixels": budget[1]})
-    config = config.override(overrides)
+    config = config_for_model(model_path, config, explicit)
     model, processor = load_for_inference(model_path, config.model)
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
     det = Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)

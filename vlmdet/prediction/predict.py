@@ -57,6 +57,12 @@ GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "temper
           "top_k": None}
 
 
+def stop_token_ids(tokenizer) -> set[int]:
+    """The chat turn's end and the document's end: either stops an answer (read from the tokenizer,
+    never hard-coded: the ids differ between families)."""
+    return {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tokenizer.unk_token_id}
+
+
 def _box_scores(boxes: list[Box], logprobs: list[float], ends: list[int]) -> None:
     """score = exp(mean log-prob) of the tokens overlapping the box's coordinate characters."""
     starts = [0] + ends[:-1]
@@ -111,7 +117,7 @@ class Detector:
         self.model, self.processor, self.fmt, self.cache = model, processor, fmt, cache
         self.prompt, self.category, self.max_new_tokens = prompt, category, max_new_tokens
         tok = processor.tokenizer
-        self.stop_ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id}
+        self.stop_ids = stop_token_ids(tok)
         self.text = processor.apply_chat_template([user_message(prompt, category)], add_generation_prompt=True)
 
     def inputs(self, images: list):

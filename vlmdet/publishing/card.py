@@ -58,7 +58,7 @@ def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterR
     return {
         "run_id": run_id,
         "preset": config.name,
-        "base_model": adapter.base_model or config.model.base,
+        "base_model": base_model_id(config.model.base, adapter.base_model),
         "family": config.model.family,
         "model_name": model_name,
         "metrics": report.metrics(),
@@ -114,6 +114,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         f"**{ds.get('category', 'nutrition-table')}** regions in photos. It answers a detection prompt with boxes in the "
         "family's native format; vlmdet parses them into xyxy pixel boxes.",
         "",
+        *how_to_use(meta),
         "## Intended use and limits",
         "",
         f"- Intended: locating {ds.get('category')} regions on product photos similar to the training data, as a "
@@ -245,6 +246,106 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
         except json.JSONDecodeError:
             meta_data = None
     return champion_from_card(card_text, meta_data, str(folder))
+
+
+def base_model_id(configured: str, resolved: str | None) -> str:
+    """The base as the card may name it: its Hub id, or for a base that is not on the Hub what is
+    known about it, said as such. Never a path of the machine that trained (`resolved` is the
+    absolute folder that `tiny:`, `asset:` and local bases resolve to)."""
+    configured = configured or resolved or ""
+    if configured.startswith("asset:"):
+        return f"{configured} (a model shipped inside vlmdet, vlmdet/assets/{configured[6:]}; not on the Hub)"
+    if configured.startswith("tiny:"):
+        return f"{configured} (random weights built in-process by vlmdet for tests; not on the Hub)"
+    local = Path(configured).expanduser()
+    if local.is_absolute() or local.exists() or (resolved and resolved != configured):
+        return f"a local folder named {local.name!r} (not a Hub id; its origin is not recorded)"
+    return configured if _REPO_ID.match(configured) else f"{configured!r} (not a Hub id)"
+
+
+# Plain transformers that reproduce `vlmdet predict`'s boxes, per family: {answer -> pixel boxes}.
+_PARSE = {
+    "qwen2_vl": [
+        "# Answer: <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>, 0-1000 of the image",
+        'found = re.findall(r"<\\|box_start\\|>\\((\\d+),(\\d+)\\),\\((\\d+),(\\d+)\\)<\\|box_end\\|>", answer)',
+        "boxes = [[int(x1) / 1000 * W, int(y1) / 1000 * H, int(x2) / 1000 * W, int(y2) / 1000 * H] for x1, y1, x2, y2 in found]",
+    ],
+    "qwen2_5_vl": [
+        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}] in pixels of the image the processor resized',
+        "patch = processor.image_processor.patch_size  # the resized image is grid x patch pixels",
+        'grid_h, grid_w = inputs["image_grid_thw"][0, 1:].tolist()',
+        "sx, sy = W / (grid_w * patch), H / (grid_h * patch)",
+        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
+        'boxes = [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
+    ],
+    "qwen3_vl": [
+        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}], 0-1000 of the image',
+        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
+        'boxes = [[x1 / 1000 * W, y1 / 1000 * H, x2 / 1000 * W, y2 / 1000 * H] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
+    ],
+}
+
+
+def usage_snippet(repo: str, prompt: str, family: str) -> str:
+    """Python that loads `repo`, detects on photo.jpg and prints xyxy boxes in its pixels."""
+    return "\n".join([
+        "import json, re",
+        "from PIL import Image, ImageOps",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        f"repo = {json.dumps(repo)}",
+        "processor = AutoProcessor.from_pretrained(repo)  # carries the pixel budget the model was measured with",
+        'model = AutoModelForImageTextToText.from_pretrained(repo, dtype="auto", device_map="auto")',
+        'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")  # as a viewer shows it',
+        "W, H = image.size",
+        f'messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {json.dumps(prompt)}}}]}}]',
+        "text = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        "# add_special_tokens=False: the chat template already holds every special token, as in training",
+        'inputs = processor(text=[text], images=[image], add_special_tokens=False, return_tensors="pt").to(model.device)',
+        "out = model.generate(**inputs)  # greedy, both stop tokens, answer length: generation_config.json",
+        'answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)',
+        *_PARSE[family],
+        "print(boxes)  # [[x1, y1, x2, y2], ...] in pixels of photo.jpg",
+    ])
+
+
+def how_to_use(meta: dict[str, Any]) -> list[str]:
+    """The card's "How to use" section: the exact prompt, plain transformers code, the answer format."""
+    from vlmdet.formats import Box, get_format
+
+    cfg = meta["config"]
+    family, category = meta["family"], cfg["data"]["category"]
+    prompt = cfg["model"]["prompt"].format(category=category)
+    target = cfg["publish"]["target"]
+    repo = target[4:] if target.startswith("hub:") else f"path/to/{meta['model_name']}"
+    lo, hi = cfg["model"]["min_pixels"], cfg["model"]["max_pixels"]
+    fmt = get_format(family, lo, hi)
+    example = fmt.render([Box(64, 48, 320, 240, category)], 640, 480, category)
+    coords = {"qwen2_vl": "integers 0-1000 relative to the image",
+              "qwen2_5_vl": "absolute pixels of the image after the processor's resize (smart_resize, factor 28, "
+                            "within the pixel budget), not of the original",
+              "qwen3_vl": "integers 0-1000 relative to the image"}[family]
+    return [
+        "## How to use",
+        "",
+        f"The exact prompt (one image, then this text, in the chat template): `{prompt}`",
+        "",
+        "With plain `transformers` (no vlmdet needed); this prints the boxes `vlmdet predict` gives:",
+        "",
+        "```python",
+        usage_snippet(repo, prompt, family),
+        "```",
+        "",
+        f"Answer format ({family}): one entry per box, coordinates {coords}; a box at (64, 48)-(320, 240) of a "
+        f"640x480 photo is written `{example}`, no object `{fmt.no_object_answer}`. The saved processor resizes every "
+        f"image into {lo}-{hi} pixels (the budget the model was trained and measured with), and "
+        "`generation_config.json` decodes greedily (no sampling, no repetition penalty: it would penalise a "
+        "coordinate digit already written) and stops at `<|im_end|>` or `<|endoftext|>`.",
+        "",
+        "Served over HTTP with batching: `vlmdet serve --model " + (repo if target.startswith("hub:") else "FOLDER")
+        + "` (see vlmdet's docs/serving.md).",
+        "",
+    ]
 
 
 def _card_fingerprint(result: EvalResult) -> str:

@@ -5,7 +5,7 @@ x accumulation), learning rate, LoRA settings and data stay the preset's. What i
 base's precision and what is traded between memory and speed (benchmarks/RESULTS.md measures
 each row against the original recipe):
 
-  qlora  4-bit nf4 base, checkpointing, batch 4 x accumulation 4: fits a 24 GB card
+  qlora  4-bit nf4 base, checkpointing, batch 8 x accumulation 2: fits a 24 GB card
          (target: peak <= 12 GiB allocated, >= 2x the recipe's samples/s).
   large  bf16 base, no checkpointing, batch 4 x accumulation 4: for 80 GB cards (target >= 4x).
   preset the preset exactly as written (the `seed-recipe` preset's choice: a faithful copy).
@@ -39,11 +39,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     "qlora": {
         "model.quantization": "nf4",
         # Checkpointing stays: without it a 1,090-token sample keeps ~6 GiB of activations (bench
-        # README: nf4 without checkpointing, batch 2, 18.3 GiB). With it, ~1 GiB a sample, so batch 4
-        # (fewer, larger micro-batches: batch 8 vs 2 was 1.67x faster) fits 12 GiB.
+        # README: nf4 without checkpointing, batch 2, 18.3 GiB). With it ~0.4 GiB a sample. Measured
+        # on one H200, 2026-11-27 (benchmarks/RESULTS.md), 1,091 tokens a sample: batch 4 x 4 6.23
+        # samples/s (1.89x the recipe) at 9.68 GiB; batch 8 x 2 6.77 (2.06x) at 11.93 GiB: the 2x
+        # target inside 12 GiB needs batch 8.
         "train.gradient_checkpointing": True,
         "train.checkpoint_every": 1,
-        "train.per_device_batch": 4,
+        "train.per_device_batch": 8,
         "train.dataloader_workers": 4,    # image decode + processor beside the GPU, not before it
         "train.group_by_length": True,
         "train.optim": "adamw_torch_fused",
@@ -56,7 +58,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.checkpoint_every": 1,
         # ~6 GiB of activations a sample with LoRA on q/k/v/o (bench README: batch 8, 64.6 GiB); LoRA
         # on the MLP too keeps its 18,944-wide inputs and their dropout copies, ~9 GiB a sample: batch 4
-        # (~55 GiB) leaves an 80 GB card room where batch 8 would not fit.
+        # (measured 49.7 GiB on an H200) leaves an 80 GB card room where batch 8 (82.9 GiB) would not fit.
         "train.per_device_batch": 4,
         "train.dataloader_workers": 6,
         "train.group_by_length": True,

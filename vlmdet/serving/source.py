@@ -1,0 +1,64 @@
+"""Where the served model comes from, and which revision of it is newest.
+
+A local folder (a merged model, an adapter, or a `local:DIR` publication, which the publisher
+swaps whole) or a Hub repo id (`ORG/NAME` or `hub:ORG/NAME`) followed on a branch or tag: each
+reload asks the Hub for the branch's head and downloads that exact commit, so a model published
+while the server runs is picked up without a restart.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from vlmdet.modeling.load import ModelError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelSource:
+    def __init__(self, spec: str, *, endpoint: str | None = None, token: str | None = None, revision: str = "main",
+                 cache_dir: str | None = None):
+        self.spec, self.endpoint, self.token, self.revision, self.cache_dir = spec, endpoint or None, token, revision, cache_dir
+        path = Path(spec).expanduser()
+        if path.exists():
+            if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+                raise ModelError(f"--model {spec!r} is a folder without config.json or adapter_config.json; pass a "
+                                  "merged model folder, an adapter folder or a Hub repo id ORG/NAME.")
+            self.kind, self.where = "local", str(path.resolve())
+            return
+        repo = spec[4:] if spec.startswith("hub:") else spec
+        if not _REPO_ID.match(repo):
+            raise ModelError(f"--model {spec!r} is neither an existing folder nor a Hub repo id (ORG/NAME); "
+                              "check the path, or pass hub:ORG/NAME.")
+        self.kind, self.where = "hub", repo
+
+    def __str__(self) -> str:
+        return self.where if self.kind == "local" else f"hub:{self.where}@{self.revision}"
+
+    def latest(self) -> str:
+        """The newest revision: the Hub commit of the followed branch, or the folder's publication."""
+        if self.kind == "hub":
+            from huggingface_hub import HfApi
+
+            info = HfApi(endpoint=self.endpoint, token=self.token).model_info(self.where, revision=self.revision)
+            return info.sha
+        folder = Path(self.where)
+        meta = folder / "vlmdet.json"
+        if meta.is_file():  # a publication: its run id changes with every model published there
+            try:
+                return "run-" + str(json.loads(meta.read_text())["run_id"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        stamp = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+        return "local-" + hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]
+
+    def fetch(self, revision: str) -> str:
+        """A local folder holding `revision` (downloaded once into the Hugging Face cache)."""
+        if self.kind == "local":
+            return self.where
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(self.where, revision=revision, endpoint=self.endpoint, token=self.token,
+                                 cache_dir=self.cache_dir)
