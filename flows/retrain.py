@@ -17,12 +17,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import metrics_table
 from tasks.evaluate import evaluate, evaluation_done
-from tasks.gate import gate
+from tasks.gate import find_champion, gate, measure_champion
 from tasks.merge import merge, merge_done
 from tasks.prepare_data import prepare_data, prepared_exists
 from tasks.publish import publish, resolve_token
 from tasks.train import train, train_done
 from vlmdet.config import RunConfig, guard_check_run, load_preset
+from vlmdet.gate import clears_threshold
 from vlmdet.keys import decision_settings, evaluation_key, source_stamp
 from vlmdet.records import AdapterRef, EvalReport, GateDecision, write_json
 
@@ -39,7 +40,12 @@ def build_config(preset: str, threshold: float | None, dataset: str | None, over
 def _gate_summary(decision: GateDecision) -> dict[str, Any]:
     return {"threshold": decision.threshold, "passed": decision.passed, "reason": decision.reason,
             "metric": decision.metric, "value": decision.value, "champion": decision.champion,
-            "min_delta": decision.min_delta}
+            "min_delta": decision.min_delta,
+            # the paired bootstrap against the champion on today's test images (None without a champion)
+            "champion_recorded": decision.champion_recorded, "champion_evaluated": decision.champion_evaluated,
+            "p_better": decision.p_better, "ci": [decision.ci_low, decision.ci_high] if decision.p_better is not None
+            else None, "min_probability": decision.min_probability, "resamples": decision.resamples,
+            "images": decision.images, "disagreements": decision.disagreements, "picture": decision.picture}
 
 
 def _cached(task_fn, done: bool, store):
@@ -126,7 +132,20 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
                  "changed, or the last run on them did not finish)")
 
     token = resolve_token(config)
-    decision = gate(report, config, token=token, workdir=str(wd))
+    # Like with like: the champion's detections on today's test split (re-evaluated when its card's
+    # numbers come from other data), so the gate compares both models on the same images.
+    champion = find_champion(config, token=token, workdir=str(wd))
+
+    def evaluate_champion(model: str, cfg: RunConfig) -> EvalReport:
+        return _cached(evaluate, evaluation_done(model, data, cfg, wd, "champion"), store)(
+            model, data, cfg, str(wd), name="champion")
+
+    champion_report = None  # below the threshold, no comparison is needed
+    if clears_threshold(report, config.gate):
+        champion_report = measure_champion(champion, report, data, config, str(wd), token=token,
+                                           evaluate_with=evaluate_champion)
+    judged = dict(token=token, workdir=str(wd), champion=champion, champion_report=champion_report, dataset=data)
+    decision = gate(report, config, **judged)
     published = merged = merged_report = None
     if decision.passed:
         merged = _cached(merge, merge_done(adapter, data, config, wd), store)(adapter, data, config, str(wd))
@@ -134,7 +153,7 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
         # unquantized weights. Measure that too, and publish only if it still clears the gate.
         merged_report = _cached(evaluate, evaluation_done(merged.path, data, config, wd, "merged"), store)(
             merged.path, data, config, str(wd), name="merged")
-        decision = gate(merged_report, config, token=token, workdir=str(wd))
+        decision = gate(merged_report, config, name="merged", **judged)
         if decision.passed:
             published = publish(merged, merged_report, data, adapter, decision, config, str(wd), token=token).to_dict()
     if not published:
@@ -145,6 +164,7 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
         "metrics": report.metrics(),
         "base_metrics": base_report.metrics() if base_report else None,
         "merged_metrics": merged_report.metrics() if merged_report else None,
+        "champion_metrics": champion_report.metrics() if champion_report else None,
         "gate": _gate_summary(decision),
         "published": published,
         "adapter": adapter.path,
@@ -167,7 +187,7 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     path = write_json(wd / "summary.json", summary)
     write_json(state_path, {"run_key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "summary": summary,
                             "decision_settings": decision_settings(config)})
-    rows = metrics_table(adapter=report, base=base_report, merged=merged_report)
+    rows = metrics_table(adapter=report, base=base_report, merged=merged_report, champion=champion_report)
     table = "\n".join(f"| {r['model']} | {r['mAP']} | {r['mAP50']} | {r['mAP75']} | {r['images']} |" for r in rows)
     create_markdown_artifact(
         f"## Retrain summary\n\n| model | mAP | mAP50 | mAP75 | images |\n|---|---|---|---|---|\n{table}\n\n"

@@ -18,6 +18,7 @@ from hub_server import HubServer
 from pubkit import records
 from vlmdet import publishing
 from vlmdet.config import RunConfig
+from vlmdet.champion import champion_model, published_predictions
 from vlmdet.gate import decide
 from vlmdet.modeling.tiny import build_tiny_model
 from vlmdet.publishing import PermanentPublishError, TransientPublishError
@@ -118,15 +119,22 @@ def test_gate_reads_the_champion_from_the_hub_card(hub, tmp_path, merged_dir):
     assert hub.calls("GET", r"^/api/models/acme/nutrition-detector$")[-2][2] == 503
     assert champ.metrics["map50"] == pytest.approx(0.70) and champ.data_fingerprint == "fp-test"
     assert champ.source.startswith("hub:acme/nutrition-detector@")
-    _, not_better, *_ = records(tmp_path, merged_dir, map50=0.74)
-    _, better, *_ = records(tmp_path, merged_dir, map50=0.76)
+    assert champ.kind == "hub" and champ.location == "acme/nutrition-detector"
+    from huggingface_hub import HfApi
+
+    head = HfApi(endpoint=hub.url, token=TOKEN).model_info("acme/nutrition-detector").sha
+    assert champ.revision == head  # the full commit: the gate fetches the model at exactly this one
+    _, same, *_ = records(tmp_path, merged_dir, map50=0.76)
     _, other_data, *_ = records(tmp_path, merged_dir, map50=0.55, fp="fp-new")
-    _, below, *_ = records(tmp_path, merged_dir, map50=0.40, fp="fp-new")
-    assert not decide(not_better, cfg.gate, champ).passed
-    assert decide(better, cfg.gate, champ).passed
-    d = decide(other_data, cfg.gate, champ)
-    assert d.passed and d.same_data is False and "different data" in d.reason
-    assert not decide(below, cfg.gate, champ).passed
+    assert champ.measured_on(same) and not champ.measured_on(other_data)
+    assert not decide(other_data, cfg.gate, champ).passed  # never replaced without a comparison
+
+    # the champion fetched to be evaluated again: its model at the card's revision, even after the repo moved on
+    _publish(hub, tmp_path, merged_dir, map50=0.9, fp="fp-later")
+    folder = champion_model(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN)
+    assert (Path(folder) / "model.safetensors").read_bytes() == (merged_dir / "model.safetensors").read_bytes()
+    assert json.loads((Path(folder) / "vlmdet.json").read_text())["eval"]["data_fingerprint"] == "fp-test"
+    assert published_predictions(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN) is None  # pred.json unwritten
 
 
 @pytest.mark.parametrize("method,path,status,after", [

@@ -63,20 +63,23 @@ def test_card_without_pictures_does_not_link_missing_files(tmp_path, merged_dir)
     assert "assets/" not in text and not (tmp_path / "published" / "assets").exists()
 
 
-def test_champion_reads_back_and_drives_the_next_gate(tmp_path, merged_dir):
+def test_champion_reads_back_with_where_to_fetch_it_and_its_predictions(tmp_path, merged_dir):
     cfg = _cfg(**{"gate.min_delta": 0.05})
     assert publishing.read_champion(cfg, tmp_path) is None
     first = records(tmp_path, merged_dir, map50=0.70)
+    Path(first[1].predictions).write_text('[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]')
     publishing.publish(*first, cfg, tmp_path)
     champ = publishing.read_champion(cfg, tmp_path)
     assert champ.metrics["map50"] == pytest.approx(0.70) and champ.data_fingerprint == "fp-test"
-    assert champ.split == "test"
-    _, worse, *_ = records(tmp_path, merged_dir, map50=0.72)
-    _, better, *_ = records(tmp_path, merged_dir, map50=0.80)
+    assert champ.split == "test" and champ.kind == "local" and champ.location == str(tmp_path / "published")
+    assert champ.config["gate"]["min_delta"] == 0.05  # its own settings, to evaluate it the way it answers
+    # its test predictions travel with it: the next gate on the same data compares without re-evaluating it
+    assert (tmp_path / "published" / "eval" / "predictions.json").read_text() == Path(first[1].predictions).read_text()
+    _, same, *_ = records(tmp_path, merged_dir, map50=0.80)
     _, other, *_ = records(tmp_path, merged_dir, map50=0.60, fp="fp-other")
-    assert not decide(worse, cfg.gate, champ).passed
-    assert decide(better, cfg.gate, champ).passed
-    assert decide(other, cfg.gate, champ).same_data is False
+    assert champ.measured_on(same) and not champ.measured_on(other)
+    # without both models measured on the same images, a champion is never replaced
+    assert not decide(same, cfg.gate, champ).passed and not decide(other, cfg.gate, champ).passed
 
 
 def test_republishing_replaces_the_whole_folder(tmp_path, merged_dir):
@@ -136,7 +139,8 @@ def test_tasks_on_a_local_target(tmp_path, merged_dir, prefect_harness):
     first, pub, second = two_runs(str(tmp_path))
     assert first.passed and first.champion is None
     assert pub.kind == "local" and (tmp_path / "published" / "README.md").is_file()
-    assert not second.passed and second.champion == pytest.approx(0.7) and second.same_data
+    # a caller that measured no champion (no dataset given): read here, and not replaced on a guess
+    assert not second.passed and second.champion == pytest.approx(0.7) and "not measured" in second.reason
 
 
 @pytest.mark.parametrize("same_run", [True, False])

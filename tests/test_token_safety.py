@@ -111,19 +111,20 @@ def test_token_appears_nowhere(prefect_harness, tmp_path, all_logs, monkeypatch)
             "publish.target": "hub:acme/token-safety", "publish.endpoint": hub.url, "publish.token_secret": BLOCK})
 
         @flow(name="token-safety")
-        def run(workdir: str, map50: float):
+        def run(workdir: str, map50: float, repo: str = "acme/token-safety"):
             all_logs.install()
             token = resolve_token(cfg)
             merged, report, dataset, adapter, _ = records(Path(workdir), merged_dir, map50=map50)
-            decision = gate(report, cfg, token=token, workdir=workdir)
-            return decision, publish(merged, report, dataset, adapter, decision, cfg, workdir, token=token)
+            target = cfg.override({"publish.target": f"hub:{repo}"})  # an empty repo: no champion blocks the gate
+            decision = gate(report, target, token=token, workdir=workdir)
+            return decision, publish(merged, report, dataset, adapter, decision, target, workdir, token=token)
 
         hub.fail("POST", r"/commit/main$", 500, times=1)  # a retried transient error: warnings get logged
         decision, pub = run(str(tmp_path / "run1"), 0.8)
         assert decision.passed and pub.kind == "hub"
         hub.fail("POST", r"/commit/main$", 403, times=5)  # a permanent failure: exception text and state
         with pytest.raises(Exception) as failure:
-            run(str(tmp_path / "run2"), 0.9)
+            run(str(tmp_path / "run2"), 0.9, "acme/token-safety-2")
         assert SECRET in hub.state.tokens_seen  # the token really was resolved and used
         hub_texts = [hub.state.repos["acme/token-safety"].head.title, hub.state.repos["acme/token-safety"].head.message]
         hub_texts += [data.decode("latin-1") for data, _ in hub.state.repos["acme/token-safety"].head.files.values()]

@@ -165,11 +165,25 @@ class EvalConfig:
 class GateConfig:
     threshold: float = _f(0.5, "Publish only when the metric is at least this.")
     metric: str = _f("map50", "Which metric the gate reads: map, map50 or map75.")
-    min_delta: float = _f(0.0, "The new model must beat the published champion by at least this.")
+    min_delta: float = _f(0.0, "Margin: a bootstrap resample counts the new model as better only when it beats the "
+                               "champion by more than this (0 = any gain). Set it when a replacement has a cost "
+                               "(downstream re-validation) that only a material gain repays.")
+    min_probability: float = _f(0.9, "Publish over a champion only when a paired bootstrap over the test images "
+                                     "finds the new model better (by more than min_delta) in at least this share of "
+                                     "resamples. On ~120 test images one image moves mAP50 by ~0.008, so a point "
+                                     "difference alone would replace a model on noise.")
+    resamples: int = _f(1000, "Bootstrap resamples of the test images (1000: P and the 95% interval to about +-0.01).")
+    seed: int = _f(0, "Seed of the bootstrap resampling: the same evaluations give the same decision.")
 
     def __post_init__(self) -> None:
         if self.metric not in ("map", "map50", "map75"):
             raise ConfigError(f"gate.metric={self.metric!r}; use map, map50 or map75.")
+        if not 0.0 <= self.min_probability <= 1.0:
+            raise ConfigError(f"gate.min_probability={self.min_probability} is not a probability; use a value in "
+                              "[0, 1], e.g. 0.9.")
+        if self.resamples < 100:
+            raise ConfigError(f"gate.resamples={self.resamples} is too few for a 95% interval; use at least 100 "
+                              "(default 1000).")
 
 
 @dataclass

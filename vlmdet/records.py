@@ -127,7 +127,18 @@ class GateDecision(Record):
     min_delta: float = 0.0
     champion_data_fingerprint: str | None = None  # data the champion's metric was measured on
     champion_source: str | None = None  # where the champion was read (folder, or repo@revision)
-    same_data: bool | None = None  # None: no champion compared; False: gate fell back to the threshold
+    same_data: bool | None = None  # None: no champion compared; True: both models measured on the same images
+    # The paired bootstrap of challenger minus champion on today's test images (None: no champion).
+    champion_recorded: float | None = None  # what the champion's card says (maybe measured on other data)
+    champion_evaluated: bool = False  # the champion was evaluated again on today's test split in this run
+    p_better: float | None = None  # share of resamples where the new model beats the champion by > min_delta
+    ci_low: float | None = None  # 95% interval of the difference (new - champion)
+    ci_high: float | None = None
+    min_probability: float | None = None
+    resamples: int = 0
+    images: int = 0  # test images both models were scored on
+    disagreements: list[dict] = field(default_factory=list)  # images where the two differ most
+    picture: str | None = None  # PNG: those images, champion and new model side by side
 
 
 @dataclass

@@ -66,8 +66,12 @@ def read_champion(config: RunConfig, workdir: str | Path = ".", token: str | Non
     """The model now published at config.publish.target, as the gate's champion (None when there is none)."""
     kind, where = parse_target(config.publish.target, workdir)
     if kind == "local":
-        return cardlib.read_champion_folder(where)
-    from vlmdet.publishing import hub
+        champion = cardlib.read_champion_folder(where)
+    else:
+        from vlmdet.publishing import hub
 
-    return hub.read_champion_repo(where, endpoint=config.publish.endpoint, token=token, policy=retry_policy,
-                                  sleep=sleep)
+        champion = hub.read_champion_repo(where, endpoint=config.publish.endpoint, token=token, policy=retry_policy,
+                                          sleep=sleep)
+    if champion is not None:  # where the gate fetches the champion's model to evaluate it on today's data
+        champion.kind, champion.location = kind, where
+    return champion

@@ -27,6 +27,8 @@ META_FILE = "vlmdet.json"
 CARD_FILE = "README.md"
 LOSS_CURVE = "assets/loss_curve.png"
 PREVIEW = "assets/predictions.png"
+GATE_PICTURE = "assets/gate_disagreements.png"
+PREDICTIONS = "eval/predictions.json"  # the published model's detections on its test split (COCO results)
 METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -142,6 +144,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         "## Publication gate",
         "",
         decision_markdown(decision),
+        *gate_comparison_section(decision),
     ]
     body += provenance_markdown(prov)
     if has_preview:
@@ -159,6 +162,27 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+def gate_comparison_section(decision: GateDecision) -> list[str]:
+    """Card lines: how this model compared with the one it replaced, on the same test images."""
+    if decision.p_better is None:
+        return ["This model was the first at its target: the threshold alone decided.", ""]
+    how = ("the previous model was evaluated again on this run's test split" if decision.champion_evaluated
+           else "both were measured on the same test split")
+    lines = [
+        "### Compared with the model it replaced",
+        "",
+        f"On the same {decision.images} test images ({how}): {decision.metric} {decision.value:.4f} against "
+        f"{decision.champion:.4f}. A paired bootstrap over the images ({decision.resamples} resamples) puts the "
+        f"difference in [{decision.ci_low:+.4f}, {decision.ci_high:+.4f}] (95%) and finds this model better in "
+        f"{decision.p_better:.1%} of resamples (required: {decision.min_probability:.0%}).",
+        "",
+    ]
+    if decision.picture and Path(decision.picture).is_file():
+        lines += ["Where the two disagreed most (previous model left, this one right; green: ground truth):", "",
+                  f"![disagreements]({GATE_PICTURE})", ""]
+    return lines
 
 
 def provenance_markdown(prov: dict[str, Any]) -> list[str]:
@@ -193,7 +217,9 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
                     fingerprint = fingerprint or _card_fingerprint(r)
                     split = split or (r.dataset_split or "")
     run_id = ""
+    config: dict = {}
     if meta:
+        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         for k, v in (meta.get("metrics") or {}).items():
             if k in METRIC_NAMES and isinstance(v, (int, float)):
                 metrics.setdefault(k, float(v))
@@ -203,7 +229,8 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
         run_id = meta.get("run_id", "")
     if not metrics:
         return None
-    return Champion(metrics=metrics, data_fingerprint=fingerprint, split=split, source=source, run_id=run_id)
+    return Champion(metrics=metrics, data_fingerprint=fingerprint, split=split, source=source, run_id=run_id,
+                    config=config)
 
 
 def read_champion_folder(folder: str | Path) -> Champion | None:

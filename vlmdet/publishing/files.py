@@ -49,6 +49,11 @@ def plan(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: Ad
         files[cardlib.LOSS_CURVE] = loss_curve  # type: ignore[assignment]
     if has_preview:
         files[cardlib.PREVIEW] = preview  # type: ignore[assignment]
+    predictions = Path(report.predictions) if report.predictions else None
+    if predictions and predictions.is_file():  # lets the next run's gate compare on the same images unevaluated
+        files[cardlib.PREDICTIONS] = predictions  # type: ignore[assignment]
+    if decision.picture and Path(decision.picture).is_file():
+        files[cardlib.GATE_PICTURE] = Path(decision.picture)
     meta = cardlib.build_metadata(report=report, dataset=dataset, adapter=adapter, decision=decision, config=config,
                                   run_id=run_id, model_name=model_name)
     files[cardlib.META_FILE] = (json.dumps(meta, indent=2, default=str) + "\n").encode()

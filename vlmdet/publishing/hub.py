@@ -206,6 +206,9 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
                 meta = json.loads(meta_text)
             except json.JSONDecodeError:
                 meta = None
-        return cardlib.champion_from_card(card_text, meta, f"hub:{repo_id}@{(sha or '')[:12]}")
+        champion = cardlib.champion_from_card(card_text, meta, f"hub:{repo_id}@{(sha or '')[:12]}")
+        if champion is not None:
+            champion.revision = sha or ""  # the gate downloads the model at exactly this commit
+        return champion
 
     return with_retries(read, "read champion", repo_id, token, policy or RetryPolicy(), sleep)

@@ -1,0 +1,87 @@
+"""Getting the champion (the model now at the target) ready to be measured on today's test split.
+
+The gate compares both models on the same images. A published model carries its own test
+predictions (`eval/predictions.json`); when its card says they were measured on today's split of
+the same prepared data they are reused as they are. Otherwise the model itself is fetched (the
+local target folder, or the Hub repo at the exact commit its card was read from) and evaluated
+again, with its own model settings (family, pixel budget, prompt) from its `vlmdet.json`, since
+that is how it answers in production.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmdet.config import RunConfig
+from vlmdet.gate import Champion
+from vlmdet.publishing.card import PREDICTIONS
+from vlmdet.records import EvalReport
+
+# ModelConfig fields that change how a published (merged) model answers; the rest (base, quantization) only
+# matter for training or for an adapter.
+_ANSWER_SETTINGS = ("family", "min_pixels", "max_pixels", "prompt", "dtype", "attn_implementation")
+
+
+def champion_config(champion: Champion, config: RunConfig) -> RunConfig:
+    """Today's configuration with the champion's own answer settings, to evaluate the champion."""
+    theirs = (champion.config or {}).get("model") or {}
+    data = config.to_dict()
+    data["model"].update({k: theirs[k] for k in _ANSWER_SETTINGS if k in theirs})
+    return RunConfig.from_dict(data)
+
+
+def _download(champion: Champion, filename: str | None, out: Path, endpoint: str, token: str | None) -> str | None:
+    """The champion's whole repo (filename None) or one file, at its revision; None if the file is absent."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from vlmdet.publishing.hub import RetryPolicy, with_retries
+
+    kw: dict[str, Any] = dict(revision=champion.revision or None, endpoint=endpoint or None, token=token,
+                              local_dir=str(out))
+
+    def fetch() -> str | None:
+        if filename is None:
+            return snapshot_download(champion.location, **kw)
+        try:
+            return hf_hub_download(champion.location, filename, **kw)
+        except EntryNotFoundError:
+            return None
+
+    return with_retries(fetch, f"download champion {filename or 'model'}", champion.location, token, RetryPolicy())
+
+
+def published_predictions(champion: Champion, workdir: str | Path, endpoint: str = "",
+                          token: str | None = None) -> str | None:
+    """The champion's published test predictions (path), or None when it published none."""
+    if champion.kind == "local":
+        path = Path(champion.location) / PREDICTIONS
+        return str(path) if path.is_file() else None
+    return _download(champion, PREDICTIONS, Path(workdir) / "champion" / (champion.revision[:12] or "head"),
+                     endpoint, token)
+
+
+def champion_model(champion: Champion, workdir: str | Path, endpoint: str = "", token: str | None = None) -> str:
+    """A local folder holding the champion's model: the target folder itself, or a Hub download."""
+    if champion.kind == "local":
+        return champion.location
+    if champion.kind != "hub":
+        raise ValueError(f"champion {champion.source!r} has no known location (kind={champion.kind!r})")
+    return _download(champion, None, Path(workdir) / "champion" / (champion.revision[:12] or "head"), endpoint, token)
+
+
+REUSED = "published predictions of "  # EvalReport.model of a champion that was not evaluated again
+
+
+def reuse_report(champion: Champion, report: EvalReport, predictions: str) -> EvalReport:
+    """An EvalReport for the champion from its card's numbers and its published predictions."""
+    m = champion.metrics
+    return EvalReport(map=m.get("map", float("nan")), map50=m.get("map50", float("nan")),
+                      map75=m.get("map75", float("nan")), split=champion.split, num_images=report.num_images,
+                      parse_failures=0, predictions=predictions, model=REUSED + champion.source,
+                      data_fingerprint=champion.data_fingerprint)
+
+
+def was_evaluated(champion_report: EvalReport) -> bool:
+    """True when the champion's report comes from an evaluation in this run, not from its publication."""
+    return not champion_report.model.startswith(REUSED)
