@@ -185,10 +185,12 @@ def _prepared(config, workdir: Path):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vlmdet.keys import training_key
+    from vlmdet.training import profiles
     from vlmdet.training.train import train
 
     config = load_preset(args.preset, _overrides(args))
     _check_base(config)
+    config = profiles.resolve(config)  # train.profile (auto: from the free GPU memory), as the flow's train task
     wd = Path(args.workdir).resolve()
     data = _prepared(config, wd)
     adapter = train(data, config, wd / "train" / training_key(config, data.fingerprint))
