@@ -107,6 +107,10 @@ def select_checkpoint(model, processor, config, ckpt_dir: str | Path, log_histor
         step = max(found)
         return step, {"rule": "no validation split: the last checkpoint", "checkpoints": [{"step": step}]}
     n = config.eval.val_max_images
+    if n > 0 and not _has_boxes(val_split, n):
+        # AP is undefined without a true box (a small split of pictures without tables): loss decides
+        log.info("the first %d validation images hold no box: choosing by validation loss", n)
+        n = 0
     rows = []
     for step, folder in found.items():
         row: dict[str, Any] = {"step": step, "val_loss": losses.get(step)}
@@ -121,6 +125,13 @@ def select_checkpoint(model, processor, config, ckpt_dir: str | Path, log_histor
     images = min(n, _count_images(val_split))
     return best["step"], {"rule": RULE if n > 0 else "lowest val loss, then the later step", "checkpoints": rows,
                           "val_images": images, "chosen": best}
+
+
+def _has_boxes(split_json: str, max_images: int) -> bool:
+    from vlmdet.samples import load_split
+
+    samples, _ = load_split(split_json)
+    return any(s.boxes for s in samples[:max_images])
 
 
 def _count_images(split_json: str) -> int:
