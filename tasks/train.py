@@ -47,6 +47,8 @@ def halved_for_retry(config: RunConfig, attempt: int) -> RunConfig:
 
 def train_dir(workdir: str | Path, dataset: DatasetRef, config: RunConfig, fresh: bool = False) -> Path:
     """WORKDIR/train/<training_key>; a forced (fresh) run gets a folder of its own flow run."""
+    if config.train.profile == "auto":  # the flow asks before the task resolved it: the folder it will use
+        config = profiles.resolve(config)
     key = training_key(config, dataset.fingerprint)
     if fresh:
         key += "-" + str(flow_run.id or "manual").replace("-", "")[:8]

@@ -30,7 +30,9 @@ def training_key(config: RunConfig, data_fingerprint: str) -> str:
     # How the effective batch is split (per-device x accumulation) is an execution detail: an
     # out-of-memory retry halves one and doubles the other and is still the same run.
     train["effective_batch"] = train.pop("per_device_batch") * train.pop("grad_accum")
-    for execution_only in ("timeout_s", "num_processes", "dataloader_workers", "save_steps", "save_total_limit",
+    # train.profile is how a run executes; what a profile changes (quantization, batch split) is in the
+    # other fields, so a resolved and an unresolved config of the same run share the key.
+    for execution_only in ("profile", "timeout_s", "num_processes", "dataloader_workers", "save_steps", "save_total_limit",
                            "logging_steps"):
         train.pop(execution_only, None)
     # save_steps and save_total_limit decide which checkpoints exist to choose from, and the
