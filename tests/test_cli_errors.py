@@ -13,7 +13,7 @@ from vlmdet import cli
 from vlmdet.cli import EXIT_CONFIG, EXIT_DATA, EXIT_HUB, EXIT_MODEL, main
 
 
-def _one_error(capsys_or_text, code: int, got: int, *needles: str) -> str:
+def assert_one_error(capsys_or_text, code: int, got: int, *needles: str) -> str:
     err = capsys_or_text if isinstance(capsys_or_text, str) else capsys_or_text.readouterr().err
     assert got == code, err
     assert "Traceback" not in err
@@ -25,22 +25,22 @@ def _one_error(capsys_or_text, code: int, got: int, *needles: str) -> str:
 
 
 def test_unknown_preset(capsys):
-    _one_error(capsys, EXIT_CONFIG, main(["retrain", "--preset", "no-such-preset"]),
+    assert_one_error(capsys, EXIT_CONFIG, main(["retrain", "--preset", "no-such-preset"]),
                "preset 'no-such-preset' not found", "choose one of", "smoke")
 
 
 def test_unknown_setting(capsys):
-    _one_error(capsys, EXIT_CONFIG, main(["retrain", "--set", "train.max_step=3"]),
+    assert_one_error(capsys, EXIT_CONFIG, main(["retrain", "--set", "train.max_step=3"]),
                "train.max_step", "unknown setting")
 
 
 def test_bad_value(capsys):
-    _one_error(capsys, EXIT_CONFIG, main(["retrain", "--train.max_steps", "ten"]),
+    assert_one_error(capsys, EXIT_CONFIG, main(["retrain", "--train.max_steps", "ten"]),
                "train.max_steps='ten' is not a valid int")
 
 
 def test_a_setting_the_command_does_not_read(capsys, tmp_path):
-    _one_error(capsys, EXIT_CONFIG, main(["predict", "--model", str(tmp_path), "--out", str(tmp_path / "o"),
+    assert_one_error(capsys, EXIT_CONFIG, main(["predict", "--model", str(tmp_path), "--out", str(tmp_path / "o"),
                                           "--set", "train.max_steps=3", "x.jpg"]),
                "train.max_steps", "`vlmdet predict` does not use this setting", "eval.batch_size")
 
@@ -54,15 +54,15 @@ def test_bad_dataset_spec_or_missing_path_fails_before_prefect_starts(capsys, sp
     import sys
 
     monkeypatch.delitem(sys.modules, "flows.retrain", raising=False)
-    _one_error(capsys, EXIT_DATA, main(["retrain", "--workdir", "unused", "--dataset", spec]), *needles)
+    assert_one_error(capsys, EXIT_DATA, main(["retrain", "--workdir", "unused", "--dataset", spec]), *needles)
     assert "flows.retrain" not in sys.modules  # the flow (and its Prefect server) never started
 
 
 def test_missing_model(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _one_error(capsys, EXIT_MODEL, main(["predict", "--model", "runs/nope", "--out", "o", "x.jpg"]),
+    assert_one_error(capsys, EXIT_MODEL, main(["predict", "--model", "runs/nope", "--out", "o", "x.jpg"]),
                "--model runs/nope: no such folder or repository", "HF_HUB_OFFLINE=1")
-    _one_error(capsys, EXIT_MODEL, main(["retrain", "--model.base", "runs/nobase"]),
+    assert_one_error(capsys, EXIT_MODEL, main(["retrain", "--model.base", "runs/nobase"]),
                "model.base runs/nobase: no such folder or repository")
 
 
@@ -111,7 +111,7 @@ def test_missing_token(capsys, monkeypatch, hub_records, online, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with HubServer(tokens={"hf_only_this"}) as hub:
         _retrain_that_publishes(monkeypatch, hub_records, hub.url, token=None)
-        _one_error(capsys, EXIT_HUB, main(["retrain", "--workdir", str(tmp_path)]),
+        assert_one_error(capsys, EXIT_HUB, main(["retrain", "--workdir", str(tmp_path)]),
                    "HTTP 401", "token is missing", "HF_TOKEN")
 
 
@@ -124,7 +124,7 @@ def test_unreachable_hub(capsys, monkeypatch, hub_records, online, tmp_path):
     fake_time.sleep = lambda s: None  # the client's own backoff between its tries
     monkeypatch.setattr(http, "time", fake_time)
     _retrain_that_publishes(monkeypatch, hub_records, "http://127.0.0.1:9", token="hf_x")
-    _one_error(capsys, EXIT_HUB, main(["retrain", "--workdir", str(tmp_path)]),
+    assert_one_error(capsys, EXIT_HUB, main(["retrain", "--workdir", str(tmp_path)]),
                "hub:acme/detector", "connection to the Hub dropped")
 
 
@@ -141,7 +141,7 @@ def test_a_data_error_inside_the_flow_is_one_line_too(prefect_harness, tmp_path,
     ann = write_coco(tmp_path / "ds", [{"file": f"gone{i}.jpg", "bytes": None, "size": (40, 30)} for i in range(3)], [])
     code = main(["retrain", "--workdir", str(tmp_path / "run"), "--dataset", f"coco:{ann}"])
     err = capfd.readouterr().err
-    line = _one_error(err, EXIT_DATA, code, "no usable images", "missing-file 3", "report.json")
+    line = assert_one_error(err, EXIT_DATA, code, "no usable images", "missing-file 3", "report.json")
     assert len(re.findall("no usable images", err)) == 1, err
     assert len(err.splitlines()) <= 6, err  # the server start/stop lines, the flow's first line, the error
     assert json.loads(Path(ann).read_text())  # the input is untouched
