@@ -242,6 +242,41 @@ def test_profile_settings_reach_the_trainer(synth_coco, micro_config, tmp_path):
     assert batch["input_ids"].shape[0] == 2
 
 
+def test_fp32_lora_takes_bf16_inputs_under_autocast_with_identical_results():
+    """speed.adapter_inputs_uncast: no fp32 copy of each adapted activation; same outputs and grads."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlmdet.training.speed import adapter_inputs_uncast
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0", "2"]))
+    for p in model.parameters():
+        if p.requires_grad:  # fp32 adapters (train.adapter_dtype), non-zero B so both grads flow
+            p.data = p.data.float()
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(8, 64).bfloat16()
+    lora_a = model.base_model.model[0].lora_A["default"]
+
+    def run(uncast: bool):
+        model.zero_grad()
+        seen = []
+        hook = lora_a.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16), adapter_inputs_uncast(model, autocast=uncast):
+            y = model(x)
+        y.float().pow(2).sum().backward()
+        hook.remove()
+        return y.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad], seen
+
+    y_cast, g_cast, seen_cast = run(False)
+    y_lean, g_lean, seen_lean = run(True)
+    assert seen_cast == [torch.float32] and seen_lean == [torch.bfloat16]
+    assert torch.equal(y_cast, y_lean)
+    assert all(torch.equal(a, b) for a, b in zip(g_cast, g_lean))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))  # restored
+
+
 # --- evaluation levers ---------------------------------------------------------------------------------------
 
 class _NoHead:
