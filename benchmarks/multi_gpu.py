@@ -4,6 +4,12 @@ data, seed and effective batch 16; prints samples/s, the speed-up and the loss d
     python benchmarks/multi_gpu.py                      # every visible GPU vs one (a 2- or 4-GPU machine)
     python benchmarks/multi_gpu.py --processes 1,2,4 --profile qlora
     python benchmarks/multi_gpu.py --tiny --processes 1 # CPU check of the path
+    python benchmarks/multi_gpu.py --eval-images 256    # then evaluation sharded over 1 and N processes
+
+Evaluation (--eval-images N > 0): the `evaluate` step child as tasks/evaluate.py starts it
+(plan_processes(eval.num_processes)), on the base folder as a merged model would be (bf16), N
+synthetic images, 24-token answers; load and detection time from the child (VLMDET_STEP_TIMES),
+the answers compared with the one-process run's.
 
 It goes through vlmdet.runner.plan_processes and run_step exactly as tasks/train.py does (one
 process per GPU with `accelerate launch`, grad_accum divided by the process count); per-step times
@@ -39,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is the warm-up)")
     ap.add_argument("--processes", default="", help="comma list of process counts (default: 1 and every visible GPU)")
     ap.add_argument("--profile", default="qlora")
+    ap.add_argument("--eval-images", type=int, default=0, help="also time evaluation sharded over the same process counts")
+    ap.add_argument("--train", default="yes", choices=("yes", "no"), help="no: only the evaluation part")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "vlmdet-bench-out"))
     a = ap.parse_args(argv)
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.override({"model.quantization": "none", "model.dtype": "auto", "train.dataloader_workers": 0})
     result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "visible_gpus": gpus,
               "profile": a.profile, "effective_batch": cfg.train.per_device_batch * cfg.train.grad_accum, "runs": {}}
-    for n in counts:
+    for n in counts if a.train == "yes" else []:
         processes, env = plan_processes(n)
         run = work / f"multi-{n}"
         times_file = run / "step_times.json"
@@ -91,8 +99,57 @@ def main(argv: list[str] | None = None) -> int:
             r["speedup"] = round(r["samples_per_s"] / one["samples_per_s"], 2)
             r["max_loss_diff_vs_1"] = round(max(abs(x - y) for x, y in zip(r["losses"], one["losses"])), 4)
     (out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
+    if a.eval_images:
+        result["eval"] = eval_runs(a, base, counts, work, out, result)
+    (out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1), flush=True)
     return 0
+
+
+def eval_runs(a, base: str, counts: list[int], work: Path, out: Path, result: dict) -> dict:
+    from vlmdet.config import load_preset
+    from vlmdet.runner import plan_processes, run_step
+
+    data = write_dataset(work, a.eval_images, (224, 168) if a.tiny else (1024, 768))
+    cfg = load_preset(PRESET, {"model.base": base, "eval.max_new_tokens": 24, "eval.preview_images": 0})
+    if a.tiny:
+        cfg = cfg.override({"model.quantization": "none", "model.dtype": "auto"})
+    runs: dict = {}
+    for n in counts:
+        processes, env = plan_processes(n, setting="eval.num_processes")
+        run = work / f"eval-{n}"
+        times_file = run / "times.json"
+        run.mkdir(parents=True, exist_ok=True)
+        times_file.unlink(missing_ok=True)
+        say(f"evaluate on {n} process(es): start")
+        t = time.time()
+        try:
+            rec = run_step("evaluate", {"model": base, "dataset": data.to_dict(), "out": str(run / "out"), "split": "test",
+                                        "config": cfg.override({"eval.num_processes": n}).to_dict()},
+                           run / "step", timeout_s=1200, num_processes=processes,
+                           env={**env, "VLMDET_STEP_TIMES": str(times_file),
+                                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))})
+        except Exception as err:
+            runs[n] = {"error": str(err)[:500]}
+            say(f"evaluate {n}: failed: {err}")
+            continue
+        times = json.loads(times_file.read_text())
+        answers = [p["answer"] for p in json.loads(Path(rec["per_image"]).read_text())]
+        runs[n] = {"processes": times["processes"], "wall_s": round(time.time() - t, 1), "load_s": round(times["load_s"], 1),
+                   "detect_s": round(times["detect_s"], 1),
+                   "detect_ms_per_image": round(1000 * times["detect_s"] / a.eval_images, 1),
+                   "map50": rec["map50"], "answers": answers}
+        say(f"evaluate {n}: " + json.dumps({k: v for k, v in runs[n].items() if k != "answers"}))
+        result["eval"] = runs
+        (out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
+    one = runs.get(counts[0], {})
+    for n, r in runs.items():
+        if "answers" in r and "answers" in one and n != counts[0]:
+            r["detect_speedup"] = round(one["detect_s"] / max(r["detect_s"], 1e-9), 2)
+            r["same_answers_as_first"] = sum(x == y for x, y in zip(r["answers"], one["answers"])) / len(one["answers"])
+    for r in runs.values():
+        r.pop("answers", None)
+    return runs
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from vlmdet.config import RunConfig
@@ -79,8 +80,16 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples, coco = load_split(dataset.splits[split])
+    t0 = time.perf_counter()
     det = detector_for(model_path, config)
+    t1 = time.perf_counter()
     preds = detect_sharded(det, samples, config, desc=f"evaluate {split}")
+    t2 = time.perf_counter()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    log.info("loaded in %.1fs; detected %d images in %.1fs (%.0f ms an image over %d process(es))", t1 - t0,
+             len(samples), t2 - t1, 1000 * (t2 - t1) / max(1, len(samples)), world)
+    if os.environ.get("VLMDET_STEP_TIMES") and int(os.environ.get("RANK", 0)) == 0:  # benchmarks/multi_gpu.py
+        write_json(os.environ["VLMDET_STEP_TIMES"], {"load_s": t1 - t0, "detect_s": t2 - t1, "processes": world})
     cat_id = next((c["id"] for c in coco["categories"] if c["name"] == config.data.category), 1)
     results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
                for s, p in zip(samples, preds) for b in p.boxes]
