@@ -235,11 +235,47 @@ def test_profile_settings_reach_the_trainer(synth_coco, micro_config, tmp_path):
     cfg = micro_config.override({"train.group_by_length": True, "train.optim": "adamw_torch_fused",
                                  "train.dataloader_workers": 2, "train.pre_resize": True})
     trainer, _, _ = build_trainer(_dataset(synth_coco), cfg, tmp_path / "t")
-    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    # one process: grouped by the effective batch, as transformers does (speed.grouping_independent_of_gpus)
+    assert sampler.batch_size == cfg.train.per_device_batch * cfg.train.grad_accum
     assert trainer.args.optim == "adamw_torch_fused" and trainer.args.dataloader_persistent_workers
     # the collator takes rows with the extra length column
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert batch["input_ids"].shape[0] == 2
+
+
+def _steps(per_device: int, accum_per_rank: int, world: int, lengths: list[int], fixed: bool) -> list[set[int]]:
+    """The samples of each optimizer step on `world` processes: the length-grouped sampler as the Trainer
+    builds it (per-process batch x accumulation), optionally regrouped by speed.grouping_independent_of_gpus,
+    then micro-batches dealt to the ranks in turn as accelerate's sharded loader does."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from vlmdet.training.speed import grouping_independent_of_gpus
+
+    sampler = LengthGroupedSampler(per_device * accum_per_rank, lengths=lengths)
+    if fixed:
+        grouping_independent_of_gpus(sampler, SimpleNamespace(train_batch_size=per_device,
+                                                              gradient_accumulation_steps=accum_per_rank, world_size=world))
+    torch.manual_seed(0)  # the Trainer seeds every rank alike
+    order = list(sampler)
+    micro = [order[k:k + per_device] for k in range(0, len(order), per_device)]
+    per_step = per_device * accum_per_rank * world
+    return [set(i for b in micro[k:k + accum_per_rank * world] for i in b) for k in range(0, len(micro), accum_per_rank * world)
+            if len(micro[k:k + accum_per_rank * world]) * per_device == per_step]
+
+
+def test_length_grouping_gives_every_gpu_count_the_one_gpu_steps():
+    """Effective batch 16 as 4 x 4 on one GPU, 4 x 2 on two, 4 x 1 on four: the same samples in every step."""
+    lengths = [1000 + (i * 37) % 300 for i in range(960)]  # the real split's size; visual tokens + answer length
+    one = _steps(4, 4, 1, lengths, fixed=True)
+    assert len(one) == 60
+    assert _steps(4, 2, 2, lengths, fixed=True) == one
+    assert _steps(4, 1, 4, lengths, fixed=True) == one
+    assert _steps(4, 4, 1, lengths, fixed=False) == one  # one GPU: unchanged by the fix
+    assert _steps(4, 1, 4, lengths, fixed=False) != one  # transformers alone: four GPUs see other steps
 
 
 def test_fp32_lora_takes_bf16_inputs_under_autocast_with_identical_results():

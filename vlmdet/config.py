@@ -150,9 +150,10 @@ class EvalConfig:
     timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
     cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
                                "(preallocated for prompt + max_new_tokens, written in place; same tokens).")
-    workers: int = _f(4, "Processes that decode the next batches' images and run the processor on them while the GPU "
-                         "generates (0 = one background thread of this process). Same answers either way; with "
-                         "the thread the processor's CPU work competes with generate for Python's lock.")
+    workers: int = _f(0, "Forked processes that decode the next batches' images and run the processor on them while "
+                         "the GPU generates; 0 = one background thread of this process. Same answers either way. "
+                         "Measured slower with 4 than with the thread on 1024x768 JPEGs (one H100, 2026-11-28: "
+                         "152 vs 147 ms an image at batch 16; benchmarks/RESULTS.md), so off by default.")
     num_processes: int = _f(0, "Evaluation processes, one per GPU: 0 = every GPU this worker can see (each detects "
                                "every Nth image, rank 0 writes the report); N pins the first N GPUs.")
     val_max_images: int = _f(32, "Validation mAP of each kept checkpoint on at most this many validation images picks "

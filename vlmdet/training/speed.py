@@ -85,6 +85,24 @@ def adapter_inputs_uncast(model, autocast: bool):
     return disable_input_dtype_casting(model, active=autocast)
 
 
+def grouping_independent_of_gpus(sampler, args):
+    """The length-grouped order depends on the effective batch, not on how many processes share it.
+
+    transformers' LengthGroupedSampler groups by `train_batch_size x gradient_accumulation_steps`,
+    both per process: one GPU at batch 4 x 4 groups by 16, four GPUs at 4 x 1 by 4, so the mega-batches
+    (and which samples make an optimizer step) differ with the GPU count and the loss curve is not the
+    one-GPU one (seen on 4 H200s, 2026-11-28: step 1 loss 12.158 on one GPU, 12.117 on two and four).
+    Grouping by the whole effective batch gives every process count the same global order; the
+    distributed loader then deals consecutive micro-batches to the ranks, so each optimizer step sees
+    the same samples as on one GPU. On one process nothing changes.
+    """
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if isinstance(sampler, LengthGroupedSampler):
+        sampler.batch_size = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return sampler
+
+
 def factor(family: str) -> int:
     """Pixels per visual token side after the 2x2 merge."""
     return QWEN3_FACTOR if family == "qwen3_vl" else QWEN2_FACTOR

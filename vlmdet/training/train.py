@@ -109,6 +109,10 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
     from peft import LoraConfig
     from trl import SFTTrainer
 
+    class Trainer(SFTTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return speed.grouping_independent_of_gpus(super()._get_train_sampler(*args, **kwargs), self.args)
+
     base = resolve_base(config.model.base, out.parent / "base-models", config.model)
     processor = load_processor(base, config.model)
     train_ds = build_dataset(dataset.splits["train"], config, image_cache=out / "images")
@@ -119,9 +123,9 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
                       target_modules=config.lora.target_modules, exclude_modules=config.lora.exclude or None,
                       modules_to_save=config.lora.modules_to_save or None,
                       task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
-                         train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
+    trainer = Trainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
+                      train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     set_adapter_dtype(trainer.model, config.train.adapter_dtype)
     trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
     if speed.StepTimes.from_env():
