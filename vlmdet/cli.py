@@ -148,7 +148,9 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     print()
     if s.get("skipped"):
         print(f"Nothing new: {s.get('skip_reason')}. Pass --force to retrain.")
-    rows = [("fine-tuned", s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics"))]
+    # champion: the model now at the target, on today's test split (what the gate compared against)
+    rows = [("fine-tuned", s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics")),
+            ("champion", s.get("champion_metrics"))]
     print(f"{'model':<12}{'mAP':>8}{'mAP50':>8}{'mAP75':>8}")
     for name, m in rows:
         if m:
