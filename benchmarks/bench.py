@@ -41,8 +41,8 @@ PRESET = "qwen2-vl-7b-nutrition"  # the nightly preset: the profiles apply over 
 SEED_PRESET = "seed-recipe"  # the original design's settings, as a vlmdet preset
 T0 = time.time()
 # Rough seconds a row takes on an H100 (load + steps); a row that would end past --budget-s is skipped.
-ESTIMATE_S = {"recipe": 110, "qlora": 70, "large": 50, "eval": 70, "nightly-preset": 90, "qlora-b8-gc": 60,
-              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
+ESTIMATE_S = {"recipe": 110, "qlora": 70, "large": 50, "eval": 200, "nightly-preset": 90, "qlora-b8-gc": 60,
+              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "large-cast": 50, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
 # vlmdet rows: (profile, extra settings, what the row shows)
 VLMDET_ROWS = {
     "qlora": ("qlora", {}, "the default profile"),
@@ -52,6 +52,8 @@ VLMDET_ROWS = {
     # qlora alternatives: which split of memory and speed meets 2x within 12 GiB
     "qlora-b8-gc": ("qlora", {"train.per_device_batch": 8, "train.grad_accum": 2}, "batch 8, checkpointing"),
     "large-b8": ("large", {"train.per_device_batch": 8, "train.grad_accum": 2}, "large at batch 8"),
+    # large with PEFT's cast of every LoRA input to fp32 left on (speed.adapter_inputs_uncast off)
+    "large-cast": ("large", {}, "large, LoRA inputs cast to the fp32 adapters' dtype (lever off)"),
     "qlora-b2-half": ("qlora", {"train.per_device_batch": 2, "train.grad_accum": 8, "train.checkpoint_every": 2},
                       "batch 2, checkpointing every 2nd layer"),
     "qlora-b1": ("qlora", {"train.per_device_batch": 1, "train.grad_accum": 16, "train.gradient_checkpointing": False},
@@ -261,10 +263,14 @@ def vlmdet_row(name: str, base: str, dataset, steps: int, dev: str, root: Path, 
     shutil.rmtree(root / f"run-{name}", ignore_errors=True)  # never resume a previous bench run's checkpoint
     t = time.time()
     train_mod.build_trainer = spy
+    uncast = speed.adapter_inputs_uncast
+    if name.endswith("-cast"):  # the lever off: PEFT casts each LoRA input to fp32 as before
+        speed.adapter_inputs_uncast = lambda model, autocast: uncast(model, autocast=False)
     try:
         adapter = train_mod.train(dataset, cfg, root / f"run-{name}")
     finally:
         train_mod.build_trainer = original
+        speed.adapter_inputs_uncast = uncast
     model = seen.pop("model")
     lora = next((p for n, p in model.named_parameters() if "lora_A" in n), None)
     reference = vlmdet_config("seed-settings" if name.startswith("seed-settings") else "nightly-preset", base, steps,
@@ -283,22 +289,27 @@ def vlmdet_row(name: str, base: str, dataset, steps: int, dev: str, root: Path, 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
-class _NoHead:
-    """The model seen without get_output_embeddings: Detector then keeps every step's full logits
-    (the computation before the lever), for comparing log-probabilities on the same batch."""
-
-    def __init__(self, model):
-        self.model, self.device = model, model.device
-
-    def generate(self, **kw):
-        return self.model.generate(**kw)
+EVAL_ROWS = ("thread", "workers", "generate", "prefill")  # default; also known: before, static
 
 
-def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: Results) -> dict:
+def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: Results, work: Path,
+              rows: tuple[str, ...] = EVAL_ROWS, workers: int = 4) -> dict:
+    """Detection as evaluate() runs it: JPEG files on disk, decoded and processed batch by batch.
+
+    thread@B   Detector.detect_all with eval.workers=0: the next batch prepared by one thread (the
+               path measured before eval.workers existed)
+    workers@B  the same with eval.workers=4 forked DataLoader workers (the default)
+    generate@B every batch's processor tensors made before the clock starts: what the GPU side costs
+               (generate + parsing), the floor of any input pipeline
+    prefill@B  one forward pass over a batch's prompts, no decoding: the prefill floor of generate
+    before@B   the detection methods before the earlier levers (benchmarks/old_detect.py)
+    static@B   the KV cache preallocated (eval.cache=static)
+    """
     from old_detect import OldDetector
     from seed_recipe_train import synth
 
     from vlmdet.config import load_preset
+    from vlmdet.data.images import open_image
     from vlmdet.formats import get_format
     from vlmdet.modeling.load import load_for_inference
     from vlmdet.prediction.predict import Detector
@@ -310,20 +321,25 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
     m = cfg.model
     t = time.time()
     model, processor = load_for_inference(base, m)  # a full model folder: the merged-model path, bf16 on CUDA
-    out: dict = {"load_s": round(time.time() - t, 1), "images": n, "max_new_tokens": 24, "rows": {}}
+    out: dict = {"load_s": round(time.time() - t, 1), "images": n, "max_new_tokens": 24, "workers": workers, "rows": {}}
     res.data["eval"] = out  # filled in place and saved after every row: a timeout keeps what was measured
     fmt = get_format(m.family, m.min_pixels, m.max_pixels)
     args = (processor, fmt, m.prompt, cfg.data.category, 24)
-    old, new = OldDetector(model, *args), Detector(model, *args)
-    static = Detector(model, *args, cache="static")
+    det = {"thread": Detector(model, *args, workers=0), "workers": Detector(model, *args, workers=workers),
+           "static": Detector(model, *args, cache="static", workers=workers), "before": OldDetector(model, *args)}
     W, H = (1024, 768) if not tiny else (224, 168)
-    images = [r["images"][0] for r in synth(n, W, H, seed=1)]
-    items = [(f"im{i:03d}", im) for i, im in enumerate(images)]
-    sizes = [visual_tokens(im.width, im.height, m.family, m.min_pixels, m.max_pixels) for im in images]
-    old.detect(images[:2], ["w0", "w1"])  # warm-up: kernels, cuBLAS handles
+    folder = work / f"eval-jpeg-{W}x{H}-{n}"
+    if not (folder / f"im{n - 1:04d}.jpg").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(synth(n, W, H, seed=1)):
+            r["images"][0].save(folder / f"im{i:04d}.jpg", quality=90)
+    files = [str(folder / f"im{i:04d}.jpg") for i in range(n)]
+    items = [(f, lambda f=f: open_image(f)) for f in files]
+    sizes = [visual_tokens(W, H, m.family, m.min_pixels, m.max_pixels)] * n
+    det["thread"].detect([open_image(files[0]), open_image(files[1])], files[:2])  # warm-up: kernels, cuBLAS handles
     preds = {}
 
-    def timed(label: str, fn) -> None:
+    def timed(label: str, fn, images: int = n) -> None:
         free_memory()
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -332,48 +348,67 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
         if dev == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
-        rec = {"ms_per_image": round(1000 * wall / n, 1)}
+        rec = {"ms_per_image": round(1000 * wall / images, 1)}
         if dev == "cuda":
             rec["peak_alloc_GiB"] = gib(torch.cuda.max_memory_allocated())
         out["rows"][label] = rec
         res.save()
         say(f"eval {label}: {rec}")
 
+    def compare(label: str, ref: str) -> None:
+        a, b = preds[ref], preds[label]
+        r = out["rows"][label]
+        r["same_answers_as"] = ref
+        r["same_answers"] = sum(p.answer == q.answer for p, q in zip(a, b)) / len(a)
+        scores = [(x.score, y.score) for p, q in zip(a, b) if len(p.boxes) == len(q.boxes) for x, y in zip(p.boxes, q.boxes)]
+        r["boxes_compared"] = len(scores)
+        r["max_score_diff"] = max((abs(x - y) for x, y in scores), default=0.0)
+
+    def generate_only(bs: int):
+        ready = []
+        for k in range(0, n, bs):
+            imgs = [open_image(f) for f in files[k:k + bs]]
+            ready.append((imgs, files[k:k + bs], det["thread"].inputs(imgs)))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        got = [p for imgs, fs, inputs in ready for p in det["thread"].detect(imgs, fs, inputs)]
+        return got, time.perf_counter() - t
+
     for bs in batches:
-        timed(f"before@{bs}", lambda: old.detect_all(iter(items), n, bs))
-        timed(f"after@{bs}", lambda: new.detect_all(items, n, bs, sizes=sizes))
-        a, b = preds[f"before@{bs}"], preds[f"after@{bs}"]
-        out["rows"][f"after@{bs}"]["same_answers"] = sum(p.answer == q.answer for p, q in zip(a, b)) / n
-        scores = [(x.score, y.score) for p, q in zip(a, b) if len(p.boxes) == len(q.boxes)
-                  for x, y in zip(p.boxes, q.boxes)]
-        out["rows"][f"after@{bs}"]["boxes_compared"] = len(scores)
-        out["rows"][f"after@{bs}"]["max_score_diff"] = max((abs(x - y) for x, y in scores), default=0.0)
-    big = batches[-1]
-    try:  # a lever still to be decided: its failure must not cost the rows above
-        timed(f"after-static@{big}", lambda: static.detect_all(items, n, big, sizes=sizes))
-        out["rows"][f"after-static@{big}"]["same_answers"] = sum(
-            p.answer == q.answer for p, q in zip(preds[f"after@{big}"], preds[f"after-static@{big}"])) / n
-    except Exception as err:
-        traceback.print_exc()
-        out["rows"][f"after-static@{big}"] = {"ms_per_image": None, "error": f"{type(err).__name__}: {str(err)[:200]}"}
-    # the log-probabilities themselves (a random model's answers rarely parse to boxes): same batch, both ways
-    first = images[: batches[0]]
-    inputs = new.inputs(first).to(model.device)
-    seq_new, lp_new = new._generate(inputs)
-    seq_old, lp_old = Detector(_NoHead(model), *args)._generate(inputs)
-    same = (seq_new == seq_old).all(dim=1)
-    out["logprob_check"] = {"batch": len(first), "identical_sequences": int(same.sum()),
-                            "max_abs_logprob_diff": float((lp_new - lp_old).abs().max()) if bool(same.all()) else None}
-    try:
-        seq_st, lp_st = static._generate(inputs)
-        same_st = (seq_st == seq_new).all(dim=1)
-        out["logprob_check"]["static_identical_sequences"] = int(same_st.sum())
-        out["logprob_check"]["static_max_abs_logprob_diff"] = (float((lp_st - lp_new).abs().max())
-                                                              if bool(same_st.all()) else None)
-    except Exception as err:
-        out["logprob_check"]["static_error"] = f"{type(err).__name__}: {str(err)[:200]}"
-    say(f"eval log-prob check: {out['logprob_check']}")
-    del model, old, new, static
+        for row in rows:
+            label = f"{row}@{bs}"
+            try:
+                if row in ("thread", "workers", "static"):
+                    timed(label, lambda: det[row].detect_all(items, n, bs, sizes=sizes))
+                elif row == "before":
+                    timed(label, lambda: det["before"].detect_all(iter(items), n, bs))
+                elif row == "generate":
+                    got, secs = generate_only(bs)
+                    preds[label] = got
+                    out["rows"][label] = {"ms_per_image": round(1000 * secs / n, 1)}
+                    say(f"eval {label}: {out['rows'][label]}")
+                elif row == "prefill":
+                    imgs = [open_image(f) for f in files[:bs]]
+                    inputs = det["thread"].inputs(imgs).to(model.device)
+                    with torch.no_grad():
+                        timed(label, lambda: model(**inputs).logits[:, -1].float().sum().item(), images=bs)
+                        if bs == batches[0]:  # where a prefill's time goes: the floor under generate
+                            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                                [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+                            with torch.profiler.profile(activities=acts) as prof:
+                                model(**inputs).logits[:, -1].float().sum().item()
+                            key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+                            (res.out / f"profile_prefill_b{bs}.txt").write_text(
+                                f"one prefill, batch {bs}\n" + prof.key_averages().table(
+                                    sort_by=key, row_limit=25, max_name_column_width=70) + "\n")
+                if label in preds and row != "thread" and f"thread@{bs}" in preds and row != "prefill":
+                    compare(label, f"thread@{bs}")
+            except Exception as err:  # one row's failure must not cost the others
+                traceback.print_exc()
+                out["rows"][label] = {"ms_per_image": None, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+            res.save()
+    del model, det
     return out
 
 
@@ -395,10 +430,11 @@ def table(results: dict) -> str:
                      f"{loss} | {r.get('adapter_dtype', '-')} | {settings or '-'} |")
     ev = results.get("eval") or {}
     if ev.get("rows"):
-        lines += ["", f"| detection ({ev['images']} images, 24 new tokens) | ms / image | peak GiB | same answers as before |",
+        lines += ["", f"| detection ({ev['images']} images, 24 new tokens) | ms / image | peak GiB | same answers as thread@ (max score diff) |",
                   "| --- | --- | --- | --- |"]
         for label, r in ev["rows"].items():
-            lines.append(f"| {label} | {r['ms_per_image']} | {r.get('peak_alloc_GiB', '-')} | {r.get('same_answers', '-')} |")
+            same = f"{r['same_answers']:.0%} ({r['max_score_diff']:.2g})" if "same_answers" in r else "-"
+            lines.append(f"| {label} | {r['ms_per_image']} | {r.get('peak_alloc_GiB', '-')} | {same} |")
     return "\n".join(lines)
 
 
@@ -469,8 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="measured optimizer steps per row (after one warm-up step)")
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list, run in order; known: recipe, eval, {', '.join(VLMDET_ROWS)}")
     ap.add_argument("--profile", default="qlora", help="row whose extra last step runs under torch.profiler ('' = none)")
-    ap.add_argument("--eval-images", type=int, default=64)
+    ap.add_argument("--eval-images", type=int, default=256, help="JPEG files detected by every detection row")
     ap.add_argument("--eval-batches", default="16,64", help="batch sizes for the detection rows")
+    ap.add_argument("--eval-rows", default=",".join(EVAL_ROWS), help="detection rows: thread, workers, generate, prefill, "
+                                                                     "before, static (see eval_rows)")
+    ap.add_argument("--eval-workers", type=int, default=4, help="eval.workers of the workers@ rows")
     ap.add_argument("--budget-s", type=float, default=480, help="skip a row that would end after this many seconds")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "vlmdet-bench-out"))
@@ -519,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "recipe":
                 res.row(name, recipe_row(base, a.steps, dev, a.tiny, prof))
             elif name == "eval":
-                eval_rows(base, a.eval_images, [int(b) for b in a.eval_batches.split(",")], dev, a.tiny, res)
+                eval_rows(base, a.eval_images, [int(b) for b in a.eval_batches.split(",")], dev, a.tiny, res, work,
+                          tuple(r for r in a.eval_rows.split(",") if r), a.eval_workers)
                 res.save()
             elif name in VLMDET_ROWS:
                 res.row(name, vlmdet_row(name, base, dataset, a.steps, dev, work, prof))

@@ -334,7 +334,7 @@ def nightly(config, workdir: Path, rec: Recorder, hub_url: str) -> dict[str, Any
     from vlmdet.keys import data_key, training_key
     from vlmdet.publishing import publish, read_champion
     from vlmdet.records import AdapterRef, EvalReport, MergedRef
-    from vlmdet.runner import run_step
+    from vlmdet.runner import plan_processes, run_step
 
     hook = workdir.parent / "peak-hook"
     hook.mkdir(parents=True, exist_ok=True)
@@ -381,14 +381,16 @@ def nightly(config, workdir: Path, rec: Recorder, hub_url: str) -> dict[str, Any
             profile=getattr(t, "profile", None))
     out["train_config"] = train_config.to_dict()
 
+    eval_processes, eval_env = plan_processes(config.eval.num_processes, setting="eval.num_processes")  # as tasks/evaluate.py
+
     def evaluate(model: str, name: str) -> EvalReport:
         eval_out = wd / "eval" / name
         report = EvalReport.from_dict(rec.run(f"evaluate {name}", lambda: step(
             "evaluate", {"model": model, "dataset": data.to_dict(), "config": config.to_dict(), "out": str(eval_out),
-                         "split": config.eval.split}, eval_out / "step", config.eval.timeout_s)))
+                         "split": config.eval.split}, eval_out / "step", config.eval.timeout_s, eval_processes, eval_env)))
         row = next(r for r in rec.steps if r["step"] == f"evaluate {name}")
         rec.add(f"evaluate {name}", **peak_of(eval_out / "step"), images=report.num_images,
-                ms_per_image=round(1000 * row["seconds"] / max(1, report.num_images), 1),
+                ms_per_image=round(1000 * row["seconds"] / max(1, report.num_images), 1), processes=eval_processes,
                 map=report.map, map50=report.map50, parse_failures=report.parse_failures)
         return report
 

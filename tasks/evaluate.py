@@ -15,15 +15,15 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import image_markdown, step_dir
 from vlmdet.config import RunConfig
-from vlmdet.keys import marker_matches, path_stamp, step_key, write_marker
+from vlmdet.keys import EVAL_EXECUTION_ONLY, marker_matches, path_stamp, step_key, write_marker
 from vlmdet.records import DatasetRef, EvalReport
-from vlmdet.runner import run_step
+from vlmdet.runner import plan_processes, run_step
 
 
 def evaluation_key(model: str, dataset: DatasetRef, config: RunConfig, workdir: str | Path, name: str) -> str:
     cfg = config.to_dict()
     return step_key("evaluate", step_dir(workdir, "eval", name), model=path_stamp(model), data=dataset.fingerprint,
-                    eval={k: v for k, v in cfg["eval"].items() if k != "timeout_s"}, model_settings=cfg["model"],
+                    eval={k: v for k, v in cfg["eval"].items() if k not in EVAL_EXECUTION_ONLY}, model_settings=cfg["model"],
                     category=cfg["data"]["category"])
 
 
@@ -43,8 +43,11 @@ def evaluation_done(model: str, dataset: DatasetRef, config: RunConfig, workdir:
 def evaluate(model: str, dataset: DatasetRef, config: RunConfig, workdir: str, name: str = "adapter") -> EvalReport:
     """model: an adapter folder, a merged folder or a base model path."""
     out = step_dir(workdir, "eval", name)
+    # one process per visible GPU (accelerate launch), each detecting every Nth image; rank 0 writes
+    processes, env = plan_processes(config.eval.num_processes, setting="eval.num_processes")
     record = run_step("evaluate", {"model": model, "dataset": dataset.to_dict(), "config": config.to_dict(),
-                                   "out": str(out), "split": config.eval.split}, out / "step", timeout_s=config.eval.timeout_s)
+                                   "out": str(out), "split": config.eval.split}, out / "step", timeout_s=config.eval.timeout_s,
+                      num_processes=processes, env=env)
     report = EvalReport.from_dict(record)
     write_marker(out, evaluation_key(model, dataset, config, workdir, name))
     get_run_logger().info("%s: mAP %.4f, mAP50 %.4f, mAP75 %.4f on %d %s images (%d unparsable answers)", name,

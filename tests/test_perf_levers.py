@@ -79,10 +79,26 @@ def test_processes_default_to_every_visible_gpu(monkeypatch):
     assert plan_processes(2, environ={"CUDA_VISIBLE_DEVICES": "3,5,6,7"}) == (2, {"CUDA_VISIBLE_DEVICES": "3,5"})
     with pytest.raises(ConfigError, match="train.num_processes=8"):
         plan_processes(8)
+    with pytest.raises(ConfigError, match="eval.num_processes=8"):  # the setting that asked is the one named
+        plan_processes(8, setting="eval.num_processes")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert plan_processes(0) == (1, {})  # CPU: one plain process
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         plan_processes(2)
+
+
+def test_how_an_evaluation_runs_is_not_what_it_measures(tmp_path):
+    """eval.workers and eval.num_processes change speed only: the same keys, so nothing re-evaluates."""
+    from tasks.evaluate import evaluation_key as task_key
+    from vlmdet.keys import evaluation_key
+
+    cfg = load_preset("qwen2-vl-7b-nutrition")
+    other = cfg.override({"eval.workers": 0, "eval.num_processes": 2, "eval.timeout_s": 60})
+    ds = DatasetRef(fingerprint="f", root=str(tmp_path), splits={}, counts={})
+    assert evaluation_key(other, "f") == evaluation_key(cfg, "f")
+    assert task_key("m", ds, other, tmp_path, "adapter") == task_key("m", ds, cfg, tmp_path, "adapter")
+    assert task_key("m", ds, cfg.override({"eval.batch_size": 3}), tmp_path, "adapter") != task_key(
+        "m", ds, cfg, tmp_path, "adapter")  # while a setting that can change answers does
 
 
 # --- training levers ------------------------------------------------------------------------------------------
@@ -226,6 +242,41 @@ def test_profile_settings_reach_the_trainer(synth_coco, micro_config, tmp_path):
     assert batch["input_ids"].shape[0] == 2
 
 
+def test_fp32_lora_takes_bf16_inputs_under_autocast_with_identical_results():
+    """speed.adapter_inputs_uncast: no fp32 copy of each adapted activation; same outputs and grads."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlmdet.training.speed import adapter_inputs_uncast
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0", "2"]))
+    for p in model.parameters():
+        if p.requires_grad:  # fp32 adapters (train.adapter_dtype), non-zero B so both grads flow
+            p.data = p.data.float()
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(8, 64).bfloat16()
+    lora_a = model.base_model.model[0].lora_A["default"]
+
+    def run(uncast: bool):
+        model.zero_grad()
+        seen = []
+        hook = lora_a.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16), adapter_inputs_uncast(model, autocast=uncast):
+            y = model(x)
+        y.float().pow(2).sum().backward()
+        hook.remove()
+        return y.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad], seen
+
+    y_cast, g_cast, seen_cast = run(False)
+    y_lean, g_lean, seen_lean = run(True)
+    assert seen_cast == [torch.float32] and seen_lean == [torch.bfloat16]
+    assert torch.equal(y_cast, y_lean)
+    assert all(torch.equal(a, b) for a, b in zip(g_cast, g_lean))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))  # restored
+
+
 # --- evaluation levers ---------------------------------------------------------------------------------------
 
 class _NoHead:
@@ -272,6 +323,25 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     for p, q in zip(sorted_preds, alone):
         assert p.answer == q.answer
         assert [b.score for b in p.boxes] == pytest.approx([b.score for b in q.boxes], abs=1e-4)
+    # eval.workers: batches decoded and processed by forked DataLoader workers, not this process
+    import os
+
+    loaded_by = []
+
+    def loader(im):
+        def load():
+            loaded_by.append(os.getpid())  # appended in the process that loads (a worker's own copy)
+            return im
+        return load
+
+    pids = []
+    forked = Detector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=10, workers=2)
+    real_inputs = forked.inputs
+    forked.inputs = lambda imgs: (pids.append(os.getpid()), real_inputs(imgs))[1]  # noqa: E731
+    worker_preds = forked.detect_all([(f, loader(im)) for f, im in zip(files, images)], len(images), 2,
+                                     sizes=[w * h for w, h in sizes])
+    assert [p.to_dict() for p in worker_preds] == [p.to_dict() for p in sorted_preds]
+    assert pids == [] and loaded_by == []  # neither loading nor the processor ran in this process
 
 
 # --- evaluation over several processes ------------------------------------------------------------------------

@@ -150,6 +150,11 @@ class EvalConfig:
     timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
     cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
                                "(preallocated for prompt + max_new_tokens, written in place; same tokens).")
+    workers: int = _f(4, "Processes that decode the next batches' images and run the processor on them while the GPU "
+                         "generates (0 = one background thread of this process). Same answers either way; with "
+                         "the thread the processor's CPU work competes with generate for Python's lock.")
+    num_processes: int = _f(0, "Evaluation processes, one per GPU: 0 = every GPU this worker can see (each detects "
+                               "every Nth image, rank 0 writes the report); N pins the first N GPUs.")
     val_max_images: int = _f(32, "Validation mAP of each kept checkpoint on at most this many validation images picks "
                                  "the checkpoint that is published (val mAP50, then val loss, then the later step); "
                                  "0 = pick by val loss alone. The test split only judges.")
@@ -157,6 +162,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.cache not in ("dynamic", "static"):
             raise ConfigError(f"eval.cache={self.cache!r}; use dynamic or static.")
+        if self.workers < 0:
+            raise ConfigError(f"eval.workers={self.workers} must be >= 0 (0 = a background thread).")
+        if self.num_processes < 0:
+            raise ConfigError(f"eval.num_processes={self.num_processes}: use 0 (every visible GPU) or a count >= 1.")
         if self.val_max_images < 0:
             raise ConfigError(f"eval.val_max_images={self.val_max_images} must be >= 0 (0 = choose by val loss).")
 

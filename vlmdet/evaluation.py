@@ -40,7 +40,7 @@ def detector_for(model_path: str, config: RunConfig) -> Detector:
     model, processor = load_for_inference(model_path, config.model)
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
     return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
-                    cache=config.eval.cache)
+                    cache=config.eval.cache, workers=config.eval.workers)
 
 
 def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -> list:
@@ -61,6 +61,8 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -
     import torch.distributed as dist
 
     if not dist.is_initialized():  # accelerate launch / torchrun set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+        if torch.cuda.is_available():  # NCCL gathers through the current device: this rank's, not every rank's cuda:0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     gathered: list = [None] * world
     dist.all_gather_object(gathered, [(rank + world * k, p) for k, p in enumerate(preds)])

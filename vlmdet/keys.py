@@ -44,9 +44,13 @@ def training_key(config: RunConfig, data_fingerprint: str) -> str:
                   "selection": selection})
 
 
+# eval settings that change how fast an evaluation runs, never its predictions
+EVAL_EXECUTION_ONLY = ("timeout_s", "workers", "num_processes")
+
+
 def evaluation_key(config: RunConfig, data_fingerprint: str) -> str:
     """The trained adapter and how it is measured: what makes a metric comparable."""
-    ev = {k: v for k, v in config.to_dict()["eval"].items() if k not in ("timeout_s", "preview_images")}
+    ev = {k: v for k, v in config.to_dict()["eval"].items() if k not in EVAL_EXECUTION_ONLY + ("preview_images",)}
     return _hash({"training": training_key(config, data_fingerprint), "eval": ev})
 
 

@@ -48,8 +48,8 @@ def command(step: str, request: Path, result: Path, num_processes: int = 1) -> l
     return [sys.executable, "-m", "vlmdet.steps", step, str(request), str(result)]
 
 
-def plan_processes(requested: int, visible: int | None = None,
-                   environ: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+def plan_processes(requested: int, visible: int | None = None, environ: dict[str, str] | None = None,
+                   setting: str = "train.num_processes") -> tuple[int, dict[str, str]]:
     """(processes, extra environment) for a step asking for `requested` GPUs (0 = every visible one).
 
     One process per GPU: a single process that sees several GPUs makes SFTTrainer wrap the model in
@@ -65,11 +65,11 @@ def plan_processes(requested: int, visible: int | None = None,
         visible = torch.cuda.device_count()  # honours CUDA_VISIBLE_DEVICES; no CUDA context is created
     if visible == 0:
         if requested > 1:
-            raise ConfigError(f"train.num_processes={requested} but no CUDA GPU is visible to this worker; "
-                              "set train.num_processes=0 (one process per visible GPU) or 1.")
+            raise ConfigError(f"{setting}={requested} but no CUDA GPU is visible to this worker; "
+                              f"set {setting}=0 (one process per visible GPU) or 1.")
         return 1, {}
     if requested > visible:
-        raise ConfigError(f"train.num_processes={requested} but this worker sees {visible} GPU(s); set it to at most "
+        raise ConfigError(f"{setting}={requested} but this worker sees {visible} GPU(s); set it to at most "
                           f"{visible}, or 0 for all of them.")
     n = requested or visible
     if n == visible:

@@ -111,10 +111,33 @@ class ChosenTokenLogProbs:
         return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0)).float()
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Batch k of detect_all as (images, processor tensors): what a DataLoader worker prepares."""
+
+    def __init__(self, load, batches: list[list[int]]):
+        self.load, self.batches = load, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        return self.load(self.batches[k])
+
+
+def _as_is(batch):
+    return batch
+
+
+def _fork_available() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
 class Detector:
     def __init__(self, model, processor, fmt: BoxFormat, prompt: str, category: str, max_new_tokens: int = 128,
-                 cache: str = "dynamic"):
-        self.model, self.processor, self.fmt, self.cache = model, processor, fmt, cache
+                 cache: str = "dynamic", workers: int = 0):
+        self.model, self.processor, self.fmt, self.cache, self.workers = model, processor, fmt, cache, workers
         self.prompt, self.category, self.max_new_tokens = prompt, category, max_new_tokens
         tok = processor.tokenizer
         self.stop_ids = stop_token_ids(tok)
@@ -183,8 +206,9 @@ class Detector:
 
         Predictions come back in the order of `items`. With `sizes` (e.g. visual tokens an image),
         batches are formed largest first, so images of one batch pad little and an out-of-memory
-        shows on the first batch. The next batch's images are decoded and processed in a background
-        thread while the GPU generates the current one.
+        shows on the first batch. The next batches' images are decoded and processed while the GPU
+        generates the current one: by `self.workers` forked processes (a DataLoader), or with
+        workers=0 by one background thread (which shares Python's lock with generate's loop).
         """
         items = list(items)
         order = sorted(range(len(items)), key=lambda i: -sizes[i]) if sizes else list(range(len(items)))
@@ -196,14 +220,28 @@ class Detector:
 
         preds: list[Prediction | None] = [None] * len(items)
         bar = tqdm(total=total, desc=desc, unit="img")
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            ahead = pool.submit(load, batches[0]) if batches else None
-            for k, batch in enumerate(batches):
-                imgs, inputs = ahead.result()
-                if k + 1 < len(batches):
-                    ahead = pool.submit(load, batches[k + 1])
-                for i, p in zip(batch, self.detect(imgs, [items[i][0] for i in batch], inputs)):
-                    preds[i] = p
-                bar.update(len(batch))
+        for batch, (imgs, inputs) in zip(batches, self._prepared(load, batches)):
+            for i, p in zip(batch, self.detect(imgs, [items[i][0] for i in batch], inputs)):
+                preds[i] = p
+            bar.update(len(batch))
         bar.close()
         return preds  # type: ignore[return-value]
+
+    def _prepared(self, load, batches: list[list[int]]):
+        """(images, inputs) of every batch in order, prepared ahead of the one being generated."""
+        workers = min(self.workers, len(batches) - 1)
+        if workers > 0 and _fork_available():
+            # fork: the workers inherit the items' loaders (closures) and the processor without pickling;
+            # they never touch CUDA. The tensors come back through shared memory.
+            loader = torch.utils.data.DataLoader(_Batches(load, batches), batch_size=None, collate_fn=_as_is,
+                                                 num_workers=workers, prefetch_factor=2,
+                                                 multiprocessing_context="fork")
+            yield from loader
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(load, batches[0]) if batches else None
+            for k in range(len(batches)):
+                ready = ahead.result()
+                if k + 1 < len(batches):
+                    ahead = pool.submit(load, batches[k + 1])
+                yield ready

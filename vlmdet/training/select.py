@@ -79,7 +79,8 @@ def val_map(model, processor, config, split_json: str, max_images: int) -> dict[
     gt = dict(coco, images=[im for im in coco["images"] if im["id"] in ids],
               annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
-    det = Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)
+    det = Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
+                   workers=config.eval.workers)
     was_training = model.training
     model.eval()
     try:

@@ -160,7 +160,9 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
         log.info("resuming from %s", resume)
     counter = StepCounter()
     trainer.add_callback(counter)
-    trainer.train(resume_from_checkpoint=resume)
+    # bf16 autocast (Accelerate wraps the forward when args.bf16): fp32 LoRA weights, bf16 activations
+    with speed.adapter_inputs_uncast(trainer.model, autocast=bool(trainer.args.bf16)):
+        trainer.train(resume_from_checkpoint=resume)
     selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
                                                     trainer.state.log_history, validation_split(dataset))
 
