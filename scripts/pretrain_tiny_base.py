@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from vlmdet.formats.base import Box
 from vlmdet.formats.qwen2_vl import Qwen2VLFormat
+from vlmdet.modeling.load import SAFE, check_safe_weights
 
 W, H = 320, 240
 # 320x240 -> smart_resize -> 308x252: an 18x22 grid of 14 px patches, 99 tokens after the 2x2 merge.
@@ -578,6 +579,14 @@ def coco_map50(samples, preds) -> float:
 
 # --- GPU pretraining -------------------------------------------------------------------------------
 
+def load_base(cls, path: str):
+    """A saved base, loaded as vlmdet/modeling/load.py loads every model: safetensors only (unpickling a
+    pytorch_model.bin runs whatever code it names) and no Python from the folder; a pickle-only folder
+    is refused with the reason (ModelError)."""
+    check_safe_weights(path, what="base")
+    return cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **SAFE)
+
+
 def train(a) -> None:
     import transformers
 
@@ -595,7 +604,7 @@ def train(a) -> None:
     if diff > 1e-4:
         raise RuntimeError(f"our patch path differs from the processor by {diff}")
     if a.init:  # continue pretraining a saved base (same tokenizer: it is rebuilt identically)
-        model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(a.init, dtype=torch.float32)
+        model = load_base(transformers.Qwen2VLForConditionalGeneration, a.init)
         config = model.config
     else:
         config = tiny.build_config(tok, a.size)
@@ -753,8 +762,8 @@ def check(a) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dev = torch.device("cpu")
-    processor = transformers.AutoProcessor.from_pretrained(a.base)
-    model = transformers.AutoModelForImageTextToText.from_pretrained(a.base, dtype=torch.float32)
+    processor = transformers.AutoProcessor.from_pretrained(a.base, **SAFE)
+    model = load_base(transformers.AutoModelForImageTextToText, a.base)
     tok = processor.tokenizer
     train_s, src = nutrition_samples(1, a.train_n)
     test_s, _ = nutrition_samples(2, a.test_n)

@@ -184,3 +184,18 @@ def test_a_skipped_rerun_says_the_gate_and_publication_are_the_earlier_runs(caps
     _print_summary(tmp_path, dict(summary, skipped=False))
     out = capsys.readouterr().out
     assert "gate:      PASSED" in out and "(that run)" not in out
+
+
+def test_the_summary_table_has_the_champions_row_when_the_gate_measured_one(capsys, tmp_path):
+    from vlmdet.cli import _print_summary
+
+    summary = {"metrics": {"map": 0.71, "map50": 0.9, "map75": 0.8}, "adapter": "a", "published": None,
+               "champion_metrics": {"map": 0.655, "map50": 0.812, "map75": 0.7},
+               "gate": {"passed": False, "reason": "map50=0.9000 vs champion 0.8120: not better often enough"}}
+    _print_summary(tmp_path, summary)
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(f"{'model':<12}{'mAP':>8}{'mAP50':>8}{'mAP75':>8}") + 1:][:2]
+    assert table == ["fine-tuned     0.710   0.900   0.800",
+                     "champion       0.655   0.812   0.700"]
+    _print_summary(tmp_path, dict(summary, champion_metrics=None))  # no champion at the target: no row
+    assert "champion  " not in capsys.readouterr().out

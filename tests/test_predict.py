@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 import vlmdet.prediction.cli as predict_cli
 from vlmdet.cli import main
+from vlmdet.config import RunConfig
 from vlmdet.modeling.load import saved_pixel_budget
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-photos"
@@ -287,3 +288,56 @@ def test_a_line_per_image_in_input_order_the_same_in_predictions_json_and_exit_6
     assert result["failed"] == 1
     # every image read: exit 0
     assert main(argv + [str(first)]) == 0
+
+
+def _published_copy(model: str, folder: Path, meta: dict) -> str:
+    """The model folder as the publish step leaves it: its files and a vlmdet.json."""
+    import shutil
+
+    shutil.copytree(model, folder)
+    (folder / "vlmdet.json").write_text(json.dumps(meta))
+    return str(folder)
+
+
+def test_predict_asks_with_the_prompt_and_category_the_model_was_published_with(tiny_model, tmp_path, monkeypatch,
+                                                                                caplog):
+    """A published model's vlmdet.json says how it was trained to be asked; a setting the user gives
+    still wins, and a model without the file is asked as the settings say."""
+    made: list = []
+
+    class Spy(predict_cli.Detector):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(predict_cli, "Detector", Spy)
+    published = _published_copy(tiny_model, tmp_path / "published", {
+        "run_id": "r1", "config": {"model": {"prompt": "Find every {category} here."}, "data": {"category": "table"}}})
+    image = tmp_path / "img.png"
+    Image.new("RGB", (120, 90), "white").save(image)
+
+    def asked(model: str, *settings: str) -> tuple[str, str, str]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger=predict_cli.log.name):
+            assert main(["predict", "--model", model, "--out", str(tmp_path / "out"), "--eval.max_new_tokens", "2",
+                         *settings, str(image)]) == 0
+        (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prompt ")]
+        return made[-1].prompt, made[-1].category, line
+
+    prompt, category, line = asked(published)
+    assert (prompt, category) == ("Find every {category} here.", "table")
+    assert "Find every table here." in made[-1].text  # what the model is really asked
+    assert line == "prompt 'Find every {category} here.': the model's vlmdet.json; category 'table': the model's vlmdet.json"
+
+    prompt, category, line = asked(published, "--data.category", "nutrition-table")
+    assert (prompt, category) == ("Find every {category} here.", "nutrition-table")
+    assert line.endswith("category 'nutrition-table': given on the command line")
+
+    default = RunConfig()
+    prompt, category, line = asked(tiny_model)  # no vlmdet.json: the settings
+    assert (prompt, category) == (default.model.prompt, default.data.category)
+    assert "the settings (preset or defaults" in line
+
+    # an older vlmdet.json without the config still knows the data's category
+    old = _published_copy(tiny_model, tmp_path / "old", {"run_id": "r0", "dataset": {"category": "label"}})
+    assert asked(old)[:2] == (default.model.prompt, "label")

@@ -1,8 +1,10 @@
 """The child-process runner: results come back, crashes and timeouts are named as such."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +29,10 @@ def fake_steps(monkeypatch, tmp_path):
         "def sleep(req):\n"
         "    open(req['pidfile'], 'w').write(str(os.getpid())); time.sleep(60); return {}\n"
         "def die(req): os.kill(os.getpid(), signal.SIGKILL)\n"
-        "steps.STEPS.update(ok=ok, boom=boom, sleep=sleep, die=die)\n")
+        "def conf(req):\n"
+        "    from vlmdet.config import ConfigError\n"
+        "    raise ConfigError('train.learning_rate=-1 must be > 0; set e.g. --train.learning_rate 1e-4')\n"
+        "steps.STEPS.update(ok=ok, boom=boom, sleep=sleep, die=die, conf=conf)\n")
     # the child imports fakesteps before dispatching
     monkeypatch.setattr(runner, "command", lambda step, req, res, n=1: [
         runner.sys.executable, "-c", f"import sys, fakesteps; from vlmdet.steps import main; sys.exit(main({[step, str(req), str(res)]!r}))"])
@@ -40,6 +45,24 @@ def test_result_record_comes_back(fake_steps, tmp_path):
 def test_an_exception_in_the_child_names_the_step_and_the_error(fake_steps, tmp_path):
     with pytest.raises(StepFailed, match="step 'boom' failed: ValueError: bad value 42"):
         run_step("boom", {}, tmp_path / "s", timeout_s=60)
+
+
+def test_a_config_error_in_the_child_prints_one_line_and_keeps_the_traceback_in_the_result(fake_steps, tmp_path,
+                                                                                           capfd):
+    message = "ConfigError: train.learning_rate=-1 must be > 0; set e.g. --train.learning_rate 1e-4"
+    with pytest.raises(StepFailed, match=re.escape("step 'conf' failed: " + message)) as err:
+        run_step("conf", {}, tmp_path / "s", timeout_s=60)
+    assert err.value.kind == "config"
+    err_text = capfd.readouterr().err  # the child's stderr
+    assert f"[conf] {message}" in err_text.splitlines() and "Traceback" not in err_text
+    result = json.loads((tmp_path / "s" / "result.json").read_text())
+    assert result["message"] == message
+    assert result["traceback"].startswith("Traceback") and "raise ConfigError" in result["traceback"]
+    # any other error is a bug: its traceback is printed as before
+    with pytest.raises(StepFailed):
+        run_step("boom", {}, tmp_path / "b", timeout_s=60)
+    err_text = capfd.readouterr().err
+    assert "Traceback (most recent call last)" in err_text and "ValueError: bad value 42" in err_text.splitlines()
 
 
 def test_a_killed_child_is_reported_as_killed(fake_steps, tmp_path):

@@ -179,3 +179,25 @@ def test_a_missing_model_says_no_such_folder_or_repository(online_hub, tmp_path,
         check_model_source("runs/nope")
     with pytest.raises(ModelError, match="not a saved model or adapter folder"):
         check_model_source(str(tmp_path))
+
+
+def test_the_pretrain_script_refuses_a_pickle_only_base(tiny_model, tmp_path, no_unpickling):
+    """scripts/pretrain_tiny_base.py loads its --init / --base as the package loads every model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_base",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_base.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = _pickle_only(Path(tiny_model), tmp_path / "bin-only", "model.safetensors", "pytorch_model.bin")
+    threads = torch.get_num_threads()  # `check` sets the process's thread count
+    for argv in (["check", "--base", str(folder), "--threads", str(threads)],
+                 ["train", "--out", str(tmp_path / "out"), "--init", str(folder), "--workers", "0"]):
+        with pytest.raises(ModelError, match=r"refusing pytorch_model\.bin"):
+            script.main(argv)
+    from transformers import AutoModelForImageTextToText
+
+    model = script.load_base(AutoModelForImageTextToText, tiny_model)  # a safetensors base loads
+    want = load_file(Path(tiny_model) / "model.safetensors")
+    name = next(k for k in want if k.endswith("lm_head.weight") or k.endswith("embed_tokens.weight"))
+    assert torch.equal(model.state_dict()[name], want[name])

@@ -215,3 +215,28 @@ def test_a_published_folder_is_followed_by_its_run_id(tmp_path):
     for bad in ("no/such/folder/here", "not a repo", str(tmp_path)):
         with pytest.raises(ConfigError, match="--model"):
             ModelSource(bad)
+
+
+def test_serve_asks_with_the_prompt_and_category_the_model_was_published_with(tmp_path):
+    """As `vlmdet predict`: the published vlmdet.json's prompt and category, unless given explicitly;
+    the serve settings' own prompt and category only for a model without the file."""
+    from vlmdet.config import RunConfig
+    from vlmdet.serving.engine import Engine
+    from vlmdet.serving.source import ModelSource
+
+    folder = tmp_path / "published"
+    shutil.copytree(ASSET, folder)
+    (folder / "vlmdet.json").write_text(json.dumps(
+        {"run_id": "aaa", "config": {"model": {"prompt": "Find every {category} here."}, "data": {"category": "table"}}}))
+    settings = RunConfig().override({"model.prompt": "Detect the {category} in this image.",
+                                     "data.category": "nutrition-table"})
+
+    det = Engine(ModelSource(str(folder)), settings).load().detector
+    assert (det.prompt, det.category) == ("Find every {category} here.", "table")
+    assert "Find every table here." in det.text
+
+    det = Engine(ModelSource(str(folder)), settings, {"data.category"}).load().detector
+    assert (det.prompt, det.category) == ("Find every {category} here.", "nutrition-table")
+
+    det = Engine(ModelSource(str(ASSET)), settings).load().detector  # no vlmdet.json
+    assert (det.prompt, det.category) == ("Detect the {category} in this image.", "nutrition-table")

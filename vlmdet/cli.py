@@ -101,7 +101,8 @@ _overrides = settings_overrides  # the name the commands below use
 def inference_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig of a command that runs a trained model (predict, serve): --preset when given
     (prompt, batch size, answer length), else RunConfig's defaults, then the command-line settings.
-    Family and pixel budget still come from the model folder unless set explicitly."""
+    Family and pixel budget still come from the model folder, prompt and category from its vlmdet.json
+    (a published model), unless set explicitly."""
     # The smoke preset's short answers would cut a JSON box in half, hence the defaults without --preset.
     preset = getattr(args, "preset", None)
     return load_preset(preset, _overrides(args)) if preset else RunConfig().override(_overrides(args))
@@ -147,7 +148,9 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     print()
     if s.get("skipped"):
         print(f"Nothing new: {s.get('skip_reason')}. Pass --force to retrain.")
-    rows = [("fine-tuned", s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics"))]
+    # champion: the model now at the target, on today's test split (what the gate compared against)
+    rows = [("fine-tuned", s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics")),
+            ("champion", s.get("champion_metrics"))]
     print(f"{'model':<12}{'mAP':>8}{'mAP50':>8}{'mAP75':>8}")
     for name, m in rows:
         if m:
@@ -303,7 +306,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default=None,
                    help=f"settings source for prompt, batch size, answer length (one of {', '.join(list_presets())}, "
-                        "or a YAML path); default: the built-in defaults, with family and pixel budget read from --model")
+                        "or a YAML path); default: the built-in defaults. Family and pixel budget are read from --model, "
+                        "prompt and category from its vlmdet.json when it is a published model (--model.prompt and "
+                        "--data.category still win)")
     p.add_argument("images", nargs="+", help="image files or folders")
     add_settings(p, INFERENCE_SETTINGS)
     p.set_defaults(fn=cmd_predict)

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
         kind = "oom" if isinstance(err, torch.cuda.OutOfMemoryError) else "config" if isinstance(err, ConfigError) else "error"
         out = {"kind": kind, "message": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        traceback.print_exc()
+        if kind == "config":  # a user error: its message says what to fix; the traceback stays in the result
+            print(f"[{step}] {' '.join(out['message'].split())}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         code = 1
     if rank0:
         write_json(result, out, indent=1)

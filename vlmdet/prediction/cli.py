@@ -15,6 +15,7 @@ from vlmdet.modeling.load import (adapter_base, check_model_source, family_of, i
                                   saved_pixel_budget)
 from vlmdet.prediction.draw import draw
 from vlmdet.prediction.predict import Detector
+from vlmdet.publishing.card import META_FILE
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,57 @@ def check_model(model_path: str) -> str:
     return source
 
 
+# What a published model was trained to answer: the publish step writes them into its vlmdet.json
+# (the run's whole config). Another prompt or category gives worse boxes without any error.
+PUBLISHED_SETTINGS = {"model.prompt": ("model", "prompt"), "data.category": ("data", "category")}
+
+
+def published_settings(model_path: str) -> dict[str, str]:
+    """{dotted key: value} of PUBLISHED_SETTINGS from the model folder's vlmdet.json; {} for a folder
+    without one (an adapter, a merged folder not yet published, a plain base) or an unreadable one."""
+    meta_path = Path(model_path) / META_FILE
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s cannot be read (%s); prompt and category come from the settings", meta_path, err)
+        return {}
+    meta = meta if isinstance(meta, dict) else {}
+    run = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    out = {}
+    for key, (section, name) in PUBLISHED_SETTINGS.items():
+        value = (run.get(section) or {}).get(name)
+        if isinstance(value, str) and value:
+            out[key] = value
+    category = (meta.get("dataset") or {}).get("category")  # the data's category, where the config lacks it
+    if "data.category" not in out and isinstance(category, str) and category:
+        out["data.category"] = category
+    return out
+
+
 def config_for_model(model_path: str, config: RunConfig, explicit: set[str] = frozenset()) -> RunConfig:
-    """`config` with the family and pixel budget the model folder was saved with, unless set in
-    `explicit` (the dotted keys the user gave): what `vlmdet predict` and `vlmdet serve` detect with."""
+    """`config` with the family and pixel budget the model folder was saved with, and the prompt and
+    category it was published with (its vlmdet.json), unless set in `explicit` (the dotted keys the
+    user gave): what `vlmdet predict` and `vlmdet serve` detect with. Logs where prompt and category came from."""
     overrides = {}
     if "model.family" not in explicit:
         overrides["model.family"] = family_of(model_path)
     budget = saved_pixel_budget(model_path)
     if budget and not explicit & {"model.min_pixels", "model.max_pixels"}:
         overrides.update({"model.min_pixels": budget[0], "model.max_pixels": budget[1]})
-    return config.override(overrides)
+    published, sources = published_settings(model_path), {}
+    for key in PUBLISHED_SETTINGS:
+        if key in explicit:
+            sources[key] = "given on the command line"
+        elif key in published:
+            overrides[key], sources[key] = published[key], f"the model's {META_FILE}"
+        else:
+            sources[key] = "the settings (preset or defaults; the model has no " + META_FILE + " saying)"
+    config = config.override(overrides)
+    log.info("prompt %r: %s; category %r: %s", config.model.prompt, sources["model.prompt"], config.data.category,
+             sources["data.category"])
+    return config
 
 
 def predict_files(model_path: str, files: list[Path], out: Path, config: RunConfig, explicit: set[str] = frozenset(),
