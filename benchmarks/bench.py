@@ -42,7 +42,7 @@ SEED_PRESET = "seed-recipe"  # the original design's settings, as a vlmdet prese
 T0 = time.time()
 # Rough seconds a row takes on an H100 (load + steps); a row that would end past --budget-s is skipped.
 ESTIMATE_S = {"recipe": 110, "qlora": 70, "large": 50, "eval": 200, "nightly-preset": 90, "qlora-b8-gc": 60,
-              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "large-cast": 50, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
+              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "large-cast": 50, "large-cast-redraw": 50, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
 # vlmdet rows: (profile, extra settings, what the row shows)
 VLMDET_ROWS = {
     "qlora": ("qlora", {}, "the default profile"),
@@ -54,6 +54,9 @@ VLMDET_ROWS = {
     "large-b8": ("large", {"train.per_device_batch": 8, "train.grad_accum": 2}, "large at batch 8"),
     # large with PEFT's cast of every LoRA input to fp32 left on (speed.adapter_inputs_uncast off)
     "large-cast": ("large", {}, "large, LoRA inputs cast to the fp32 adapters' dtype (lever off)"),
+    # the noise that large vs large-cast is judged against: large-cast with other dropout masks only
+    # (the CUDA generator reseeded when training starts; data order and LoRA init come from the CPU's)
+    "large-cast-redraw": ("large", {}, "large-cast with the GPU's dropout masks drawn from another seed"),
     "qlora-b2-half": ("qlora", {"train.per_device_batch": 2, "train.grad_accum": 8, "train.checkpoint_every": 2},
                       "batch 2, checkpointing every 2nd layer"),
     "qlora-b1": ("qlora", {"train.per_device_batch": 1, "train.grad_accum": 16, "train.gradient_checkpointing": False},
@@ -196,6 +199,18 @@ def step_profiler(at_step: int, path: Path, dev: str):
     return Profile()
 
 
+def dropout_redraw():
+    """Reseed the CUDA generator as training starts: other dropout masks, the same data and LoRA init."""
+    from transformers import TrainerCallback
+
+    class Redraw(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(args.seed + 1)
+
+    return Redraw()
+
+
 def summarise(times: list[float], measured: slice, tokens: int) -> dict:
     kept = times[measured]
     med = statistics.median(kept) if kept else float("nan")
@@ -250,6 +265,8 @@ def vlmdet_row(name: str, base: str, dataset, steps: int, dev: str, root: Path, 
         trainer.add_callback(step_timer(dev, times))
         if profile_path:
             trainer.add_callback(step_profiler(steps + 2, profile_path, dev))
+        if name.endswith("-redraw"):
+            trainer.add_callback(dropout_redraw())
         if name.endswith("no-tower-fix"):
             trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks
                                                   if not isinstance(c, speed.FrozenTowersOutOfBackward)]
@@ -264,7 +281,7 @@ def vlmdet_row(name: str, base: str, dataset, steps: int, dev: str, root: Path, 
     t = time.time()
     train_mod.build_trainer = spy
     uncast = speed.adapter_inputs_uncast
-    if name.endswith("-cast"):  # the lever off: PEFT casts each LoRA input to fp32 as before
+    if "-cast" in name:  # the lever off: PEFT casts each LoRA input to fp32 as before
         speed.adapter_inputs_uncast = lambda model, autocast: uncast(model, autocast=False)
     try:
         adapter = train_mod.train(dataset, cfg, root / f"run-{name}")
