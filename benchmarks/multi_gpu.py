@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,11 +34,22 @@ sys.path.insert(0, str(HERE))
 from bench import PRESET, build_base, say, write_dataset  # noqa: E402
 
 
+def step(name: str, request: dict, run: Path, processes: int, env: dict, times_file: Path) -> dict:
+    """The step child as the task starts it, reporting its timings to times_file (VLMDET_STEP_TIMES)."""
+    from vlmdet.runner import run_step
+
+    shutil.rmtree(run, ignore_errors=True)  # never resume an earlier run's checkpoints: every step is timed
+    run.mkdir(parents=True)
+    return run_step(name, request, run / "step", timeout_s=1200, num_processes=processes,
+                    env={**env, "VLMDET_STEP_TIMES": str(times_file),  # the child imports this checkout
+                         "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))})
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vlmdet.config import load_preset
-    from vlmdet.runner import plan_processes, run_step
+    from vlmdet.runner import plan_processes
     from vlmdet.training import profiles
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,15 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         processes, env = plan_processes(n)
         run = work / f"multi-{n}"
         times_file = run / "step_times.json"
-        run.mkdir(parents=True, exist_ok=True)
-        times_file.unlink(missing_ok=True)
         say(f"{n} process(es): start ({env or 'all visible GPUs'})")
         t = time.time()
         try:
-            rec = run_step("train", {"dataset": dataset.to_dict(), "config": cfg.to_dict(), "out": str(run / "train")},
-                           run / "step", timeout_s=1200, num_processes=processes,
-                           env={**env, "VLMDET_STEP_TIMES": str(times_file),  # the child imports this checkout
-                                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))})
+            rec = step("train", {"dataset": dataset.to_dict(), "config": cfg.to_dict(), "out": str(run / "train")},
+                       run, processes, env, times_file)
         except Exception as err:
             result["runs"][n] = {"error": str(err)[:500]}
             say(f"{n}: failed: {err}")
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def eval_runs(a, base: str, counts: list[int], work: Path, out: Path, result: dict) -> dict:
     from vlmdet.config import load_preset
-    from vlmdet.runner import plan_processes, run_step
+    from vlmdet.runner import plan_processes
 
     data = write_dataset(work, a.eval_images, (224, 168) if a.tiny else (1024, 768))
     cfg = load_preset(PRESET, {"model.base": base, "eval.max_new_tokens": 24, "eval.preview_images": 0})
@@ -119,16 +127,12 @@ def eval_runs(a, base: str, counts: list[int], work: Path, out: Path, result: di
         processes, env = plan_processes(n, setting="eval.num_processes")
         run = work / f"eval-{n}"
         times_file = run / "times.json"
-        run.mkdir(parents=True, exist_ok=True)
-        times_file.unlink(missing_ok=True)
         say(f"evaluate on {n} process(es): start")
         t = time.time()
         try:
-            rec = run_step("evaluate", {"model": base, "dataset": data.to_dict(), "out": str(run / "out"), "split": "test",
-                                        "config": cfg.override({"eval.num_processes": n}).to_dict()},
-                           run / "step", timeout_s=1200, num_processes=processes,
-                           env={**env, "VLMDET_STEP_TIMES": str(times_file),
-                                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))})
+            rec = step("evaluate", {"model": base, "dataset": data.to_dict(), "out": str(run / "out"), "split": "test",
+                                    "config": cfg.override({"eval.num_processes": n}).to_dict()},
+                       run, processes, env, times_file)
         except Exception as err:
             runs[n] = {"error": str(err)[:500]}
             say(f"evaluate {n}: failed: {err}")
