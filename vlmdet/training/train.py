@@ -164,8 +164,9 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
         log.info("resuming from %s", resume)
     counter = StepCounter()
     trainer.add_callback(counter)
-    # bf16 autocast (Accelerate wraps the forward when args.bf16): fp32 LoRA weights, bf16 activations
-    with speed.adapter_inputs_uncast(trainer.model, autocast=bool(trainer.args.bf16)):
+    # under bf16 autocast (Accelerate wraps the forward in it for mixed precision): fp32 LoRA weights, bf16 inputs
+    amp = trainer.accelerator
+    with speed.adapter_inputs_uncast(trainer.model, autocast=amp.native_amp and amp.mixed_precision == "bf16"):
         trainer.train(resume_from_checkpoint=resume)
     selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
                                                     trainer.state.log_history, validation_split(dataset))
