@@ -15,7 +15,7 @@ from vlmdet.modeling.load import (adapter_base, check_model_source, family_of, i
                                   saved_pixel_budget)
 from vlmdet.prediction.draw import draw
 from vlmdet.prediction.predict import Detector
-from vlmdet.publishing.card import META_FILE
+from vlmdet.publishing.card import META_FILE, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,7 @@ PUBLISHED_SETTINGS = {"model.prompt": ("model", "prompt"), "data.category": ("da
 def published_settings(model_path: str) -> dict[str, str]:
     """{dotted key: value} of PUBLISHED_SETTINGS from the model folder's vlmdet.json; {} for a folder
     without one (an adapter, a merged folder not yet published, a plain base) or an unreadable one."""
-    meta_path = Path(model_path) / META_FILE
-    if not meta_path.is_file():
-        return {}
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        log.warning("%s cannot be read (%s); prompt and category come from the settings", meta_path, err)
-        return {}
-    meta = meta if isinstance(meta, dict) else {}
+    meta = read_meta(model_path) or {}
     run = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     out = {}
     for key, (section, name) in PUBLISHED_SETTINGS.items():

@@ -11,6 +11,7 @@ because it is the file people edit on the Hub.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_result
 from vlmdet.config import RunConfig
 from vlmdet.gate import Champion, decision_markdown
 from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision
+
+log = logging.getLogger(__name__)
 
 META_FILE = "vlmdet.json"
 CARD_FILE = "README.md"
@@ -233,19 +236,25 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
                     config=config)
 
 
+def read_meta(folder: str | Path) -> dict | None:
+    """The folder's vlmdet.json, or None where there is none or it is not a readable JSON object."""
+    meta = Path(folder) / META_FILE
+    if not meta.is_file():
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s cannot be read (%s); ignored", meta, err)
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_champion_folder(folder: str | Path) -> Champion | None:
     """The champion published in a local repo-shaped folder, or None when nothing is there."""
     folder = Path(folder)
     card = folder / CARD_FILE
-    meta = folder / META_FILE
     card_text = card.read_text() if card.is_file() else None
-    meta_data = None
-    if meta.is_file():
-        try:
-            meta_data = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            meta_data = None
-    return champion_from_card(card_text, meta_data, str(folder))
+    return champion_from_card(card_text, read_meta(folder), str(folder))
 
 
 def base_model_id(configured: str, resolved: str | None) -> str:
