@@ -18,10 +18,11 @@ import torch
 
 from vlmdet.config import RunConfig
 from vlmdet.formats import get_format
-from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base
+from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base, torch_dtype
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
 from vlmdet.training import faults, select, speed
+from vlmdet.training.precision import set_adapter_dtype  # noqa: F401 - also imported from here
 from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
 from transformers import TrainerCallback  # already imported by faults; the step counter below is one
 
@@ -70,6 +71,9 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
 
     t = config.train
     cuda = has_cuda()
+    # bf16 autocast on a GPU (as before), and on a CPU where the base itself is bf16: the GPU's mixed
+    # path (bf16 base, fp32 adapters under autocast) then runs in the CPU tests too.
+    mixed = t.bf16 and (cuda or torch_dtype(config.model) == torch.bfloat16)
     return SFTConfig(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch,
@@ -81,7 +85,7 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         weight_decay=t.weight_decay,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        bf16=t.bf16 and cuda,
+        bf16=mixed,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs=({"use_reentrant": False} | ({"every_n_layers": t.checkpoint_every}
                                        if t.checkpoint_every > 1 else {})) if t.gradient_checkpointing else None,
@@ -131,26 +135,6 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
     if speed.StepTimes.from_env():
         trainer.add_callback(speed.StepTimes.from_env())
     return trainer, processor, base
-
-
-def set_adapter_dtype(model, dtype_name: str) -> int:
-    """Cast the trainable (LoRA and modules_to_save) weights to `dtype_name`; returns how many tensors.
-
-    SFTTrainer casts them to bf16 when the base is 4-bit (trl sft_trainer.py, "following the QLoRA
-    paper"). A LoRA-A entry of Qwen2-VL-7B starts near 0.017 (kaiming over 3,584 inputs), where a
-    bf16 step is 6e-5..1.2e-4, while AdamW moves a weight by about lr: at lr 1e-5 most updates round
-    to nothing (issue 9: 14% of LoRA-A entries changed in 10 steps). fp32 master weights cost 8 bytes
-    a LoRA parameter more (weight + grad) and keep every update; the forward still computes in bf16
-    under autocast. Done before the optimizer exists (Trainer builds it in train()), so its state is
-    fp32 too.
-    """
-    dtype = getattr(torch, dtype_name)
-    n = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype and param.is_floating_point():
-            param.data = param.data.to(dtype)
-            n += 1
-    return n
 
 
 def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef:
