@@ -1,0 +1,273 @@
+"""The GPU check: one command, one H200, one device call (< 9 minutes), one results file named by commit.
+
+A change to training, evaluation, prediction, merging, modeling or publishing ends with this command
+on the final commit (docs/gpu.md says how to send it to the lent GPU machine). It runs:
+
+1. `tests/gpu` (pytest -m gpu): the nightly preset's code path on a random-weight Qwen2-VL-7B, and the
+   smoke task trained fp32 vs the nightly QLoRA path;
+2. a scaled nightly run, twice, through benchmarks/nightly_run.py (the same pipeline the flow runs:
+   train with validation selection, both evaluations, merge, publish to tests/hub_server.py); the
+   second run finds the first one's model at the target and its gate compares against it (paired
+   bootstrap on the same test images);
+3. the bench rows `recipe,qlora,large` (benchmarks/bench.py), alone on the card, so their ratios hold.
+
+1 and 2 run side by side (one GPU has the memory for both; they are checks, not timings), then their
+files are deleted (disk: 64 GiB; the random 7B, a merged 7B each, 16.6 GB apiece), then 3 runs alone.
+Writes OUT/gpu_check-<commit>.json (every phase: ok, seconds, counts, the nightly runs' step tables,
+the bench rows) beside the logs, and exits 1 if anything failed.
+
+    python benchmarks/gpu_check.py --out $OUT --commit $(git rev-parse --short=12 HEAD)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "qwen2-vl-7b-nutrition"
+BENCH_ROWS = "recipe,qlora,large"
+
+
+def commit_id(given: str | None) -> str:
+    if given:
+        return given[:12]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("VLMDET_COMMIT", "unknown")[:12]
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "pycocotools"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **extra}
+
+
+def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    print(f"[gpu-check] start: {' '.join(cmd)}  (log {log.name})", flush=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(**env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait(proc: subprocess.Popen, deadline: float) -> int:
+    try:
+        return proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return 124
+
+
+def tail(path: Path, n: int = 30) -> list[str]:
+    return path.read_text(errors="replace").splitlines()[-n:] if path.is_file() else []
+
+
+def pytest_counts(log: Path) -> dict[str, int]:
+    """pytest's closing line ("5 passed, 1 failed in 418.00s") as numbers."""
+    line = next((ln for ln in reversed(tail(log, 60)) if re.search(r"\d+ (passed|failed|error)", ln)), "")
+    return {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", line)}
+
+
+def find(obj: Any, key: str) -> list[Any]:
+    """Every value of `key` anywhere in a JSON document."""
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in find(v, key)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in find(v, key)]
+    return []
+
+
+class LocalHub:
+    """tests/hub_server.py on loopback: both nightly runs publish to and read from the same server."""
+
+    def __init__(self, log: Path):
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "hub_server.py")], cwd=REPO,
+                                     env=child_env(), stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+        self.url = (self.proc.stdout.readline() if self.proc.stdout else "").strip()
+        if not self.url.startswith("http://127.0.0.1:"):
+            self.stop()
+            raise RuntimeError(f"tests/hub_server.py did not start (said {self.url!r})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def nightly_cmd(out: Path, work: Path, base: Path | None, hub: str, args: argparse.Namespace) -> list[str]:
+    model = ["--tiny", "--workers", "1"] if base is None else ["--base", str(base)]
+    return [sys.executable, "benchmarks/nightly_run.py", "--out", str(out), "--workdir", str(work), *model,
+            "--train-images", str(args.train_images), "--test-images", str(args.test_images), "--epochs", "1",
+            "--hub-endpoint", hub,
+            # checkpoints every 2 steps so that validation selection scores more than one; short answers
+            "--set", "train.save_steps=2", "--set", "train.warmup_steps=0", "--set", "eval.max_new_tokens=32",
+            "--set", "eval.val_max_images=8"]
+
+
+def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
+    """Two scaled nightly runs on one Hub server: the first publishes, the second measures against it."""
+    hub = LocalHub(logs / "hub_server.log")
+    runs: list[dict[str, Any]] = []
+    try:
+        for k in (1, 2):
+            out = work / f"nightly-{k}"
+            out.mkdir(parents=True, exist_ok=True)
+            t = time.time()
+            code = wait(start(nightly_cmd(out, work / "nightly-work", base, hub.url, args), logs / f"nightly{k}.log"),
+                        deadline)
+            result = json.loads((out / "nightly_run.json").read_text()) if (out / "nightly_run.json").is_file() else {}
+            shutil.copy(out / "nightly_run.json", args.out / f"nightly{k}.json") if result else None
+            runs.append({"exit": code, "seconds": round(time.time() - t, 1), "state": result.get("state"),
+                         "steps": [(s.get("step"), s.get("seconds")) for s in result.get("steps", [])],
+                         "p_better": [p for p in find(result, "p_better") if p is not None],
+                         "published": any(find(result, "published")) or any(
+                             s.get("step") == "publish" for s in result.get("steps", [])),
+                         "tail": [] if code == 0 else tail(logs / f"nightly{k}.log")})
+            if code != 0:
+                break
+    finally:
+        hub.stop()
+    ok = (len(runs) == 2 and all(r["exit"] == 0 and r["state"] == "done" for r in runs) and runs[0]["published"]
+          and bool(runs[1]["p_better"]))  # the second run's gate compared both models on the same images
+    return {"ok": ok, "runs": runs,
+            "checks": "run 1 published to the local Hub-API server; run 2's gate compared with run 1's model"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "benchmarks/results"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vlmdet-gpu-check"), help="scratch (~50 GB at the peak)")
+    ap.add_argument("--commit", help="the commit checked out (default: git rev-parse; the GPU copy has no .git)")
+    ap.add_argument("--logs", type=Path, help="child logs (default: beside --work)")
+    ap.add_argument("--skip", default="", help="comma list of phases not to run: tests, nightly, bench")
+    ap.add_argument("--train-images", type=int, default=40)
+    ap.add_argument("--test-images", type=int, default=16)
+    ap.add_argument("--tiny", action="store_true", help="CPU rehearsal: the micro model, bench --tiny, no 7B")
+    ap.add_argument("--bench-reserve-s", type=float, default=200, help="seconds kept for the bench after 1 and 2")
+    ap.add_argument("--budget-s", type=float, default=530, help="everything ends by then (device calls: 600 s)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    skip = {s for s in args.skip.split(",") if s}
+    commit = commit_id(args.commit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    # logs beside the scratch (a device call returns at most 8 files: the results and the reports go to --out,
+    # the logs' ends into the results file)
+    logs = args.logs or work.with_name(work.name + "-logs")
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+
+    import torch
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    report: dict[str, Any] = {"commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                              "card": card, "versions": versions(), "phases": {}}
+    path = args.out / f"gpu_check-{commit}.json"
+
+    def save() -> None:
+        report["wall_s"] = round(time.time() - t0, 1)
+        report["ok"] = bool(report["phases"]) and all(p.get("ok") for p in report["phases"].values())
+        path.write_text(json.dumps(report, indent=1, default=str))
+
+    if not torch.cuda.is_available() and not args.tiny:
+        report["phases"]["cuda"] = {"ok": False, "reason": "no CUDA device: the GPU check needs one"}
+        save()
+        print(f"[gpu-check] {card}: nothing checked", flush=True)
+        return 1
+
+    # the random 7B once, for the tests and both nightly runs (bench.py builds the recipe's own later)
+    base: Path | None = None
+    code = 0
+    if not args.tiny:
+        base = work / "random-qwen2-vl-7b"
+        t = time.time()
+        from vlmdet.config import load_preset
+
+        cfg = load_preset(PRESET).model
+        code = subprocess.run([sys.executable, "-c", "import sys; from vlmdet.modeling.published import "
+                               "build_random_qwen2_vl_7b as b; b(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
+                               str(base), str(cfg.min_pixels), str(cfg.max_pixels)], cwd=REPO,
+                              env=child_env()).returncode
+        report["phases"]["base"] = {"ok": code == 0, "seconds": round(time.time() - t, 1)}
+        save()
+    middle = deadline - args.bench_reserve_s
+
+    # 1 and 2 side by side
+    tests = None
+    if "tests" not in skip and code == 0:
+        tests = start([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider",
+                       "--basetemp", str(work / "pytest"), "-o", "addopts=-ra", "--timeout", str(int(args.budget_s))],
+                      logs / "tests.log", VLMDET_RANDOM_7B=str(base or ""), VLMDET_GPU_REPORT=str(args.out / "gpu_report.json"))
+        t_tests = time.time()
+    if "nightly" not in skip and code == 0:
+        t = time.time()
+        report["phases"]["nightly"] = nightly_phase(work, logs, base, args, middle)
+        report["phases"]["nightly"]["seconds"] = round(time.time() - t, 1)
+        save()
+    if tests is not None:
+        rc = wait(tests, middle)
+        counts = pytest_counts(logs / "tests.log")
+        shutil.copy(logs / "tests.log", args.out / "tests.log")
+        ran = counts.get("passed", 0) > 0 or (args.tiny and rc in (0, 5))  # --tiny: no CUDA, every test skips
+        report["phases"]["tests"] = {"ok": (rc == 0 or args.tiny) and ran and not counts.get("failed"),
+                                     "exit": rc, "counts": counts, "seconds": round(time.time() - t_tests, 1),
+                                     "tail": [] if rc == 0 else tail(logs / "tests.log", 40)}
+        save()
+    shutil.rmtree(work, ignore_errors=True)  # the 7B, the merged models: the bench needs the disk
+
+    # 3 alone on the card
+    if "bench" not in skip:
+        t = time.time()
+        bench_out = work / "bench-out"
+        rc = wait(start([sys.executable, "benchmarks/bench.py", "--rows", BENCH_ROWS, "--steps", "5", "--profile", "",
+                         *(["--tiny"] if args.tiny else []),
+                         "--work", str(work / "bench"), "--out", str(bench_out),
+                         "--budget-s", str(max(30, int(deadline - time.time() - 15)))], logs / "bench.log"), deadline)
+        rows = json.loads((bench_out / "results.json").read_text()) if (bench_out / "results.json").is_file() else {}
+        for name in ("results.json", "table.md"):
+            if (bench_out / name).is_file():
+                shutil.copy(bench_out / name, args.out / f"bench_{name}")
+        got = find(rows, "samples_per_s")
+        report["phases"]["bench"] = {"ok": rc == 0 and len(got) >= len(BENCH_ROWS.split(",")), "exit": rc,
+                                     "seconds": round(time.time() - t, 1), "rows": rows.get("rows", rows),
+                                     "tail": [] if rc == 0 else tail(logs / "bench.log", 30)}
+    shutil.rmtree(work, ignore_errors=True)
+    save()
+    print(f"[gpu-check] {card} commit {commit}: {'OK' if report['ok'] else 'FAILED'} in {report['wall_s']} s -> {path}",
+          flush=True)
+    for name, phase in report["phases"].items():
+        print(f"[gpu-check]   {name}: {'ok' if phase.get('ok') else 'FAILED'} {phase.get('seconds', '')} s "
+              f"{phase.get('counts', '')}", flush=True)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
