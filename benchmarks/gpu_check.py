@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # vlmdet from this checkout
 PRESET = "qwen2-vl-7b-nutrition"
 BENCH_ROWS = "recipe,qlora,large"
 
