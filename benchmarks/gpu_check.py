@@ -11,8 +11,8 @@ on the final commit (docs/gpu.md says how to send it to the lent GPU machine). I
    bootstrap on the same test images);
 3. the bench rows `recipe,qlora,large` (benchmarks/bench.py), alone on the card, so their ratios hold.
 
-1 and 2 run side by side (one GPU has the memory for both; they are checks, not timings), then their
-files are deleted (disk: 64 GiB; the random 7B, a merged 7B each, 16.6 GB apiece), then 3 runs alone.
+1 and 2 run side by side (one GPU has the memory for both; they are checks, not timings; the smoke
+task's test starts at once, beside the build of the random 7B the rest share), then their files are deleted (disk: 64 GiB; the random 7B, a merged 7B each, 16.6 GB apiece), then 3 runs alone.
 Writes OUT/gpu_check-<commit>.json (every phase: ok, seconds, counts, the nightly runs' step tables,
 the bench rows) beside the logs, and exits 1 if anything failed.
 
@@ -87,7 +87,7 @@ def tail(path: Path, n: int = 30) -> list[str]:
 
 def pytest_counts(log: Path) -> dict[str, int]:
     """pytest's closing line ("5 passed, 1 failed in 418.00s") as numbers."""
-    line = next((ln for ln in reversed(tail(log, 60)) if re.search(r"\d+ (passed|failed|error)", ln)), "")
+    line = next((ln for ln in reversed(tail(log, 60)) if re.search(r"\d+ (passed|failed|error|skipped)", ln)), "")
     return {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", line)}
 
 
@@ -126,7 +126,7 @@ def nightly_cmd(out: Path, work: Path, base: Path | None, hub: str, args: argpar
             "--train-images", str(args.train_images), "--test-images", str(args.test_images), "--epochs", "1",
             "--hub-endpoint", hub,
             # checkpoints every 2 steps so that validation selection scores more than one; short answers
-            "--set", "train.save_steps=2", "--set", "train.warmup_steps=0", "--set", "eval.max_new_tokens=32",
+            "--set", "train.save_steps=2", "--set", "train.warmup_steps=0", "--set", "eval.max_new_tokens=24",
             "--set", "eval.val_max_images=8"]
 
 
@@ -166,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", help="the commit checked out (default: git rev-parse; the GPU copy has no .git)")
     ap.add_argument("--logs", type=Path, help="child logs (default: beside --work)")
     ap.add_argument("--skip", default="", help="comma list of phases not to run: tests, nightly, bench")
-    ap.add_argument("--train-images", type=int, default=40)
-    ap.add_argument("--test-images", type=int, default=16)
+    ap.add_argument("--train-images", type=int, default=24)
+    ap.add_argument("--test-images", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal: the micro model, bench --tiny, no 7B")
-    ap.add_argument("--bench-reserve-s", type=float, default=200, help="seconds kept for the bench after 1 and 2")
-    ap.add_argument("--budget-s", type=float, default=530, help="everything ends by then (device calls: 600 s)")
+    ap.add_argument("--bench-reserve-s", type=float, default=160, help="seconds kept for the bench after 1 and 2")
+    ap.add_argument("--budget-s", type=float, default=540, help="everything ends by then (device calls: 600 s)")
     args = ap.parse_args(argv)
     t0 = time.time()
     deadline = t0 + args.budget_s
@@ -204,6 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu-check] {card}: nothing checked", flush=True)
         return 1
 
+    # the smoke task's test needs no 7B: it starts first, beside the 7B's build
+    def pytest(target: str, name: str, **env: str) -> tuple[subprocess.Popen, Path]:
+        log = logs / f"{name}.log"
+        return start([sys.executable, "-m", "pytest", "-m", "gpu", target, "-q", "-p", "no:cacheprovider",
+                      "--basetemp", str(work / name), "-o", "addopts=-ra", "--timeout", str(int(args.budget_s))],
+                     log, VLMDET_GPU_REPORT=str(args.out / f"{name}_report.json"), **env), log
+
+    tests: list[tuple[subprocess.Popen, Path]] = []
+    t_tests = time.time()
+    if "tests" not in skip:
+        tests.append(pytest("tests/gpu/test_smoke_qlora.py", "gpu_smoke"))
+
     # the random 7B once, for the tests and both nightly runs (bench.py builds the recipe's own later)
     base: Path | None = None
     code = 0
@@ -222,25 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     middle = deadline - args.bench_reserve_s
 
     # 1 and 2 side by side
-    tests = None
     if "tests" not in skip and code == 0:
-        tests = start([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider",
-                       "--basetemp", str(work / "pytest"), "-o", "addopts=-ra", "--timeout", str(int(args.budget_s))],
-                      logs / "tests.log", VLMDET_RANDOM_7B=str(base or ""), VLMDET_GPU_REPORT=str(args.out / "gpu_report.json"))
-        t_tests = time.time()
+        tests.append(pytest("tests/gpu/test_qwen2_vl_7b.py", "gpu_7b", VLMDET_RANDOM_7B=str(base or "")))
     if "nightly" not in skip and code == 0:
         t = time.time()
         report["phases"]["nightly"] = nightly_phase(work, logs, base, args, middle)
         report["phases"]["nightly"]["seconds"] = round(time.time() - t, 1)
         save()
-    if tests is not None:
-        rc = wait(tests, middle)
-        counts = pytest_counts(logs / "tests.log")
-        shutil.copy(logs / "tests.log", args.out / "tests.log")
-        ran = counts.get("passed", 0) > 0 or (args.tiny and rc in (0, 5))  # --tiny: no CUDA, every test skips
-        report["phases"]["tests"] = {"ok": (rc == 0 or args.tiny) and ran and not counts.get("failed"),
-                                     "exit": rc, "counts": counts, "seconds": round(time.time() - t_tests, 1),
-                                     "tail": [] if rc == 0 else tail(logs / "tests.log", 40)}
+    if tests:
+        codes = [wait(proc, middle) for proc, _ in tests]
+        counts: dict[str, int] = {}
+        with open(args.out / "tests.log", "w") as both:
+            for _, log in tests:
+                for k, v in pytest_counts(log).items():
+                    counts[k] = counts.get(k, 0) + v
+                both.write(f"==> {log.name}\n{log.read_text(errors='replace')}\n")
+        ran = counts.get("passed", 0) > 0 or (args.tiny and set(codes) <= {0, 5})  # --tiny: no CUDA, all skip
+        report["phases"]["tests"] = {"ok": (set(codes) == {0} or args.tiny) and ran and not counts.get("failed"),
+                                     "exit": codes, "counts": counts, "seconds": round(time.time() - t_tests, 1),
+                                     "tail": [ln for (_, log), c in zip(tests, codes) if c for ln in tail(log, 30)]}
         save()
     shutil.rmtree(work, ignore_errors=True)  # the 7B, the merged models: the bench needs the disk
 
