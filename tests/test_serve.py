@@ -77,6 +77,21 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     return bytes(data)
 
 
+def flat_png(width: int, height: int) -> bytes:
+    """A valid PNG of one colour (black, 1 bit a pixel): 8 KB for 8000 x 8000, 48 KB for 20000 x 20000
+    on the wire, while Pillow decodes it to a byte a pixel (mode "1") and RGB to three: a real
+    decompression bomb, unlike bomb_png, whose pixel data would fail to decode."""
+    row = b"\0" * (1 + (width + 7) // 8)  # PNG filter byte 0, then the row's bits packed
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """One intra-op thread here and in the server: on a CPU shared with other jobs, torch's OpenMP

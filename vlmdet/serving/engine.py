@@ -86,6 +86,12 @@ class Engine:
             return str(err)
         return None
 
+    def pixel_cap(self) -> tuple[int, str]:
+        """(most pixels an image may declare, where that number comes from): serve.pixel_cap_factor x the
+        loaded model's max_pixels, so a reload to a model with another budget moves the cap with it."""
+        factor, budget = self.config.serve.pixel_cap_factor, self.current.config.model.max_pixels
+        return int(factor * budget), f"serve.pixel_cap_factor {factor:g} x the model's max_pixels {budget:,}"
+
     def detect(self, images: list, names: list[str]) -> tuple[list[Prediction], str]:
         """Predictions for a batch, and the revision that made them."""
         loaded = self.current
