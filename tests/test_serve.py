@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -286,3 +287,70 @@ def test_load_benchmark_runs_clean_against_the_server(server, tmp_path):
     with pytest.raises(SystemExit):  # loopback only
         bench.parse_args(["--model", "m", "--url", "http://10.1.2.3:8000"])
     assert proc.poll() is None
+
+
+def _rss_kb(pid: int, field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the kernel's high-water mark of it) of a process, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+# What one of the smallest bombs below costs once decoded: 8000 x 8000 at Pillow's byte a pixel for a
+# bilevel PNG (192 MB more as RGB). Refusing all of them from their headers must cost less than
+# decoding a single one; on main each is decoded (the 8000 x 8000 one is under Pillow's 89 MP limit).
+BOMB_RSS_BOUND_MB = 64
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc (Linux)")
+def test_decompression_bombs_from_32_clients_get_413_in_bounded_memory(server):
+    url, proc = server
+    bombs = {"8000x8000.png": flat_png(8000, 8000),      # 64 MP: under Pillow's limit, over the pixel cap
+             "12000x12000.png": flat_png(12000, 12000),  # 144 MP: Pillow warns (its limit x 1-2)
+             "20000x20000.png": flat_png(20000, 20000),  # 400 MP: Pillow raises
+             "header-only.png": bomb_png()}              # claims 400 MP, holds 8 x 8
+    assert max(len(b) for b in bombs.values()) < 50_000  # tiny files: under serve.max_body_mb=1 by far
+    with httpx.Client(headers=auth(), timeout=120) as client:
+        one = client.post(f"{url}/detect", files={"file": ("8000x8000.png", bombs["8000x8000.png"])})
+        assert (one.status_code, one.json().get("error")) == (413, "too-large"), one.text[:300]
+        assert "serve.pixel_cap_factor" in one.json()["detail"]
+
+        # The kernel's peak RSS from here on: writing 5 to clear_refs resets VmHWM to the current RSS
+        # (Linux >= 4.0); where that is refused, sample VmRSS every few ms instead.
+        try:
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+            hwm_reset = True
+        except OSError:
+            hwm_reset = False
+        before = _rss_kb(proc.pid, "VmRSS")
+        peak, done = [before], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.append(_rss_kb(proc.pid, "VmRSS"))
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        jobs = [name for name in bombs for _ in range(32)]  # 128 requests, 4 a client
+        random.Random(1).shuffle(jobs)
+        try:
+            with ThreadPoolExecutor(32) as pool:
+                results = list(pool.map(lambda n: (n, client.post(f"{url}/detect", files={"file": (n, bombs[n])})),
+                                        jobs))
+        finally:
+            done.set()
+            sampler.join(10)
+        if hwm_reset:
+            peak.append(_rss_kb(proc.pid, "VmHWM"))
+        for name, r in results:
+            assert (r.status_code, r.json().get("error")) == (413, "too-large"), (name, r.text[:300])
+        grown_mb = (max(peak) - before) / 1024
+        print(f"server RSS {before / 1024:.0f} MB before, peak +{grown_mb:.1f} MB over 128 bombs from 32 clients "
+              f"({'VmHWM' if hwm_reset else 'sampled VmRSS'})")
+        assert grown_mb < BOMB_RSS_BOUND_MB, f"the server's RSS grew by {grown_mb:.0f} MB refusing bombs"
+
+        assert proc.poll() is None and client.get(f"{url}/health").json()["queue"] == 0
+        metrics = client.get(f"{url}/metrics").text
+    assert float(re.search(r'^vlmdet_serve_rejected_total\{reason="too-large"\} (\S+)', metrics, re.M)[1]) >= 129

@@ -91,16 +91,16 @@ def test_a_full_queue_answers_busy_without_decoding(served, decodes):
     jpeg = synth_jpeg(1, (96, 72))
     gate.clear()
     started.clear()
-    try:
-        with httpx.Client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
+        try:  # the gate opens before the pool waits for its requests, or a failure here would hang
             running = pool.submit(client.post, f"{url}/detect", files={"file": ("running.jpg", jpeg)})
             assert started.wait(60), "the first request never reached the model"
             waiting = pool.submit(client.post, f"{url}/detect", files={"file": ("waiting.jpg", jpeg)})
             deadline = time.monotonic() + 60
-            while client.get(f"{url}/health").json()["queue"] < 1:  # the one place is taken
+            # the one place is taken once the second image is decoded (and, on main, queued)
+            while len(decodes) < 2 or client.get(f"{url}/health").json()["queue"] < 1:
                 assert time.monotonic() < deadline and not waiting.done(), "the second request never queued"
                 time.sleep(0.02)
-            assert len(decodes) == 2
 
             busy = client.post(f"{url}/detect", files={"file": ("one-too-many.jpg", jpeg)})
             assert busy.status_code == 503 and busy.json()["error"] == "busy", busy.text
@@ -109,8 +109,8 @@ def test_a_full_queue_answers_busy_without_decoding(served, decodes):
 
             gate.set()
             assert running.result().status_code == 200 and waiting.result().status_code == 200
-    finally:
-        gate.set()
+        finally:
+            gate.set()
     # every place is free again: a request after the burst is served
     assert httpx.get(f"{url}/health").json()["queue"] == 0
     assert httpx.post(f"{url}/detect", files={"file": ("after.jpg", jpeg)}, timeout=120).status_code == 200
