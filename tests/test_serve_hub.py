@@ -240,3 +240,35 @@ def test_serve_asks_with_the_prompt_and_category_the_model_was_published_with(tm
 
     det = Engine(ModelSource(str(ASSET)), settings).load().detector  # no vlmdet.json
     assert (det.prompt, det.category) == ("Detect the {category} in this image.", "nutrition-table")
+
+
+def test_serve_prunes_the_cache_to_the_serving_and_previous_revisions(hub, config, merged, published, tmp_path):
+    """Each publication is a full snapshot in the Hugging Face cache (~15 GB for a 7B); after a reload
+    only the revision serving and the one before it stay, and no blob of a deleted one is left."""
+    from fastapi.testclient import TestClient
+    from huggingface_hub import scan_cache_dir
+
+    from vlmdet.serving.server import build
+
+    def cached():
+        (repo,) = [r for r in scan_cache_dir().repos if r.repo_id == REPO]
+        return repo
+
+    app = build(REPO, config, {"data.category"})
+    image = photo(tmp_path / "photo.jpg").read_bytes()
+    with TestClient(app) as client:
+        served = [client.get("/health").json()["revision"]]
+        for i, map50 in enumerate((0.81, 0.82)):
+            pub = _publish(hub, config, merged, tmp_path / f"pub-prune{i}", map50=map50)
+            assert client.post("/reload").json()["changed"] is True
+            served.append(pub.revision)
+            repo = cached()
+            assert {r.commit_hash for r in repo.revisions} == set(served[-2:]), "kept: the serving and the previous"
+            # the weights are shared by every revision (same merged model); each card and vlmdet.json is
+            # its own: the deleted revision's are gone, and every kept file still resolves
+            assert set((repo.repo_path / "blobs").iterdir()) == {f.blob_path for r in repo.revisions for f in r.files}
+            assert all(f.file_path.resolve().is_file() for r in repo.revisions for f in r.files)
+        previous = next(r for r in repo.revisions if r.commit_hash == served[-2])
+        assert (previous.snapshot_path / "model.safetensors").resolve().is_file()  # ready to roll back to
+        r = client.post("/detect", files={"file": ("photo.jpg", image)})
+        assert r.status_code == 200 and r.json()["revision"] == served[-1]
