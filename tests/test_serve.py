@@ -275,7 +275,8 @@ def test_load_benchmark_runs_clean_against_the_server(server, tmp_path):
     out = tmp_path / "load.json"
     result = bench.main(["--model", str(ASSET), "--url", url, "--token-file", str(token_file), "--images", "4",
                          "--size", "320x240", "--concurrency", "1,8,32", "--requests", "16", "--max-seconds", "3", "--baseline-seconds", "120",
-                         "--set", "data.category=table", "--max-new-tokens", "64", "--out", str(out)])
+                         "--set", "data.category=table", "--max-new-tokens", "64", "--out", str(out),
+                         "--bombs", "12", "--server-pid", str(proc.pid)])
     assert json.loads(out.read_text())["levels"] == json.loads(json.dumps(result["levels"]))
     assert [lv["clients"] for lv in result["levels"]] == [1, 8, 32]
     for lv in result["levels"]:
@@ -284,6 +285,9 @@ def test_load_benchmark_runs_clean_against_the_server(server, tmp_path):
     assert result["levels"][-1]["mean_batch"] > 1  # 32 clients share generate calls
     assert result["agreement"]["compared"] == 4 and result["agreement"]["same_answer"] == 4
     assert result["baseline"]["images"] == 4
+    bombs = result["bombs"]
+    assert bombs["statuses"] == {"413": 12} and max(bombs["bytes"]) < 50_000
+    assert bombs["rss_before_mb"] > 0 and (bombs["rss_peak_mb"] is None or bombs["rss_peak_mb"] >= bombs["rss_before_mb"])
     with pytest.raises(SystemExit):  # loopback only
         bench.parse_args(["--model", "m", "--url", "http://10.1.2.3:8000"])
     assert proc.poll() is None
