@@ -307,4 +307,5 @@ def test_prune_keeps_the_named_revisions_first_and_touches_no_other_repo(hub, tm
         snap = Path(mine.fetch(rev))  # already cached: no download, the files resolve
         assert (snap / "shared.txt").read_bytes() == b"the same in every revision"
         assert (snap / "own.txt").read_text() == f"revision {revs.index(rev)}"
-    assert mine.prune([revs[3]], 1) == [revs[0]] and cached("acme/prune-a") == {revs[3]}
+    # `keep` is in order (serving, previous): with one place, the first named stays though it is older
+    assert mine.prune([revs[0], revs[3]], 1) == [revs[3]] and cached("acme/prune-a") == {revs[0]}

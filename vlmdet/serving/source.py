@@ -84,7 +84,8 @@ class ModelSource:
         if not mine:
             return []
         repo = mine[0]
-        ordered = sorted(repo.revisions, key=lambda r: (r.commit_hash not in keep, -r.last_modified))
+        rank = {h: i for i, h in enumerate(keep)}  # in the order given: with count 1, the serving one stays
+        ordered = sorted(repo.revisions, key=lambda r: (rank.get(r.commit_hash, len(keep)), -r.last_modified))
         old = [r.commit_hash for r in ordered[count:]]
         if not old:
             return []
