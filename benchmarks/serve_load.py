@@ -2,7 +2,7 @@
 the same images through plain generate one at a time.
 
     python benchmarks/serve_load.py --model PATH [--images 64] [--size 640x480] [--concurrency 1,8,32]
-        [--requests 128] [--max-seconds 120] [--batch-size 32] [--wait-ms 10] [--out serve_load.json]
+        [--requests 128] [--max-seconds 120] [--batch-size 32] [--wait-ms 10] [--bombs 128] [--out serve_load.json]
 
 Starts `vlmdet serve` on a free loopback port (or uses `--url http://127.0.0.1:PORT` of one already
 running), sends synthetic nutrition-table photos (vlmdet.data.synth, seeded) as multipart uploads,
@@ -10,6 +10,11 @@ running), sends synthetic nutrition-table photos (vlmdet.data.synth, seeded) as 
 server and runs the same images one at a time through `Detector.detect` (one `model.generate` per
 image, vlmdet's greedy decoding) in this process. Writes a JSON and prints a markdown table. It
 talks to loopback only: a non-loopback --url is refused. Needs only vlmdet and httpx.
+
+`--bombs N` then sends N decompression-bomb PNGs (real one-colour PNGs of a few KB declaring 64-400
+megapixels) from the largest client count and records their status codes (each must be a 413) and,
+when this script started the server (or `--server-pid` names it), the server's peak resident memory
+during them (Linux: VmHWM after a reset through /proc/PID/clear_refs).
 
 Answers are compared image by image between the server (batched) and the one-at-a-time baseline:
 with greedy decoding they agree unless batching's padding changes the arithmetic enough to flip a
@@ -27,7 +32,9 @@ import re
 import socket
 import subprocess
 import sys
+import struct
 import time
+import zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -55,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--url", default=None, help="use this running server (loopback) instead of starting one")
     ap.add_argument("--token-file", default=None, help="bearer token file of the server")
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-at-a-time run")
+    ap.add_argument("--bombs", type=int, default=0, help="then send this many decompression-bomb PNGs and record "
+                                                         "their statuses and the server's peak RSS")
+    ap.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, to read its RSS")
     ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for the server to load")
     ap.add_argument("--out", default="serve_load.json")
     args = ap.parse_args(argv)
@@ -169,6 +179,65 @@ async def run_level(url: str, headers: dict, images: list[bytes], clients: int, 
             "p99_s": round(percentile(latencies, 99), 4) if latencies else None, "answers": answers}
 
 
+def flat_png(width: int, height: int) -> bytes:
+    """A valid PNG of one colour, 1 bit a pixel: a few KB on the wire, width x height bytes once decoded."""
+    row = b"\0" * (1 + (width + 7) // 8)  # PNG filter byte 0, then the row's bits packed
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _status_kb(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+async def run_bombs(url: str, headers: dict, clients: int, count: int, pid: int | None) -> dict:
+    """`count` bomb uploads from `clients` concurrent clients: statuses, and the server's RSS before and at peak."""
+    sizes = (8000, 12000, 20000)  # 64 MP (under Pillow's own limit), 144 MP (Pillow warns), 400 MP (Pillow raises)
+    bombs = [flat_png(s, s) for s in sizes]
+    reset = False
+    if pid:
+        try:  # "5" resets VmHWM, the kernel's peak RSS, to the current RSS (Linux >= 4.0)
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            reset = True
+        except OSError:
+            pass
+    before = _status_kb(pid, "VmRSS") if pid else None
+    statuses: dict[str, int] = {}
+    sent = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while sent < count:
+            i = sent % len(bombs)
+            sent += 1
+            try:
+                status = str((await http.post(f"{url}/detect", files={"file": (f"bomb{sizes[i]}.png", bombs[i])})).status_code)
+            except httpx.HTTPError as err:
+                status = type(err).__name__
+            statuses[status] = statuses.get(status, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=120) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    peak = _status_kb(pid, "VmHWM") if reset else None
+    mb = lambda kb: round(kb / 1024, 1) if kb is not None else None  # noqa: E731
+    return {"requests": sent, "clients": clients, "sizes": [f"{s}x{s}" for s in sizes],
+            "bytes": [len(b) for b in bombs], "statuses": statuses, "rss_before_mb": mb(before),
+            "rss_peak_mb": mb(peak)}
+
+
 def baseline(args: argparse.Namespace, images: list[bytes]) -> dict:
     """The same images one at a time: one generate call each, in this process."""
     from vlmdet.config import RunConfig
@@ -223,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args)
-    levels = []
+    levels, bombs = [], None
     try:
         with httpx.Client(headers=headers, timeout=120) as http:
             # Warm-up, untimed: the first generate calls allocate caches and pick kernels.
@@ -239,6 +308,11 @@ def main(argv: list[str] | None = None) -> dict:
                 levels.append(level)
                 print(f"{clients} clients: {level['ok']}/{level['requests']} ok, {level['images_per_s']:.2f} images/s, "
                       f"p50 {level['p50_s']} s, p99 {level['p99_s']} s, mean batch {level['mean_batch']}", flush=True)
+        if args.bombs:
+            pid = proc.pid if proc else args.server_pid
+            bombs = asyncio.run(run_bombs(url, headers, max(args.levels, default=1), args.bombs, pid))
+            print(f"{bombs['requests']} bombs from {bombs['clients']} clients: statuses {bombs['statuses']}, server RSS "
+                  f"{bombs['rss_before_mb']} MB before, peak {bombs['rss_peak_mb']} MB", flush=True)
     finally:
         if proc:
             proc.terminate()
@@ -246,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": args.model, "device": device_name(), "images": args.images, "size": args.size,
               "server": {"max_batch_size": args.batch_size, "max_wait_ms": args.wait_ms, "url": url if args.url else None},
               "settings": args.settings, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": levels}
+    if bombs:
+        result["bombs"] = bombs
     if not args.no_baseline:
         base = baseline(args, images)
         served = {}

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,21 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     data[16:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
     return bytes(data)
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A valid PNG of one colour (black, 1 bit a pixel): 8 KB for 8000 x 8000, 48 KB for 20000 x 20000
+    on the wire, while Pillow decodes it to a byte a pixel (mode "1") and RGB to three: a real
+    decompression bomb, unlike bomb_png, whose pixel data would fail to decode."""
+    row = b"\0" * (1 + (width + 7) // 8)  # PNG filter byte 0, then the row's bits packed
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -259,7 +275,8 @@ def test_load_benchmark_runs_clean_against_the_server(server, tmp_path):
     out = tmp_path / "load.json"
     result = bench.main(["--model", str(ASSET), "--url", url, "--token-file", str(token_file), "--images", "4",
                          "--size", "320x240", "--concurrency", "1,8,32", "--requests", "16", "--max-seconds", "3", "--baseline-seconds", "120",
-                         "--set", "data.category=table", "--max-new-tokens", "64", "--out", str(out)])
+                         "--set", "data.category=table", "--max-new-tokens", "64", "--out", str(out),
+                         "--bombs", "12", "--server-pid", str(proc.pid)])
     assert json.loads(out.read_text())["levels"] == json.loads(json.dumps(result["levels"]))
     assert [lv["clients"] for lv in result["levels"]] == [1, 8, 32]
     for lv in result["levels"]:
@@ -268,6 +285,76 @@ def test_load_benchmark_runs_clean_against_the_server(server, tmp_path):
     assert result["levels"][-1]["mean_batch"] > 1  # 32 clients share generate calls
     assert result["agreement"]["compared"] == 4 and result["agreement"]["same_answer"] == 4
     assert result["baseline"]["images"] == 4
+    bombs = result["bombs"]
+    assert bombs["statuses"] == {"413": 12} and max(bombs["bytes"]) < 50_000
+    assert bombs["rss_before_mb"] > 0 and (bombs["rss_peak_mb"] is None or bombs["rss_peak_mb"] >= bombs["rss_before_mb"])
     with pytest.raises(SystemExit):  # loopback only
         bench.parse_args(["--model", "m", "--url", "http://10.1.2.3:8000"])
     assert proc.poll() is None
+
+
+def _rss_kb(pid: int, field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the kernel's high-water mark of it) of a process, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+# What one of the smallest bombs below costs once decoded: 8000 x 8000 at Pillow's byte a pixel for a
+# bilevel PNG (192 MB more as RGB). Refusing all of them from their headers must cost less than
+# decoding a single one; on main each is decoded (the 8000 x 8000 one is under Pillow's 89 MP limit).
+BOMB_RSS_BOUND_MB = 64
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc (Linux)")
+def test_decompression_bombs_from_32_clients_get_413_in_bounded_memory(server):
+    url, proc = server
+    bombs = {"8000x8000.png": flat_png(8000, 8000),      # 64 MP: under Pillow's limit, over the pixel cap
+             "12000x12000.png": flat_png(12000, 12000),  # 144 MP: Pillow warns (its limit x 1-2)
+             "20000x20000.png": flat_png(20000, 20000),  # 400 MP: Pillow raises
+             "header-only.png": bomb_png()}              # claims 400 MP, holds 8 x 8
+    assert max(len(b) for b in bombs.values()) < 50_000  # tiny files: under serve.max_body_mb=1 by far
+    with httpx.Client(headers=auth(), timeout=120) as client:
+        one = client.post(f"{url}/detect", files={"file": ("8000x8000.png", bombs["8000x8000.png"])})
+        assert (one.status_code, one.json().get("error")) == (413, "too-large"), one.text[:300]
+        assert "serve.pixel_cap_factor" in one.json()["detail"]
+
+        # The kernel's peak RSS from here on: writing 5 to clear_refs resets VmHWM to the current RSS
+        # (Linux >= 4.0); where that is refused, sample VmRSS every few ms instead.
+        try:
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+            hwm_reset = True
+        except OSError:
+            hwm_reset = False
+        before = _rss_kb(proc.pid, "VmRSS")
+        peak, done = [before], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.append(_rss_kb(proc.pid, "VmRSS"))
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        jobs = [name for name in bombs for _ in range(32)]  # 128 requests, 4 a client
+        random.Random(1).shuffle(jobs)
+        try:
+            with ThreadPoolExecutor(32) as pool:
+                results = list(pool.map(lambda n: (n, client.post(f"{url}/detect", files={"file": (n, bombs[n])})),
+                                        jobs))
+        finally:
+            done.set()
+            sampler.join(10)
+        if hwm_reset:
+            peak.append(_rss_kb(proc.pid, "VmHWM"))
+        for name, r in results:
+            assert (r.status_code, r.json().get("error")) == (413, "too-large"), (name, r.text[:300])
+        grown_mb = (max(peak) - before) / 1024
+        print(f"server RSS {before / 1024:.0f} MB before, peak +{grown_mb:.1f} MB over 128 bombs from 32 clients "
+              f"({'VmHWM' if hwm_reset else 'sampled VmRSS'})")
+        assert grown_mb < BOMB_RSS_BOUND_MB, f"the server's RSS grew by {grown_mb:.0f} MB refusing bombs"
+
+        assert proc.poll() is None and client.get(f"{url}/health").json()["queue"] == 0
+        metrics = client.get(f"{url}/metrics").text
+    assert float(re.search(r'^vlmdet_serve_rejected_total\{reason="too-large"\} (\S+)', metrics, re.M)[1]) >= 129

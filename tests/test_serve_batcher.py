@@ -1,5 +1,5 @@
 """The batcher alone (no model): batches fill up to the size, one bad image fails only itself, a full
-queue answers Busy at once."""
+queue answers Busy at once, and a place reserved before decoding counts once."""
 from __future__ import annotations
 
 import asyncio
@@ -70,3 +70,28 @@ def test_a_full_queue_answers_busy_at_once():
         return done
 
     assert [d[0] for d in asyncio.run(main())] == ["boxes of running", "boxes of w0", "boxes of w1"]
+
+
+def test_a_reserved_place_counts_until_released_or_submitted():
+    async def main():
+        b = Batcher(fake_run([], 0.0), max_batch=4, max_wait_s=0.0, max_queue=2)
+        b.start()
+        first, second = b.reserve(), b.reserve()  # two requests decoding their images
+        assert b.depth == 2
+        with pytest.raises(Busy, match="serve.max_queue=2"):
+            b.reserve()  # a third is refused before it decodes anything
+        with pytest.raises(Busy):
+            await b.submit("img", "no ticket")
+        second.release()
+        second.release()  # idempotent: a request's `finally` releases again after a failure
+        assert b.depth == 1
+        answer = await b.submit("img", "first", first)  # the ticket becomes the queued job: counted once
+        first.release()  # after submit: a no-op
+        assert b.depth == 0
+        again = b.reserve()
+        assert b.depth == 1
+        again.release()
+        await b.stop()
+        return answer
+
+    assert asyncio.run(main()) == ("boxes of first", "rev-1")

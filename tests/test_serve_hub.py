@@ -240,3 +240,72 @@ def test_serve_asks_with_the_prompt_and_category_the_model_was_published_with(tm
 
     det = Engine(ModelSource(str(ASSET)), settings).load().detector  # no vlmdet.json
     assert (det.prompt, det.category) == ("Detect the {category} in this image.", "nutrition-table")
+
+
+def test_serve_prunes_the_cache_to_the_serving_and_previous_revisions(hub, config, merged, published, tmp_path):
+    """Each publication is a full snapshot in the Hugging Face cache (~15 GB for a 7B); after a reload
+    only the revision serving and the one before it stay, and no blob of a deleted one is left."""
+    from fastapi.testclient import TestClient
+    from huggingface_hub import scan_cache_dir
+
+    from vlmdet.serving.server import build
+
+    def cached():
+        (repo,) = [r for r in scan_cache_dir().repos if r.repo_id == REPO]
+        return repo
+
+    app = build(REPO, config, {"data.category"})
+    image = photo(tmp_path / "photo.jpg").read_bytes()
+    with TestClient(app) as client:
+        served = [client.get("/health").json()["revision"]]
+        for i, map50 in enumerate((0.81, 0.82)):
+            pub = _publish(hub, config, merged, tmp_path / f"pub-prune{i}", map50=map50)
+            assert client.post("/reload").json()["changed"] is True
+            served.append(pub.revision)
+            repo = cached()
+            assert {r.commit_hash for r in repo.revisions} == set(served[-2:]), "kept: the serving and the previous"
+            # the weights are shared by every revision (same merged model); each card and vlmdet.json is
+            # its own: the deleted revision's are gone, and every kept file still resolves
+            assert set((repo.repo_path / "blobs").iterdir()) == {f.blob_path for r in repo.revisions for f in r.files}
+            assert all(f.file_path.resolve().is_file() for r in repo.revisions for f in r.files)
+        previous = next(r for r in repo.revisions if r.commit_hash == served[-2])
+        assert (previous.snapshot_path / "model.safetensors").resolve().is_file()  # ready to roll back to
+        r = client.post("/detect", files={"file": ("photo.jpg", image)})
+        assert r.status_code == 200 and r.json()["revision"] == served[-1]
+
+
+def test_prune_keeps_the_named_revisions_first_and_touches_no_other_repo(hub, tmp_path):
+    """ModelSource.prune on small repos: the revisions named in `keep` (serving, previous) stay even
+    when another one was downloaded later, a blob shared with a kept revision stays, another repo's
+    revisions and a count of 0 delete nothing."""
+    from huggingface_hub import HfApi, scan_cache_dir
+
+    from vlmdet.serving.source import ModelSource
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+
+    def commits(repo: str, n: int) -> list[str]:
+        api.create_repo(repo, exist_ok=True)
+        api.upload_file(path_or_fileobj=b"the same in every revision", path_in_repo="shared.txt", repo_id=repo)
+        return [api.upload_file(path_or_fileobj=f"revision {i}".encode(), path_in_repo="own.txt", repo_id=repo).oid
+                for i in range(n)]
+
+    def cached(repo: str) -> set[str]:
+        return {r.commit_hash for r in scan_cache_dir().repos if r.repo_id == repo for r in r.revisions}
+
+    mine, other = ModelSource("acme/prune-a", endpoint=hub.url), ModelSource("acme/prune-b", endpoint=hub.url)
+    revs, other_revs = commits("acme/prune-a", 4), commits("acme/prune-b", 2)
+    for rev in revs:  # downloaded oldest first: revs[2] is the newest other than revs[3]
+        mine.fetch(rev)
+    for rev in other_revs:
+        other.fetch(rev)
+
+    assert mine.prune([revs[3]], 0) == [] and cached("acme/prune-a") == set(revs)
+    assert sorted(mine.prune([revs[3], revs[0]], 2)) == sorted([revs[1], revs[2]])  # the named previous stays
+    assert cached("acme/prune-a") == {revs[3], revs[0]} and cached("acme/prune-b") == set(other_revs)
+    for rev in (revs[0], revs[3]):
+        snap = Path(mine.fetch(rev))  # already cached: no download, the files resolve
+        assert (snap / "shared.txt").read_bytes() == b"the same in every revision"
+        assert (snap / "own.txt").read_text() == f"revision {revs.index(rev)}"
+    # `keep` is in order (serving, previous): with one place, the first named stays though it is older
+    assert mine.prune([revs[0], revs[3]], 1) == [revs[3]] and cached("acme/prune-a") == {revs[0]}

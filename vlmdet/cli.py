@@ -50,7 +50,8 @@ INFERENCE_SETTINGS = ("model.family", "model.quantization", "model.quantize_visi
 
 # `vlmdet serve`: the inference settings, its own, and the Hub endpoint a repo is followed on.
 SERVE_SETTINGS = INFERENCE_SETTINGS + ("serve.max_batch_size", "serve.max_wait_ms", "serve.max_queue",
-                                       "serve.max_body_mb", "serve.reload_interval_s", "publish.endpoint")
+                                       "serve.max_body_mb", "serve.reload_interval_s", "serve.pixel_cap_factor",
+                                       "serve.keep_revisions", "publish.endpoint")
 
 
 def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] | None = None) -> None:

@@ -218,11 +218,26 @@ class ServeConfig:
                                   "is refused with 413 and never stored. Bodies are held in memory only, never on disk.")
     reload_interval_s: float = _f(0.0, "`vlmdet serve` of a Hub repo or published folder: look for a newer revision "
                                        "every N seconds and swap it in without a restart (0 = only on POST /reload).")
+    pixel_cap_factor: float = _f(16.0, "`vlmdet serve`: images with more pixels than this times the model's "
+                                       "model.max_pixels are refused with 413, read from the file's header before any "
+                                       "decoding (the processor shrinks every image to max_pixels, so more only costs "
+                                       "memory: 3 bytes a pixel decoded). 16 x the nightly presets' 0.8 MP is 12.8 MP, "
+                                       "so a 12 MP phone photo passes while a 100 KB PNG claiming 400 MP does not; 4 "
+                                       "would refuse every phone photo.")
+    keep_revisions: int = _f(2, "`vlmdet serve` of a Hub repo: once a revision serves, keep this many revisions of "
+                                "the repo in the Hugging Face cache (the one serving and the one before it, to roll "
+                                "back to) and delete older ones through huggingface_hub's cache API (a 7B revision "
+                                "is ~15 GB). 0 keeps every revision.")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name}={getattr(self, name)} must be >= 1.")
+        if self.pixel_cap_factor < 1:
+            raise ConfigError(f"serve.pixel_cap_factor={self.pixel_cap_factor} must be >= 1: below 1 it refuses "
+                              "images the model takes (it resizes them to model.max_pixels itself).")
+        if self.keep_revisions < 0:
+            raise ConfigError(f"serve.keep_revisions={self.keep_revisions} must be >= 0 (0 keeps every revision).")
         for name in ("max_wait_ms", "max_body_mb", "reload_interval_s"):
             if getattr(self, name) < 0 or (name == "max_body_mb" and self.max_body_mb == 0):
                 raise ConfigError(f"serve.{name}={getattr(self, name)} must be positive"

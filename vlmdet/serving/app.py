@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vlmdet.config import ServeConfig
 from vlmdet.serving.batcher import Batcher, Busy
 from vlmdet.serving.engine import Engine
-from vlmdet.serving.inputs import RequestError, decode, parse_upload, read_body
+from vlmdet.serving.inputs import RequestError, check_pixels, decode, parse_upload, read_body
 from vlmdet.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
     def model_info() -> dict:
         cur = engine.current
         return {"model": str(engine.source), "revision": cur.revision, "family": cur.config.model.family,
-                "min_pixels": cur.config.model.min_pixels, "max_pixels": cur.config.model.max_pixels}
+                "min_pixels": cur.config.model.min_pixels, "max_pixels": cur.config.model.max_pixels,
+                "max_image_pixels": engine.pixel_cap()[0]}
 
     async def reload() -> dict:
         async with reload_lock:
@@ -107,12 +108,19 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
                                    int(settings.max_body_mb * 1e6))
             upload = parse_upload(body, request.headers.get("content-type", ""), draw)
             del body
-            image = await asyncio.to_thread(decode, upload.data)  # decoding a 12 MP JPEG takes ~0.1 s: off the loop
-            w, h = image.size
-            if why := engine.check_size(w, h):
-                raise RequestError(422, "unsupported-size", f"{w}x{h}: {why}")
-            metrics.queue_depth.set(batcher.depth + 1)
-            pred, revision = await batcher.submit(image, upload.name)
+            # Memory is spent in decoding (3 bytes a pixel, and Pillow's intermediate copies), so both
+            # limits come before it: the pixel cap from the header, then a place in the queue.
+            await asyncio.to_thread(check_pixels, upload.data, *engine.pixel_cap())
+            ticket = batcher.reserve()
+            try:
+                metrics.queue_depth.set(batcher.depth)
+                image = await asyncio.to_thread(decode, upload.data)  # a 12 MP JPEG takes ~0.1 s: off the loop
+                w, h = image.size
+                if why := engine.check_size(w, h):
+                    raise RequestError(422, "unsupported-size", f"{w}x{h}: {why}")
+                pred, revision = await batcher.submit(image, upload.name, ticket)
+            finally:
+                ticket.release()  # a no-op once submitted; frees the place of a request that failed before
         except RequestError as err:
             metrics.rejected.labels(err.reason).inc()
             return _error(err.status, err.reason, err.detail)

@@ -4,6 +4,10 @@ The first request of a batch waits up to `max_wait_s` for others, then up to `ma
 to the model together in a single worker thread (the model is never called from two threads at
 once). While a batch runs, new requests queue; the next batch starts from them at once. A batch
 that raises is retried one image at a time, so one bad image fails only its own request.
+
+A request claims its place in the queue (`reserve`) before its image is decoded, so a full queue
+is answered at once without spending the memory of one more decoded image: `max_queue` bounds the
+images that are being decoded and waiting together.
 """
 from __future__ import annotations
 
@@ -29,6 +33,19 @@ class _Job:
     queued: float = field(default_factory=time.monotonic)
 
 
+class Ticket:
+    """A place in the queue held while the request's image is decoded; `submit` turns it into the queued job."""
+
+    def __init__(self, batcher: "Batcher"):
+        self._batcher: Batcher | None = batcher
+
+    def release(self) -> None:
+        """Give the place back (idempotent: a no-op once submitted or released)."""
+        if self._batcher is not None:
+            self._batcher._reserved -= 1
+            self._batcher = None
+
+
 class Batcher:
     def __init__(self, run: Callable[[list, list[str]], tuple[list, Any]], max_batch: int, max_wait_s: float,
                  max_queue: int, on_batch: Callable[[int, float], None] = lambda n, s: None):
@@ -37,6 +54,7 @@ class Batcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="vlmdet-generate")
         self._task: asyncio.Task | None = None
+        self._reserved = 0  # tickets out: requests decoding their image, not yet queued
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -49,12 +67,27 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize()
+        """Requests holding a place: queued, or decoding their image with a ticket."""
+        return self.queue.qsize() + self._reserved
 
-    async def submit(self, image: Any, name: str) -> tuple[Any, Any]:
-        """(prediction, what `run` returned beside the predictions) for one image."""
-        if self.queue.qsize() >= self.max_queue:
-            raise Busy(f"{self.queue.qsize()} requests are waiting (serve.max_queue={self.max_queue})")
+    def _check(self) -> None:
+        if self.depth >= self.max_queue:
+            raise Busy(f"{self.depth} requests are waiting or being decoded (serve.max_queue={self.max_queue})")
+
+    def reserve(self) -> Ticket:
+        """A place in the queue, or Busy at once. Claimed before decoding: the event loop runs one request at a
+        time between awaits, so the check and the claim cannot interleave with another request's."""
+        self._check()
+        self._reserved += 1
+        return Ticket(self)
+
+    async def submit(self, image: Any, name: str, ticket: Ticket | None = None) -> tuple[Any, Any]:
+        """(prediction, what `run` returned beside the predictions) for one image. With a ticket from
+        `reserve` the place is already held; without one the queue is checked now."""
+        if ticket is not None:
+            ticket.release()  # the queued job takes over the place: depth stays the same
+        else:
+            self._check()
         job = _Job(image, name, asyncio.get_running_loop().create_future())
         self.queue.put_nowait(job)
         return await job.future

@@ -52,6 +52,16 @@ class Engine:
                  cfg.model.min_pixels, cfg.model.max_pixels, time.monotonic() - t0)
         return Loaded(det, revision, path, cfg, time.time(), factor)
 
+    def _prune(self, previous: str | None) -> None:
+        """Old revisions out of the download cache, now that `current` serves; never fails the load."""
+        keep = [self.current.revision] + ([previous] if previous else [])
+        try:
+            self.source.prune(keep, self.config.serve.keep_revisions)
+        except Exception as err:  # noqa: BLE001 - a full or read-only cache must not stop a model that loaded
+            log.warning("could not prune old revisions of %s from the Hugging Face cache (%s: %s); they stay on "
+                        "disk: delete them with `hf cache delete` or set serve.keep_revisions=0 to stop trying",
+                        self.source, type(err).__name__, err)
+
     def load(self) -> Loaded:
         """Load the newest revision (at start-up); a ModelError that says what to check if there is none."""
         try:
@@ -61,6 +71,7 @@ class Engine:
                               f"{err}). Check the repo id and --revision, HF_TOKEN for a private repo, "
                               "HF_HUB_OFFLINE and --publish.endpoint.") from None
         self.current = self._load(revision)
+        self._prune(None)  # keeps the newest other revision too: the one a previous server ran
         return self.current
 
     def reload(self) -> dict:
@@ -71,6 +82,7 @@ class Engine:
             if latest == before:
                 return {"changed": False, "revision": latest, "previous": before}
             self.current = self._load(latest)
+            self._prune(before)
         gc.collect()  # the old model's last batch may still hold it; whatever is free goes now
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -85,6 +97,12 @@ class Engine:
         except ValueError as err:
             return str(err)
         return None
+
+    def pixel_cap(self) -> tuple[int, str]:
+        """(most pixels an image may declare, where that number comes from): serve.pixel_cap_factor x the
+        loaded model's max_pixels, so a reload to a model with another budget moves the cap with it."""
+        factor, budget = self.config.serve.pixel_cap_factor, self.current.config.model.max_pixels
+        return int(factor * budget), f"serve.pixel_cap_factor {factor:g} x the model's max_pixels {budget:,}"
 
     def detect(self, images: list, names: list[str]) -> tuple[list[Prediction], str]:
         """Predictions for a batch, and the revision that made them."""

@@ -5,16 +5,22 @@ Accepted: `multipart/form-data` with the image in the field `file`, `application
 `image/*` or `application/octet-stream` type. Nothing is fetched from a URL and nothing touches
 the disk: the body is read into memory up to `serve.max_body_mb` (Starlette's own form parser
 would spool uploads over 1 MB to a temporary file), then decoded by vlmdet.data.images, the one
-place that turns bytes into pixels, with its decompression-bomb guard.
+place that turns bytes into pixels, with its decompression-bomb guard. Before that, `check_pixels`
+reads the image's size from its header alone and refuses more than the server's pixel cap: a
+100 KB PNG can declare 20000 x 20000 pixels, 1.2 GB once decoded to RGB.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -132,6 +138,35 @@ def _json(body: bytes, draw_param: bool) -> Upload:
         raise RequestError(400, "bad-base64", f"the field 'image' is not valid base64: {err}") from None
     draw = doc.get("draw", draw_param)
     return Upload(raw, str(doc.get("name") or "upload"), bool(draw))
+
+
+def check_pixels(data: bytes, cap: int, why: str) -> tuple[int, int] | None:
+    """The (width, height) the image's header declares, read without decoding a pixel; a 413
+    RequestError when that is over `cap` pixels (`why`: where the cap comes from) or over Pillow's
+    decompression-bomb limit. None when the header cannot be read: `decode` then says why."""
+    if not data:
+        return None
+    try:
+        # Image.open is lazy: it parses the header (PNG chunks up to IDAT, JPEG markers up to SOF)
+        # and allocates no pixels until load(). Its bomb check runs here, on the declared size: an
+        # error above 2x Image.MAX_IMAGE_PIXELS, a warning above 1x, both "too large" as in
+        # vlmdet.data.images (the filter is local, the global limit stays as it is).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RequestError(413, "too-large", f"{err} (Pillow's decompression-bomb limit); this server takes at most "
+                                             f"{cap:,} pixels ({why}): send a smaller image") from None
+    except Exception:  # noqa: BLE001 - not an image Pillow can open: decode() gives the reason and status
+        return None
+    if width * height > cap:
+        scale = math.sqrt(cap / (width * height))
+        raise RequestError(413, "too-large", f"{width}x{height} is {width * height:,} pixels; this server takes at "
+                                             f"most {cap:,} ({why}): downscale it to at most "
+                                             f"{max(1, int(width * scale))}x{max(1, int(height * scale))} and send "
+                                             "it again")
+    return width, height
 
 
 def decode(data: bytes):

@@ -21,7 +21,8 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("vlmdet_serve_rejected", "Requests answered 4xx/503 before the model, by reason",
                                 ["reason"], registry=r)
-        self.queue_depth = Gauge("vlmdet_serve_queue_depth", "Images waiting for a batch", registry=r)
+        self.queue_depth = Gauge("vlmdet_serve_queue_depth", "Requests holding a place of serve.max_queue: "
+                                 "waiting for a batch or decoding their image", registry=r)
         self.reloads = Counter("vlmdet_serve_reloads", "Reload checks by outcome (unchanged, changed, failed)",
                                ["outcome"], registry=r)
         self.model = Info("vlmdet_serve_model", "The model being served", registry=r)

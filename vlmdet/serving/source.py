@@ -3,17 +3,21 @@
 A local folder (a merged model, an adapter, or a `local:DIR` publication, which the publisher
 swaps whole) or a Hub repo id (`ORG/NAME` or `hub:ORG/NAME`) followed on a branch or tag: each
 reload asks the Hub for the branch's head and downloads that exact commit, so a model published
-while the server runs is picked up without a restart.
+while the server runs is picked up without a restart. Each download is a full snapshot in the
+Hugging Face cache (~15 GB for a 7B); `prune` deletes the repo's older ones once a new one serves.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
 from vlmdet.modeling.load import ModelError
 
+log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -62,3 +66,33 @@ class ModelSource:
 
         return snapshot_download(self.where, revision=revision, endpoint=self.endpoint, token=self.token,
                                  cache_dir=self.cache_dir)
+
+    def prune(self, keep: list[str], count: int) -> list[str]:
+        """Delete this repo's cached revisions but `count` of them: those in `keep` (the one serving, the
+        one before it) first, then the most recently downloaded others. Returns the deleted commit hashes.
+
+        Through huggingface_hub's cache API, which deletes a snapshot's blobs only when no kept revision
+        links them (unchanged files are shared between revisions) and refs before blobs, so an interrupted
+        prune never leaves a snapshot pointing at a missing file. Nothing for a local folder or count 0.
+        """
+        if self.kind != "hub" or count <= 0:
+            return []
+        from huggingface_hub import scan_cache_dir
+
+        cache = scan_cache_dir(self.cache_dir)  # the whole cache: one stat per file, seconds for a big one
+        mine = [r for r in cache.repos if r.repo_type == "model" and r.repo_id == self.where]
+        if not mine:
+            return []
+        repo = mine[0]
+        rank = {h: i for i, h in enumerate(keep)}  # in the order given: with count 1, the serving one stays
+        ordered = sorted(repo.revisions, key=lambda r: (rank.get(r.commit_hash, len(keep)), -r.last_modified))
+        old = [r.commit_hash for r in ordered[count:]]
+        if not old:
+            return []
+        # Scoped to this repo: delete_revisions matches hashes in every cached repo, and a fork or a
+        # duplicated repo can hold the same commit.
+        strategy = dataclasses.replace(cache, repos=frozenset({repo})).delete_revisions(*old)
+        strategy.execute()
+        log.info("pruned %d old revision(s) of %s from the Hugging Face cache (%s freed): %s", len(old), self.where,
+                 strategy.expected_freed_size_str, ", ".join(h[:10] for h in old))
+        return old

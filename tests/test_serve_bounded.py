@@ -1,0 +1,143 @@
+"""`vlmdet serve` spends no memory on a request it will refuse: the pixel cap is read from the image's
+header and the queue place is claimed before the image is decoded.
+
+A real uvicorn server in this process (so the test can hold the model and count decodes) around the
+shipped tiny grounding model, with one place in the queue and a cap of 4 x its max_pixels.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from data_fixtures import encode
+from test_serve import flat_png, synth_jpeg
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "vlmdet" / "assets" / "tiny-qwen2-vl-grounding"
+FACTOR = 4  # not the default: the server must follow the setting
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(url, engine, gate): gate.clear() holds every generate call until gate.set()."""
+    import torch
+    import uvicorn
+
+    from test_serve import _free_port
+    from vlmdet.config import RunConfig
+    from vlmdet.serving.app import create_app
+    from vlmdet.serving.engine import Engine
+    from vlmdet.serving.source import ModelSource
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_serve.py: OpenMP threads spin against each other on a busy CPU
+    settings = RunConfig().override({"data.category": "table", "eval.max_new_tokens": 16, "serve.max_queue": 1,
+                                     "serve.max_batch_size": 1, "serve.max_wait_ms": 0,
+                                     "serve.pixel_cap_factor": FACTOR})
+    engine = Engine(ModelSource(str(ASSET)), settings, {"data.category"})
+    engine.load()
+    gate, started = threading.Event(), threading.Event()
+    gate.set()
+    detect = engine.detect
+
+    def held_detect(images, names):
+        started.set()
+        assert gate.wait(120), "the test never released the model"
+        return detect(images, names)
+
+    engine.detect = held_detect
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings.serve), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", engine, gate, started
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Names of the images that reached vlmdet.data.images.load_image (the full decode)."""
+    import vlmdet.serving.inputs as inputs
+
+    seen: list[int] = []
+    real = inputs.load_image
+
+    def counting(data):
+        seen.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(inputs, "load_image", counting)
+    return seen
+
+
+def test_a_full_queue_answers_busy_without_decoding(served, decodes):
+    url, _, gate, started = served
+    jpeg = synth_jpeg(1, (96, 72))
+    gate.clear()
+    started.clear()
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
+        try:  # the gate opens before the pool waits for its requests, or a failure here would hang
+            running = pool.submit(client.post, f"{url}/detect", files={"file": ("running.jpg", jpeg)})
+            assert started.wait(60), "the first request never reached the model"
+            waiting = pool.submit(client.post, f"{url}/detect", files={"file": ("waiting.jpg", jpeg)})
+            deadline = time.monotonic() + 60
+            # the one place is taken once the second image is decoded (and, on main, queued)
+            while len(decodes) < 2 or client.get(f"{url}/health").json()["queue"] < 1:
+                assert time.monotonic() < deadline and not waiting.done(), "the second request never queued"
+                time.sleep(0.02)
+
+            busy = client.post(f"{url}/detect", files={"file": ("one-too-many.jpg", jpeg)})
+            assert busy.status_code == 503 and busy.json()["error"] == "busy", busy.text
+            assert "serve.max_queue=1" in busy.json()["detail"] and busy.headers["retry-after"] == "1"
+            assert len(decodes) == 2, "the refused request's image was decoded"
+
+            gate.set()
+            assert running.result().status_code == 200 and waiting.result().status_code == 200
+        finally:
+            gate.set()
+    # every place is free again: a request after the burst is served
+    assert httpx.get(f"{url}/health").json()["queue"] == 0
+    assert httpx.post(f"{url}/detect", files={"file": ("after.jpg", jpeg)}, timeout=120).status_code == 200
+
+
+def test_images_over_the_pixel_cap_get_413_from_their_header(served, decodes):
+    url, engine, _, _ = served
+    health = httpx.get(f"{url}/health").json()
+    cap = health["max_image_pixels"]
+    assert cap == FACTOR * health["max_pixels"] == FACTOR * engine.current.config.model.max_pixels
+
+    width = 1000
+    over = flat_png(width, cap // width + 1)  # one row over the cap: a few KB on the wire
+    r = httpx.post(f"{url}/detect", files={"file": ("over.png", over)}, timeout=120)
+    assert r.status_code == 413 and r.json()["error"] == "too-large", r.text
+    detail = r.json()["detail"]
+    assert f"{cap:,}" in detail and "serve.pixel_cap_factor" in detail and "downscale it to at most" in detail
+    assert decodes == [], "an image over the cap was decoded"
+
+    # Pillow's own bomb limit (here an image declaring 400 MP) is a 413 from the header too, not a 500
+    r = httpx.post(f"{url}/detect", files={"file": ("bomb.png", flat_png(20000, 20000))}, timeout=120)
+    assert r.status_code == 413 and r.json()["error"] == "too-large", r.text
+    assert "decompression-bomb" in r.json()["detail"] and f"{cap:,}" in r.json()["detail"]
+    assert decodes == []
+
+    # exactly at the cap is served: the limit is the cap, not below it
+    at_cap = encode(Image.new("RGB", (width, cap // width), (200, 200, 200)), "PNG")
+    r = httpx.post(f"{url}/detect", files={"file": ("at-cap.png", at_cap)}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (width, cap // width) and len(decodes) == 1
