@@ -14,6 +14,14 @@
   traffic of the bf16 path. Under autocast the matmul is bf16 either way; without dropout the outputs
   and gradients are bit-identical (with dropout the mask is drawn over a tensor of another dtype).
   PEFT's 4-bit layers already skip the cast under autocast, so this is the bf16 base's (large) lever.
+- DDP without `find_unused_parameters` on several processes. transformers' Trainer sets it True for
+  any model that is not a `PreTrainedModel` (trainer.py `_build_accelerator_args`), and a PEFT model
+  is not one, so after every synchronised forward DDP walks the whole autograd graph from the
+  outputs, passes them through a cloning autograd function (`_DDPSink`, the logits included) and
+  all-reduces a map of used parameters. Only trainable weights are in DDP's buckets (the frozen base
+  and vision tower never are), and each LoRA and modules_to_save weight of vlmdet's models is used
+  in every forward (dropout multiplies, it never cuts the graph; non-reentrant checkpointing keeps
+  it), so there is nothing to find. EveryTrainableWeightGetsAGradient checks that at the first step.
 - Lengths for grouping samples by size, from the image size alone (no decoding).
 - Training images stored once at the size the processor would resize them to.
 """
@@ -74,6 +82,33 @@ class FrozenTowersOutOfBackward(TrainerCallback):
         removed = frozen_input_hooks_removed(self.model)
         if removed:
             log.info("no backward through frozen %s (nothing trainable there)", ", ".join(removed))
+
+
+class EveryTrainableWeightGetsAGradient(TrainerCallback):
+    """Several processes with DDP's find_unused_parameters off (train.ddp_find_unused=false): before
+    the first optimizer step, every trainable weight must hold a gradient.
+
+    A weight the forward did not use leaves its DDP bucket (and every later one) unreduced: the
+    ranks would step on their own gradients and DDP would fail at the next synchronised forward with
+    "Expected to have finished reduction in the prior iteration". This stops the run at step 1
+    instead, before the optimizer moves anything, naming the weights and the setting that fixes it.
+    """
+
+    def __init__(self, model):
+        self.model, self.checked = model, False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.checked:
+            return
+        self.checked = True
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            from vlmdet.config import ConfigError
+
+            raise ConfigError(f"{len(missing)} trainable weight(s) got no gradient in the first step "
+                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); with several "
+                              "processes DDP cannot reduce them. Set train.ddp_find_unused=true, or leave the "
+                              "modules the forward does not use out of lora.target_modules / lora.modules_to_save.")
 
 
 def adapter_inputs_uncast(model, autocast: bool):
