@@ -209,3 +209,53 @@ class StepTimes(TrainerCallback):
         if state.is_world_process_zero:
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
             self.path.write_text(json.dumps({"step_s": self.times, "peak_alloc_GiB": peak}))
+
+
+class StepProfile(TrainerCallback):
+    """VLMDET_PROFILE_STEP=N with VLMDET_PROFILE_DIR=DIR: torch.profiler over optimizer step N (1-based)
+    on every rank, written as DIR/rank{R}.txt: the step's wall time, then the operators by device
+    time and by host time (where a rank waits: collectives, synchronisations, the data loader).
+    benchmarks/multi_gpu.py --torch-profile sets them for a training child it cannot reach otherwise."""
+
+    def __init__(self, step: int, folder: str):
+        self.step, self.folder, self.prof, self.t = step, Path(folder), None, 0.0
+
+    @classmethod
+    def from_env(cls) -> "StepProfile | None":
+        step, folder = os.environ.get("VLMDET_PROFILE_STEP"), os.environ.get("VLMDET_PROFILE_DIR")
+        return cls(int(step), folder) if step and folder else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if state.global_step + 1 != self.step:
+            return
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                         if torch.cuda.is_available() else [])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+        self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t
+        self.prof.__exit__(None, None, None)
+        events, self.prof = self.prof.key_averages(), None
+        tables = [f"{key}:\n" + events.table(sort_by=key, row_limit=40, max_name_column_width=70)
+                  for key in (["self_device_time_total"] if torch.cuda.is_available() else []) + ["cpu_time_total"]]
+        rank = int(os.environ.get("RANK", 0))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{rank}.txt").write_text(
+            f"optimizer step {self.step}, rank {rank} of {args.world_size}, {wall:.3f} s under the profiler\n\n"
+            + "\n\n".join(tables) + "\n")

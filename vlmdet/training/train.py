@@ -133,6 +133,8 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
         trainer.add_callback(speed.EveryTrainableWeightGetsAGradient(trainer.model))
     if speed.StepTimes.from_env():
         trainer.add_callback(speed.StepTimes.from_env())
+    if speed.StepProfile.from_env():
+        trainer.add_callback(speed.StepProfile.from_env())
     return trainer, processor, base
 
 
