@@ -10,7 +10,8 @@ data, seed and effective batch 16; prints samples/s, the speed-up and the loss d
 --also-find-unused runs every N > 1 a second time with train.ddp_find_unused=true (transformers'
 default for a PEFT model, vlmdet's before issue 21), labelled "N+find_unused". --torch-profile runs
 one optimizer step more and profiles it on every rank (vlmdet.training.speed.StepProfile):
-profile-LABEL/rankR.txt under $OUT; that step is left out of the timings.
+profile-LABEL/rankR.txt under $OUT; that step is left out of the timings. --set KEY=VALUE (repeatable)
+changes a setting in every run, e.g. lora.dropout=0 for curves free of the ranks' dropout masks.
 
 Evaluation (--eval-images N > 0): the `evaluate` step child as tasks/evaluate.py starts it
 (plan_processes(eval.num_processes)), on the base folder as a merged model would be (bf16), N
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--also-find-unused", action="store_true",
                     help="every N > 1 again with train.ddp_find_unused=true, as 'N+find_unused'")
     ap.add_argument("--torch-profile", action="store_true", help="profile one extra step on every rank")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting over the profile for every run, e.g. lora.dropout=0 (curves free of dropout noise)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "vlmdet-bench-out"))
     a = ap.parse_args(argv)
@@ -83,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_preset(PRESET, {"model.base": base, "train.max_steps": a.steps + extra, "train.save_steps": 100000,
                                "train.logging_steps": 1, "train.warmup_steps": 0})
     cfg = profiles.apply(cfg, a.profile)
+    cfg = cfg.override(dict(kv.split("=", 1) for kv in a.set))
     if dev != "cuda":
         cfg = cfg.override({"model.quantization": "none", "model.dtype": "auto", "train.dataloader_workers": 0})
     result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "visible_gpus": gpus,
-              "profile": a.profile, "effective_batch": cfg.train.per_device_batch * cfg.train.grad_accum, "runs": {}}
+              "profile": a.profile, "set": a.set, "effective_batch": cfg.train.per_device_batch * cfg.train.grad_accum, "runs": {}}
     runs = [(n, n, {}) for n in counts]
     if a.also_find_unused:
         runs += [(f"{n}+find_unused", n, {"train.ddp_find_unused": True}) for n in counts if n > 1]
