@@ -5,6 +5,13 @@ data, seed and effective batch 16; prints samples/s, the speed-up and the loss d
     python benchmarks/multi_gpu.py --processes 1,2,4 --profile qlora
     python benchmarks/multi_gpu.py --tiny --processes 1 # CPU check of the path
     python benchmarks/multi_gpu.py --eval-images 256    # then evaluation sharded over 1 and N processes
+    python benchmarks/multi_gpu.py --processes 1,2,4 --also-find-unused --torch-profile   # issue 21
+
+--also-find-unused runs every N > 1 a second time with train.ddp_find_unused=true (transformers'
+default for a PEFT model, vlmdet's before issue 21), labelled "N+find_unused". --torch-profile runs
+one optimizer step more and profiles it on every rank (vlmdet.training.speed.StepProfile):
+profile-LABEL/rankR.txt under $OUT; that step is left out of the timings. --set KEY=VALUE (repeatable)
+changes a setting in every run, e.g. lora.dropout=0 for curves free of the ranks' dropout masks.
 
 Evaluation (--eval-images N > 0): the `evaluate` step child as tasks/evaluate.py starts it
 (plan_processes(eval.num_processes)), on the base folder as a merged model would be (bf16), N
@@ -59,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="qlora")
     ap.add_argument("--eval-images", type=int, default=0, help="also time evaluation sharded over the same process counts")
     ap.add_argument("--train", default="yes", choices=("yes", "no"), help="no: only the evaluation part")
+    ap.add_argument("--also-find-unused", action="store_true",
+                    help="every N > 1 again with train.ddp_find_unused=true, as 'N+find_unused'")
+    ap.add_argument("--torch-profile", action="store_true", help="profile one extra step on every rank")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting over the profile for every run, e.g. lora.dropout=0 (curves free of dropout noise)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "vlmdet-bench-out"))
     a = ap.parse_args(argv)
@@ -69,37 +81,45 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     base, _ = build_base(work, a.tiny, dev)
-    dataset = write_dataset(work, 16 * a.steps, (224, 168) if a.tiny else (1024, 768))
-    cfg = load_preset(PRESET, {"model.base": base, "train.max_steps": a.steps, "train.save_steps": 100000,
+    extra = 1 if a.torch_profile else 0  # the profiled step, after the timed ones
+    dataset = write_dataset(work, 16 * (a.steps + extra), (224, 168) if a.tiny else (1024, 768))
+    cfg = load_preset(PRESET, {"model.base": base, "train.max_steps": a.steps + extra, "train.save_steps": 100000,
                                "train.logging_steps": 1, "train.warmup_steps": 0})
     cfg = profiles.apply(cfg, a.profile)
+    cfg = cfg.override(dict(kv.split("=", 1) for kv in a.set))
     if dev != "cuda":
         cfg = cfg.override({"model.quantization": "none", "model.dtype": "auto", "train.dataloader_workers": 0})
     result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "visible_gpus": gpus,
-              "profile": a.profile, "effective_batch": cfg.train.per_device_batch * cfg.train.grad_accum, "runs": {}}
-    for n in counts if a.train == "yes" else []:
+              "profile": a.profile, "set": a.set, "effective_batch": cfg.train.per_device_batch * cfg.train.grad_accum, "runs": {}}
+    runs = [(n, n, {}) for n in counts]
+    if a.also_find_unused:
+        runs += [(f"{n}+find_unused", n, {"train.ddp_find_unused": True}) for n in counts if n > 1]
+    for label, n, overrides in runs if a.train == "yes" else []:
         processes, env = plan_processes(n)
-        run = work / f"multi-{n}"
+        run = work / f"multi-{label}"
         times_file = run / "step_times.json"
-        say(f"{n} process(es): start ({env or 'all visible GPUs'})")
+        if a.torch_profile:
+            env = {**env, "VLMDET_PROFILE_STEP": str(a.steps + 1), "VLMDET_PROFILE_DIR": str(out / f"profile-{label}")}
+        say(f"{label} process(es): start ({env or 'all visible GPUs'})")
         t = time.time()
         try:
-            rec = step("train", {"dataset": dataset.to_dict(), "config": cfg.to_dict(), "out": str(run / "train")},
-                       run, processes, env, times_file)
+            rec = step("train", {"dataset": dataset.to_dict(), "config": cfg.override(overrides).to_dict(),
+                                 "out": str(run / "train")}, run, processes, env, times_file)
         except Exception as err:
-            result["runs"][n] = {"error": str(err)[:500]}
-            say(f"{n}: failed: {err}")
+            result["runs"][label] = {"error": str(err)[:500]}
+            say(f"{label}: failed: {err}")
             continue
         timing = json.loads(times_file.read_text()) if times_file.is_file() else {"step_s": []}
+        timing["step_s"] = timing["step_s"][:a.steps]  # not the profiled step
         steady = timing["step_s"][1:]
         med = statistics.median(steady) if steady else float("nan")
-        result["runs"][n] = {"processes": processes, "wall_s": round(time.time() - t, 1), "step_s": timing["step_s"],
-                             "samples_per_s": round(result["effective_batch"] / med, 2),
-                             "samples_per_s_with_warmup": round(result["effective_batch"] * len(timing["step_s"])
-                                                                / max(sum(timing["step_s"]), 1e-9), 2),
-                             "peak_alloc_GiB_rank0": timing.get("peak_alloc_GiB"),
-                             "losses": [round(v, 4) for v in rec["losses"]]}
-        say(f"{n}: {result['runs'][n]}")
+        result["runs"][label] = {"processes": processes, "wall_s": round(time.time() - t, 1), "step_s": timing["step_s"],
+                                 "samples_per_s": round(result["effective_batch"] / med, 2),
+                                 "samples_per_s_with_warmup": round(result["effective_batch"] * len(timing["step_s"])
+                                                                    / max(sum(timing["step_s"]), 1e-9), 2),
+                                 "peak_alloc_GiB_rank0": timing.get("peak_alloc_GiB"),
+                                 "losses": [round(v, 4) for v in rec["losses"][:a.steps]]}
+        say(f"{label}: {result['runs'][label]}")
         (out / "multi_gpu.json").write_text(json.dumps(result, indent=1))
     one = result["runs"].get(1, {})
     for n, r in result["runs"].items():

@@ -21,7 +21,7 @@ def test_training_settings_change_the_key_gate_and_publish_do_not():
         assert training_key(base.override(change), "fp") != key, change
     assert training_key(base, "other-data") != key
     for same in ({"gate.threshold": 0.9}, {"gate.min_delta": 0.2}, {"publish.target": "hub:org/x"},
-                 {"train.timeout_s": 5}, {"eval.preview_images": 1},
+                 {"train.timeout_s": 5}, {"eval.preview_images": 1}, {"train.ddp_find_unused": True},
                  # an out-of-memory retry: the same effective batch in smaller pieces is the same run
                  {"train.per_device_batch": 2, "train.grad_accum": 2}):
         assert training_key(base.override(same), "fp") == key, same

@@ -123,6 +123,10 @@ class TrainConfig:
     optim: str = _f("adamw_torch", "Optimizer (transformers OptimizerNames): adamw_torch or adamw_torch_fused.")
     pre_resize: bool = _f(False, "Store training images resized to the pixel budget once (boxes unchanged) instead "
                                  "of decoding full-size photos every epoch.")
+    ddp_find_unused: bool = _f(False, "Several processes: DDP walks the autograd graph after every forward to find "
+                                      "trainable weights without a gradient (transformers' choice for any PEFT model). "
+                                      "Off: every LoRA and modules_to_save weight gets a gradient every step, which "
+                                      "the first step checks (it stops naming this setting if one got none).")
 
     def __post_init__(self) -> None:
         for name in ("per_device_batch", "grad_accum", "save_steps", "timeout_s", "checkpoint_every"):

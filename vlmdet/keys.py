@@ -33,7 +33,7 @@ def training_key(config: RunConfig, data_fingerprint: str) -> str:
     # train.profile is how a run executes; what a profile changes (quantization, batch split) is in the
     # other fields, so a resolved and an unresolved config of the same run share the key.
     for execution_only in ("profile", "timeout_s", "num_processes", "dataloader_workers", "save_steps", "save_total_limit",
-                           "logging_steps"):
+                           "logging_steps", "ddp_find_unused"):
         train.pop(execution_only, None)
     # save_steps and save_total_limit decide which checkpoints exist to choose from, and the
     # validation settings which one is kept (vlmdet.training.select): they change the adapter.

@@ -14,6 +14,14 @@
   traffic of the bf16 path. Under autocast the matmul is bf16 either way; without dropout the outputs
   and gradients are bit-identical (with dropout the mask is drawn over a tensor of another dtype).
   PEFT's 4-bit layers already skip the cast under autocast, so this is the bf16 base's (large) lever.
+- DDP without `find_unused_parameters` on several processes. transformers' Trainer sets it True for
+  any model that is not a `PreTrainedModel` (trainer.py `_build_accelerator_args`), and a PEFT model
+  is not one, so after every synchronised forward DDP walks the whole autograd graph from the
+  outputs, passes them through a cloning autograd function (`_DDPSink`, the logits included) and
+  all-reduces a map of used parameters. Only trainable weights are in DDP's buckets (the frozen base
+  and vision tower never are), and each LoRA and modules_to_save weight of vlmdet's models is used
+  in every forward (dropout multiplies, it never cuts the graph; non-reentrant checkpointing keeps
+  it), so there is nothing to find. EveryTrainableWeightGetsAGradient checks that at the first step.
 - Lengths for grouping samples by size, from the image size alone (no decoding).
 - Training images stored once at the size the processor would resize them to.
 """
@@ -74,6 +82,33 @@ class FrozenTowersOutOfBackward(TrainerCallback):
         removed = frozen_input_hooks_removed(self.model)
         if removed:
             log.info("no backward through frozen %s (nothing trainable there)", ", ".join(removed))
+
+
+class EveryTrainableWeightGetsAGradient(TrainerCallback):
+    """Several processes with DDP's find_unused_parameters off (train.ddp_find_unused=false): before
+    the first optimizer step, every trainable weight must hold a gradient.
+
+    A weight the forward did not use leaves its DDP bucket (and every later one) unreduced: the
+    ranks would step on their own gradients and DDP would fail at the next synchronised forward with
+    "Expected to have finished reduction in the prior iteration". This stops the run at step 1
+    instead, before the optimizer moves anything, naming the weights and the setting that fixes it.
+    """
+
+    def __init__(self, model):
+        self.model, self.checked = model, False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.checked:
+            return
+        self.checked = True
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            from vlmdet.config import ConfigError
+
+            raise ConfigError(f"{len(missing)} trainable weight(s) got no gradient in the first step "
+                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); with several "
+                              "processes DDP cannot reduce them. Set train.ddp_find_unused=true, or leave the "
+                              "modules the forward does not use out of lora.target_modules / lora.modules_to_save.")
 
 
 def adapter_inputs_uncast(model, autocast: bool):
@@ -174,3 +209,53 @@ class StepTimes(TrainerCallback):
         if state.is_world_process_zero:
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
             self.path.write_text(json.dumps({"step_s": self.times, "peak_alloc_GiB": peak}))
+
+
+class StepProfile(TrainerCallback):
+    """VLMDET_PROFILE_STEP=N with VLMDET_PROFILE_DIR=DIR: torch.profiler over optimizer step N (1-based)
+    on every rank, written as DIR/rank{R}.txt: the step's wall time, then the operators by device
+    time and by host time (where a rank waits: collectives, synchronisations, the data loader).
+    benchmarks/multi_gpu.py --torch-profile sets them for a training child it cannot reach otherwise."""
+
+    def __init__(self, step: int, folder: str):
+        self.step, self.folder, self.prof, self.t = step, Path(folder), None, 0.0
+
+    @classmethod
+    def from_env(cls) -> "StepProfile | None":
+        step, folder = os.environ.get("VLMDET_PROFILE_STEP"), os.environ.get("VLMDET_PROFILE_DIR")
+        return cls(int(step), folder) if step and folder else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if state.global_step + 1 != self.step:
+            return
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                         if torch.cuda.is_available() else [])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+        self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t
+        self.prof.__exit__(None, None, None)
+        events, self.prof = self.prof.key_averages(), None
+        tables = [f"{key}:\n" + events.table(sort_by=key, row_limit=40, max_name_column_width=70)
+                  for key in (["self_device_time_total"] if torch.cuda.is_available() else []) + ["cpu_time_total"]]
+        rank = int(os.environ.get("RANK", 0))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{rank}.txt").write_text(
+            f"optimizer step {self.step}, rank {rank} of {args.world_size}, {wall:.3f} s under the profiler\n\n"
+            + "\n\n".join(tables) + "\n")

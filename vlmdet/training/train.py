@@ -103,6 +103,7 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         optim=t.optim,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not cuda,
+        ddp_find_unused_parameters=t.ddp_find_unused,  # transformers' own default is True for a PEFT model
         completion_only_loss=True,
         **(validation_args(config) if validation else {}),
     )
@@ -132,8 +133,12 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
                       processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     set_adapter_dtype(trainer.model, config.train.adapter_dtype)
     trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
+    if trainer.args.world_size > 1 and not config.train.ddp_find_unused:
+        trainer.add_callback(speed.EveryTrainableWeightGetsAGradient(trainer.model))
     if speed.StepTimes.from_env():
         trainer.add_callback(speed.StepTimes.from_env())
+    if speed.StepProfile.from_env():
+        trainer.add_callback(speed.StepProfile.from_env())
     return trainer, processor, base
 
 
