@@ -14,7 +14,9 @@ def png(path: Path, color: tuple[int, int, int]) -> str:
     return str(path)
 
 
-def records(tmp: Path, merged_path: Path, map50: float = 0.8, fp: str = "fp-test", pictures: bool = True):
+def records(tmp: Path, merged_path: Path, map50: float = 0.8, fp: str = "fp-test", pictures: bool = True,
+            champion_revision: str | None = None):
+    """champion_revision: what the gate saw at the target (None: empty), the publication's compare-and-swap."""
     merged = MergedRef(path=str(merged_path), base_model="tiny:qwen2_vl", max_abs_logit_diff=0.0)
     report = EvalReport(map=map50 * 0.6, map50=map50, map75=map50 * 0.5, split="test", num_images=12,
                         parse_failures=1, predictions=str(tmp / "pred.json"), data_fingerprint=fp,
@@ -23,5 +25,6 @@ def records(tmp: Path, merged_path: Path, map50: float = 0.8, fp: str = "fp-test
                          counts={"test": {"images": 12, "boxes": 14}}, source="hub:openfoodfacts/nutrition-table-detection")
     adapter = AdapterRef(path=str(tmp / "adapter"), base_model="tiny:qwen2_vl", family="qwen2_vl", global_step=7,
                          losses=[2.0, 1.5, 1.2], loss_curve=png(tmp / "loss.png", (10, 200, 10)) if pictures else None)
-    decision = GateDecision(passed=True, threshold=0.5, metric="map50", value=map50, reason="map50 above threshold")
+    decision = GateDecision(passed=True, threshold=0.5, metric="map50", value=map50, reason="map50 above threshold",
+                            champion_revision=champion_revision)
     return merged, report, dataset, adapter, decision

@@ -60,8 +60,9 @@ def _cfg(hub: HubServer, repo: str = "acme/nutrition-detector", **over) -> RunCo
     return RunConfig(name="smoke").override({"publish.target": f"hub:{repo}", "publish.endpoint": hub.url, **over})
 
 
-def _publish(hub, tmp_path, merged_dir, token=TOKEN, repo="acme/nutrition-detector", map50=0.8, fp="fp-test", **kw):
-    rec = records(tmp_path, merged_dir, map50=map50, fp=fp)
+def _publish(hub, tmp_path, merged_dir, token=TOKEN, repo="acme/nutrition-detector", map50=0.8, fp="fp-test",
+             champion_revision=None, **kw):
+    rec = records(tmp_path, merged_dir, map50=map50, fp=fp, champion_revision=champion_revision)
     return publishing.publish(*rec, _cfg(hub, repo), tmp_path, token, sleep=NO_SLEEP, **kw)
 
 
@@ -130,7 +131,7 @@ def test_gate_reads_the_champion_from_the_hub_card(hub, tmp_path, merged_dir):
     assert not decide(other_data, cfg.gate, champ).passed  # never replaced without a comparison
 
     # the champion fetched to be evaluated again: its model at the card's revision, even after the repo moved on
-    _publish(hub, tmp_path, merged_dir, map50=0.9, fp="fp-later")
+    _publish(hub, tmp_path, merged_dir, map50=0.9, fp="fp-later", champion_revision=champ.revision)
     folder = champion_model(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN)
     assert (Path(folder) / "model.safetensors").read_bytes() == (merged_dir / "model.safetensors").read_bytes()
     assert json.loads((Path(folder) / "vlmdet.json").read_text())["eval"]["data_fingerprint"] == "fp-test"
@@ -162,7 +163,7 @@ def test_a_failed_upload_leaves_the_previous_model_visible(hub, tmp_path, merged
     first = _publish(hub, tmp_path, merged_dir, map50=0.7)
     hub.fail("POST", r"/commit/main$", 500, times=100)
     with pytest.raises(TransientPublishError, match="HTTP 500"):
-        _publish(hub, tmp_path, merged_dir, map50=0.9)
+        _publish(hub, tmp_path, merged_dir, map50=0.9, champion_revision=first.revision)
     repo = hub.state.repos["acme/nutrition-detector"]
     assert repo.head.oid == first.revision and len(repo.commits) == 2
     assert json.loads(repo.head.files["vlmdet.json"][0])["metrics"]["map50"] == 0.7
