@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from hub_server import HubServer
-from pubkit import records
+from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
 from vlmdet.config import RunConfig
 from vlmdet.champion import champion_model, published_predictions
@@ -25,24 +24,11 @@ from vlmdet.publishing import PermanentPublishError, TransientPublishError
 from vlmdet.publishing.hub import RUN_MARKER
 
 TOKEN = "hf_testwritetoken"
-NO_SLEEP = lambda s: None  # noqa: E731 - our own backoff, made instant for tests
 
 
 @pytest.fixture(autouse=True)
-def online_classic_lfs(monkeypatch):
-    import huggingface_hub.constants as C
-    import huggingface_hub.utils._detect_agent as detect_agent
-    import huggingface_hub.utils._http as http
-
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)  # CI sets HF_HUB_OFFLINE=1; this server is local
-    monkeypatch.setattr(C, "HF_HUB_DISABLE_XET", True)
-    # Online mode makes the client fetch an "agent harness" registry from huggingface.co for its
-    # user agent; the tests stay hermetic with the empty registry it falls back to.
-    monkeypatch.setattr(detect_agent, "_registry", detect_agent._EMPTY_REGISTRY)
-    # The client's own http_backoff (preupload, LFS PUT) sleeps 1-8 s between tries: instant here.
-    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    fake_time.sleep = NO_SLEEP
-    monkeypatch.setattr(http, "time", fake_time)
+def online(monkeypatch):
+    online_classic_lfs(monkeypatch)
 
 
 @pytest.fixture

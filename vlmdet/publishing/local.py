@@ -39,8 +39,10 @@ def publish_folder(dest: Path, files: dict[str, Source], run_id: str, expected: 
             return _publication(dest, files, run_id, reused=True)
         if now != expected:
             raise TargetChangedError(str(dest), expected, now)
-        for leftover in (staging, old):
-            if leftover.exists():  # from a crashed earlier attempt of this run
+        # Under the lock nobody else is mid-publish: every staging or backup sibling is a crashed
+        # attempt's (this run's or another's), and the champion is back in place.
+        for leftover in [*dest.parent.glob(f".{dest.name}.staging-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
+            if leftover.is_dir():
                 shutil.rmtree(leftover)
         for rel, src in files.items():
             out = staging / rel
@@ -119,7 +121,9 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
     """The champion in a local target folder: None only when the folder is missing or empty (after
     recovering an interrupted swap); otherwise a Champion, marked unreadable when it cannot be judged."""
     folder = Path(folder)
-    recover(folder)
+    if folder.parent.is_dir():
+        with _locked(folder):  # not in the middle of someone's swap
+            recover(folder)
     if folder.exists() and not folder.is_dir():
         return Champion(metrics={}, source=str(folder), unreadable=(
             f"publish.target points at a file, not a folder ({folder}); point it at a folder or move the file"))
