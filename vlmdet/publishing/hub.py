@@ -194,7 +194,7 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
                 now = api.model_info(repo_id).sha
             except Exception:  # noqa: BLE001 - the message can do without the new head
                 now = "a newer commit"
-            raise TargetChangedError(f"hub:{repo_id}", head if expected is None else expected, now) from None
+            raise TargetChangedError(f"hub:{repo_id}", expected, now) from None
         return info.oid
 
     oid = retry(attempt, "commit")
