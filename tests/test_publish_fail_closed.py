@@ -403,3 +403,34 @@ def test_no_local_path_in_any_published_file(tmp_path, models):
     assert (target / "assets" / "gate_disagreements.png").is_file()
     (target / "vlmdet.json").unlink()  # now unreadable, replaced on purpose: the reason names the folder
     run(cfg.override(REPLACE), single, 0.95)
+
+
+# --- the flow's tasks on an unreadable target ----------------------------------------------------------
+
+def test_the_flows_gate_tasks_close_on_an_unreadable_target_without_evaluating_it(tmp_path, models, prefect_harness):
+    """Fails on main: weights without card or vlmdet.json were "no champion" and the gate passed."""
+    from prefect import flow
+
+    from tasks.gate import find_champion, gate, measure_champion
+
+    single, _ = models
+    cfg = _local_cfg()
+    _publish(cfg, tmp_path, single, 0.70)
+    _weights_only(tmp_path / "published")
+    _, report, dataset, *_ = _records(tmp_path, single, 0.90)
+
+    def must_not_evaluate(model, config):
+        raise AssertionError(f"an unreadable champion was evaluated: {model}")
+
+    @flow
+    def gate_step(workdir: str):
+        champion = find_champion(cfg, token=None, workdir=workdir)
+        measured = measure_champion(champion, report, dataset, cfg, workdir, evaluate_with=must_not_evaluate)
+        return champion, measured, gate(report, cfg, token=None, workdir=workdir, champion=champion,
+                                        champion_report=measured, dataset=dataset)
+
+    champion, measured, decision = gate_step(str(tmp_path))
+    assert champion.unreadable and measured is None
+    assert not decision.passed and "neither a model card" in decision.reason and "no champion" not in decision.reason
+    assert decision.champion_revision == champion.revision and decision.champion_unreadable == champion.unreadable
+    assert "champion unreadable" in (tmp_path / "gate" / "adapter" / "decision.md").read_text()
