@@ -1,8 +1,9 @@
 """The small typed records that flow one way through the pipeline.
 
 prepare_data -> DatasetRef -> train -> AdapterRef -> evaluate -> EvalReport -> gate -> GateDecision
--> merge -> MergedRef -> publish -> Publication; the gate reads a Champion (the model at the target). Each is a dataclass that round-trips through JSON:
-heavy steps run in a child process that writes its result record as JSON for the task to read.
+-> merge -> MergedRef -> publish -> Publication; the gate reads a Champion (the model at the target).
+Each is a dataclass that round-trips through JSON: heavy steps run in a child process that writes its
+result record as JSON for the task to read.
 """
 from __future__ import annotations
 
