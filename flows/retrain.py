@@ -45,7 +45,10 @@ def _gate_summary(decision: GateDecision) -> dict[str, Any]:
             "champion_recorded": decision.champion_recorded, "champion_evaluated": decision.champion_evaluated,
             "p_better": decision.p_better, "ci": [decision.ci_low, decision.ci_high] if decision.p_better is not None
             else None, "min_probability": decision.min_probability, "resamples": decision.resamples,
-            "images": decision.images, "disagreements": decision.disagreements, "picture": decision.picture}
+            "images": decision.images, "disagreements": decision.disagreements, "picture": decision.picture,
+            # fail closed: the revision the publication must still find, and an unreadable champion replaced on purpose
+            "champion_revision": decision.champion_revision, "champion_unreadable": decision.champion_unreadable,
+            "replaced_unreadable": decision.replaced_unreadable}
 
 
 def _cached(task_fn, done: bool, store):

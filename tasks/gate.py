@@ -16,7 +16,8 @@ from prefect.cache_policies import NONE
 
 from tasks.common import image_markdown, step_dir
 from tasks.evaluate import evaluate
-from vlmdet.champion import champion_config, champion_model, published_predictions, reuse_report, was_evaluated
+from vlmdet.champion import (champion_config, champion_model, needs_measuring, published_predictions, reuse_report,
+                             was_evaluated)
 from vlmdet.config import RunConfig
 from vlmdet.gate import Champion, compare, decide, decision_markdown, disagreement_picture
 from vlmdet.publishing import TransientPublishError, read_champion
@@ -60,8 +61,9 @@ def measure_champion(champion: Champion | None, report: EvalReport, dataset: Dat
                      evaluate_with: Callable[[str, RunConfig], EvalReport] | None = None) -> EvalReport | None:
     """The champion's detections on today's test split: its published ones when they were measured there,
     else a fresh evaluation of its model (evaluate task, name "champion"; `evaluate_with(model, config)`
-    runs it the flow's way, with its result storage). None without a champion."""
-    if champion is None:
+    runs it the flow's way, with its result storage). None without a champion, or with one that cannot
+    be read (the gate then closes on it)."""
+    if not needs_measuring(champion):
         return None
     log = get_run_logger()
     if champion.measured_on(report):
@@ -95,7 +97,7 @@ def gate(report: EvalReport, config: RunConfig, token: str | None = None, workdi
     if dataset is None:
         champion = read_champion(config, workdir, token)
     comparison = None
-    if champion is not None and champion_report is not None and dataset is not None:
+    if needs_measuring(champion) and champion_report is not None and dataset is not None:
         gt = dataset.splits[report.split]
         comparison, _, _ = compare(report, champion_report, gt, config.gate,
                                    champion_evaluated=was_evaluated(champion_report))

@@ -19,7 +19,9 @@ The server never advertises Xet (no X-Xet-* headers, LFS transfer "basic"), so t
 classic LFS path; the tests also set HF_HUB_DISABLE_XET so an installed hf_xet cannot change that.
 
 A commit is applied atomically (all files or none), `lfsFile` entries must name uploaded objects
-(422 otherwise), and a stale `parentCommit` is refused with 412, as on the Hub.
+(422 otherwise), `deletedFile` / `deletedFolder` entries remove files, and a stale `parentCommit` is
+refused with 412, as on the Hub. `HubServer.when(...)` runs an action (e.g. `land_commit`, another
+writer publishing) just before a matching request is served: a race at an exact point, without sleeps.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -84,12 +87,23 @@ class Fault:
     after: bool = False
 
 
+@dataclass
+class Hook:
+    """Run `action()` before serving the next `times` requests matching `method` and `path` (a regex)."""
+
+    method: str
+    path: str
+    action: Callable[[], None]
+    times: int = 1
+
+
 class HubState:
     def __init__(self, tokens: set[str] | None = None):
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.tokens = tokens  # None: any or no token accepted; else writes need one of these
         self.faults: list[Fault] = []
+        self.hooks: list[Hook] = []
         self.requests: list[tuple[str, str, int | str]] = []  # method, path, status (or "drop")
         self.tokens_seen: set[str] = set()
         self.lock = threading.RLock()
@@ -135,6 +149,11 @@ class Handler(BaseHTTPRequestHandler):
         token = auth[7:] if auth.startswith("Bearer ") else None
         if token:
             st.tokens_seen.add(token)
+        with st.lock:
+            hooks = [h for h in st.hooks if h.times > 0 and h.method == method and re.search(h.path, path)]
+            for h in hooks:
+                h.times -= 1
+                h.action()
         fault = st.fault_for(method, path)
         if fault and not fault.after:
             return self._fail(method, path, fault)
@@ -189,6 +208,10 @@ class Handler(BaseHTTPRequestHandler):
     def _repo(self, repo_id: str, token: str | None, write: bool = False) -> Repo:
         st = self.server.state
         repo = st.repos.get(repo_id)
+        if not write and repo is not None and repo.private and token is None and st.tokens is not None:
+            # As the Hub: a private repo read without a token is "not found" with 401, the same answer
+            # as for a repo that does not exist (the client raises RepositoryNotFoundError for both).
+            raise HubError(401, "Repository not found", "RepoNotFound")
         if write or (repo is not None and repo.private):
             self._auth(token)
         if repo is None:
@@ -332,6 +355,9 @@ class Handler(BaseHTTPRequestHandler):
                 files[value["path"]] = (data, True)
             elif key == "deletedFile":
                 files.pop(value["path"], None)
+            elif key == "deletedFolder":
+                prefix = value["path"].rstrip("/") + "/"
+                files = {p: f for p, f in files.items() if not p.startswith(prefix)}
         oid = st.new_oid(repo_id, header["summary"])
         repo.commits.append(Commit(oid, header["summary"], header.get("description", ""), files, _now()))
         base = self.server.url
@@ -380,6 +406,22 @@ class HubServer(ThreadingHTTPServer):
 
     def fail(self, method: str, path: str, status: int | str, times: int = 1, after: bool = False) -> None:
         self.state.faults.append(Fault(method, path, status, times, after))
+
+    def when(self, method: str, path: str, action: Callable[[], None], times: int = 1) -> None:
+        self.state.hooks.append(Hook(method, path, action, times))
+
+    def land_commit(self, repo_id: str, files: dict[str, bytes], title: str = "edited on the Hub",
+                    delete: tuple[str, ...] | set[str] = ()) -> str:
+        """Another writer's commit on main (a person in the web UI, another deployment); its oid.
+        `files` are added or overwritten (LFS for weight-like names), `delete` removed."""
+        st = self.state
+        with st.lock:
+            repo = st.repos[repo_id]
+            tree = {p: f for p, f in repo.head.files.items() if p not in delete}
+            tree.update({p: (data, p.endswith(LFS_SUFFIXES)) for p, data in files.items()})
+            oid = st.new_oid(repo_id, title)
+            repo.commits.append(Commit(oid, title, "", tree, _now()))
+            return oid
 
     def calls(self, method: str, pattern: str) -> list[tuple[str, str, int | str]]:
         return [r for r in self.state.requests if r[0] == method and re.search(pattern, r[1])]

@@ -179,7 +179,9 @@ def test_the_champion_is_evaluated_with_its_own_answer_settings_on_todays_eval_s
     assert cfg.model.family == "qwen2_5_vl" and cfg.model.max_pixels == theirs["model"]["max_pixels"]
     assert cfg.model.prompt == theirs["model"]["prompt"]
     assert cfg.eval.max_new_tokens == 99 and cfg.data == today.data and cfg.model.base == today.model.base
-    assert champion_config(Champion(metrics={"map50": 0.9}), today) == today  # no vlmdet.json: today's settings
+    # No vlmdet.json: never today's settings (after a family or prompt change it would score ~0 and be replaced)
+    with pytest.raises(ValueError, match="no model settings.*gate.replace_unreadable_champion"):
+        champion_config(Champion(metrics={"map50": 0.9}, source="hub:org/m@abc"), today)
 
 
 def test_a_champion_report_says_whether_it_was_evaluated_in_this_run(tmp_path):

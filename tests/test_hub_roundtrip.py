@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from hub_server import HubServer
-from pubkit import records
+from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
 from vlmdet.config import RunConfig
 from vlmdet.champion import champion_model, published_predictions
@@ -25,24 +24,11 @@ from vlmdet.publishing import PermanentPublishError, TransientPublishError
 from vlmdet.publishing.hub import RUN_MARKER
 
 TOKEN = "hf_testwritetoken"
-NO_SLEEP = lambda s: None  # noqa: E731 - our own backoff, made instant for tests
 
 
 @pytest.fixture(autouse=True)
-def online_classic_lfs(monkeypatch):
-    import huggingface_hub.constants as C
-    import huggingface_hub.utils._detect_agent as detect_agent
-    import huggingface_hub.utils._http as http
-
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)  # CI sets HF_HUB_OFFLINE=1; this server is local
-    monkeypatch.setattr(C, "HF_HUB_DISABLE_XET", True)
-    # Online mode makes the client fetch an "agent harness" registry from huggingface.co for its
-    # user agent; the tests stay hermetic with the empty registry it falls back to.
-    monkeypatch.setattr(detect_agent, "_registry", detect_agent._EMPTY_REGISTRY)
-    # The client's own http_backoff (preupload, LFS PUT) sleeps 1-8 s between tries: instant here.
-    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    fake_time.sleep = NO_SLEEP
-    monkeypatch.setattr(http, "time", fake_time)
+def online(monkeypatch):
+    online_classic_lfs(monkeypatch)
 
 
 @pytest.fixture
@@ -60,8 +46,9 @@ def _cfg(hub: HubServer, repo: str = "acme/nutrition-detector", **over) -> RunCo
     return RunConfig(name="smoke").override({"publish.target": f"hub:{repo}", "publish.endpoint": hub.url, **over})
 
 
-def _publish(hub, tmp_path, merged_dir, token=TOKEN, repo="acme/nutrition-detector", map50=0.8, fp="fp-test", **kw):
-    rec = records(tmp_path, merged_dir, map50=map50, fp=fp)
+def _publish(hub, tmp_path, merged_dir, token=TOKEN, repo="acme/nutrition-detector", map50=0.8, fp="fp-test",
+             champion_revision=None, **kw):
+    rec = records(tmp_path, merged_dir, map50=map50, fp=fp, champion_revision=champion_revision)
     return publishing.publish(*rec, _cfg(hub, repo), tmp_path, token, sleep=NO_SLEEP, **kw)
 
 
@@ -130,7 +117,7 @@ def test_gate_reads_the_champion_from_the_hub_card(hub, tmp_path, merged_dir):
     assert not decide(other_data, cfg.gate, champ).passed  # never replaced without a comparison
 
     # the champion fetched to be evaluated again: its model at the card's revision, even after the repo moved on
-    _publish(hub, tmp_path, merged_dir, map50=0.9, fp="fp-later")
+    _publish(hub, tmp_path, merged_dir, map50=0.9, fp="fp-later", champion_revision=champ.revision)
     folder = champion_model(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN)
     assert (Path(folder) / "model.safetensors").read_bytes() == (merged_dir / "model.safetensors").read_bytes()
     assert json.loads((Path(folder) / "vlmdet.json").read_text())["eval"]["data_fingerprint"] == "fp-test"
@@ -162,7 +149,7 @@ def test_a_failed_upload_leaves_the_previous_model_visible(hub, tmp_path, merged
     first = _publish(hub, tmp_path, merged_dir, map50=0.7)
     hub.fail("POST", r"/commit/main$", 500, times=100)
     with pytest.raises(TransientPublishError, match="HTTP 500"):
-        _publish(hub, tmp_path, merged_dir, map50=0.9)
+        _publish(hub, tmp_path, merged_dir, map50=0.9, champion_revision=first.revision)
     repo = hub.state.repos["acme/nutrition-detector"]
     assert repo.head.oid == first.revision and len(repo.commits) == 2
     assert json.loads(repo.head.files["vlmdet.json"][0])["metrics"]["map50"] == 0.7

@@ -83,9 +83,10 @@ def test_champion_reads_back_with_where_to_fetch_it_and_its_predictions(tmp_path
 
 
 def test_republishing_replaces_the_whole_folder(tmp_path, merged_dir):
-    publishing.publish(*records(tmp_path, merged_dir, map50=0.7), _cfg(), tmp_path)
+    first = publishing.publish(*records(tmp_path, merged_dir, map50=0.7), _cfg(), tmp_path)
     (tmp_path / "published" / "stale.bin").write_bytes(b"old")
-    pub = publishing.publish(*records(tmp_path, merged_dir, map50=0.9), _cfg(), tmp_path)
+    pub = publishing.publish(*records(tmp_path, merged_dir, map50=0.9, champion_revision=first.run_id), _cfg(),
+                             tmp_path)
     assert not (tmp_path / "published" / "stale.bin").exists()
     assert json.loads((tmp_path / "published" / "vlmdet.json").read_text())["metrics"]["map50"] == 0.9
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".published")] == []
@@ -145,10 +146,11 @@ def test_tasks_on_a_local_target(tmp_path, merged_dir, prefect_harness):
 
 @pytest.mark.parametrize("same_run", [True, False])
 def test_a_crash_between_the_renames_does_not_lose_the_champion(tmp_path, monkeypatch, same_run):
-    from vlmdet.publishing.local import publish_folder
+    from vlmdet.publishing.local import folder_revision, publish_folder
 
     dest = tmp_path / "pub" / "model"
     publish_folder(dest, {"weights.bin": b"champion"}, run_id="r1")
+    seen = folder_revision(dest)  # what the gate of the next runs read
     real_rename = Path.rename
 
     def crash_on_swap_in(self, target):
@@ -158,15 +160,15 @@ def test_a_crash_between_the_renames_does_not_lose_the_champion(tmp_path, monkey
 
     monkeypatch.setattr(Path, "rename", crash_on_swap_in)
     with pytest.raises(KeyboardInterrupt):
-        publish_folder(dest, {"weights.bin": b"challenger"}, run_id="r2")
+        publish_folder(dest, {"weights.bin": b"challenger"}, run_id="r2", expected=seen)
     monkeypatch.setattr(Path, "rename", real_rename)
     assert not dest.exists()
     # The next attempt fails too (a missing source file) after its leftover cleanup: the champion
     # must be back in place, not deleted with the leftovers.
     retry_run = "r2" if same_run else "r3"
     with pytest.raises(FileNotFoundError):
-        publish_folder(dest, {"weights.bin": tmp_path / "no-such-file"}, run_id=retry_run)
+        publish_folder(dest, {"weights.bin": tmp_path / "no-such-file"}, run_id=retry_run, expected=seen)
     assert (dest / "weights.bin").read_bytes() == b"champion"
-    publish_folder(dest, {"weights.bin": b"challenger"}, run_id=retry_run)
+    publish_folder(dest, {"weights.bin": b"challenger"}, run_id=retry_run, expected=seen)
     assert (dest / "weights.bin").read_bytes() == b"challenger"
     assert not list(dest.parent.glob(".model.old-*"))  # the backup went back into place, none is left

@@ -96,7 +96,9 @@ def merged(config, tmp_path_factory):
 
 
 def _publish(hub, config, merged, tmp: Path, map50: float):
-    merged_ref, report, dataset, adapter, decision = records(tmp, Path(merged.path), map50=map50)
+    seen = publishing.read_champion(config, tmp, TOKEN, sleep=NO_SLEEP)  # as the gate: publish over exactly this
+    merged_ref, report, dataset, adapter, decision = records(tmp, Path(merged.path), map50=map50,
+                                                             champion_revision=seen.revision if seen else None)
     adapter = dataclasses.replace(adapter, base_model=config.model.base)  # the resolved local folder, as train() records
     return publishing.publish(merged_ref, report, dataset, adapter, decision, config, tmp, TOKEN, sleep=NO_SLEEP)
 

@@ -5,7 +5,9 @@ predictions (`eval/predictions.json`); when its card says they were measured on 
 the same prepared data they are reused as they are. Otherwise the model itself is fetched (the
 local target folder, or the Hub repo at the exact commit its card was read from) and evaluated
 again, with its own model settings (family, pixel budget, prompt) from its `vlmdet.json`, since
-that is how it answers in production.
+that is how it answers in production. A champion without them is never evaluated with today's
+settings (after a family or prompt change it would score ~0 and be replaced): it is unreadable,
+and `needs_measuring` says so before anything is fetched.
 """
 from __future__ import annotations
 
@@ -13,18 +15,27 @@ from pathlib import Path
 from typing import Any
 
 from vlmdet.config import RunConfig
-from vlmdet.gate import Champion
 from vlmdet.publishing.card import PREDICTIONS
-from vlmdet.records import EvalReport
+from vlmdet.records import Champion, EvalReport
 
 # ModelConfig fields that change how a published (merged) model answers; the rest (base, quantization) only
 # matter for training or for an adapter.
 _ANSWER_SETTINGS = ("family", "min_pixels", "max_pixels", "prompt", "dtype", "attn_implementation")
 
 
+def needs_measuring(champion: Champion | None) -> bool:
+    """Whether there is a champion to measure: none at an empty target, none that cannot be read
+    (the gate closes on it, or replaces it by the threshold alone when asked to)."""
+    return champion is not None and not champion.unreadable
+
+
 def champion_config(champion: Champion, config: RunConfig) -> RunConfig:
     """Today's configuration with the champion's own answer settings, to evaluate the champion."""
     theirs = (champion.config or {}).get("model") or {}
+    if not theirs.get("family"):
+        raise ValueError(f"the champion at {champion.source} has no model settings (no vlmdet.json, or one without "
+                         "config.model); evaluating it with today's settings would judge it in another format. Set "
+                         "gate.replace_unreadable_champion=true to replace it on purpose.")
     data = config.to_dict()
     data["model"].update({k: theirs[k] for k in _ANSWER_SETTINGS if k in theirs})
     return RunConfig.from_dict(data)
@@ -37,8 +48,10 @@ def _download(champion: Champion, filename: str | None, out: Path, endpoint: str
 
     from vlmdet.publishing.hub import RetryPolicy, with_retries
 
-    kw: dict[str, Any] = dict(revision=champion.revision or None, endpoint=endpoint or None, token=token,
-                              local_dir=str(out))
+    if not champion.revision:  # "main" could be another model than the card the gate read
+        raise ValueError(f"champion {champion.source!r} has no revision; it is fetched only at the commit its card "
+                         "was read at")
+    kw: dict[str, Any] = dict(revision=champion.revision, endpoint=endpoint or None, token=token, local_dir=str(out))
 
     def fetch() -> str | None:
         if filename is None:
@@ -57,8 +70,7 @@ def published_predictions(champion: Champion, workdir: str | Path, endpoint: str
     if champion.kind == "local":
         path = Path(champion.location) / PREDICTIONS
         return str(path) if path.is_file() else None
-    return _download(champion, PREDICTIONS, Path(workdir) / "champion" / (champion.revision[:12] or "head"),
-                     endpoint, token)
+    return _download(champion, PREDICTIONS, Path(workdir) / "champion" / champion.revision[:12], endpoint, token)
 
 
 def champion_model(champion: Champion, workdir: str | Path, endpoint: str = "", token: str | None = None) -> str:
@@ -67,7 +79,7 @@ def champion_model(champion: Champion, workdir: str | Path, endpoint: str = "", 
         return champion.location
     if champion.kind != "hub":
         raise ValueError(f"champion {champion.source!r} has no known location (kind={champion.kind!r})")
-    return _download(champion, None, Path(workdir) / "champion" / (champion.revision[:12] or "head"), endpoint, token)
+    return _download(champion, None, Path(workdir) / "champion" / champion.revision[:12], endpoint, token)
 
 
 REUSED = "published predictions of "  # EvalReport.model of a champion that was not evaluated again

@@ -188,6 +188,13 @@ class GateConfig:
                                      "difference alone would replace a model on noise.")
     resamples: int = _f(1000, "Bootstrap resamples of the test images (1000: P and the 95% interval to about +-0.01).")
     seed: int = _f(0, "Seed of the bootstrap resampling: the same evaluations give the same decision.")
+    replace_unreadable_champion: bool = _f(False, "Replace a model at the target that cannot be judged (no numbers "
+                                                  "in its card or vlmdet.json, no vlmdet.json, a family this vlmdet "
+                                                  "cannot parse, no weights), deciding by the threshold alone. Off: "
+                                                  "such a target closes the gate (fail closed), since 'unreadable' is "
+                                                  "not 'absent'. Turn on for one run to replace it on purpose; it is "
+                                                  "recorded in the summary and card. Never applies to a 401/403 or "
+                                                  "network error (nothing was seen to replace).")
 
     def __post_init__(self) -> None:
         if self.metric not in ("map", "map50", "map75"):

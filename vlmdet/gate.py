@@ -6,8 +6,9 @@ today's test split, and `compare` scores both models' detections on the same ima
 bootstrap over test images (vlmdet.bootstrap) gives the probability that the new model is better
 and a 95% interval of the difference. `decide` then publishes only when the metric clears
 `gate.threshold` and that probability reaches `gate.min_probability`. Only a target without a
-champion is decided by the threshold alone; a champion that could not be measured on today's
-images blocks publication rather than being replaced on a guess.
+champion (missing or empty) is decided by the threshold alone; a champion that could not be read,
+or not measured on today's images, blocks publication rather than being replaced on a guess, unless
+`gate.replace_unreadable_champion` asks for it by name (recorded in the decision, summary and card).
 """
 from __future__ import annotations
 
@@ -17,28 +18,10 @@ from pathlib import Path
 
 from vlmdet.bootstrap import Matches, match, paired_bootstrap, per_image_ap
 from vlmdet.config import GateConfig
-from vlmdet.records import EvalReport, GateDecision
+from vlmdet.records import Champion, EvalReport, GateDecision
 
-
-@dataclass
-class Champion:
-    """What the target says about the model published there now (read from its card)."""
-
-    metrics: dict[str, float]  # map / map50 / map75, those the card holds
-    data_fingerprint: str = ""  # fingerprint of the data the metrics were measured on ("" = unknown)
-    split: str = ""
-    source: str = ""  # where it was read: a folder or repo@revision, for the reason text
-    run_id: str = ""
-    extra: dict = field(default_factory=dict)
-    kind: str = ""  # "local" (location is the folder) or "hub" (location is the repo id)
-    location: str = ""
-    revision: str = ""  # the Hub commit the card was read at: the model is fetched at exactly this one
-    config: dict = field(default_factory=dict)  # the champion's run configuration (vlmdet.json), if published
-
-    def measured_on(self, report: EvalReport) -> bool:
-        """True when the card's numbers were measured on the same split of the same prepared data."""
-        return bool(report.data_fingerprint) and report.data_fingerprint == self.data_fingerprint \
-            and self.split == report.split
+__all__ = ["Champion", "Comparison", "compare", "decide", "clears_threshold", "decision_markdown",
+           "disagreement_picture"]  # Champion lives in vlmdet.records; re-exported for older imports
 
 
 @dataclass
@@ -94,7 +77,10 @@ def decide(report: EvalReport, cfg: GateConfig, champion: Champion | None,
     fields = dict(threshold=cfg.threshold, metric=metric, value=value, min_delta=cfg.min_delta,
                   min_probability=cfg.min_probability, champion=recorded, champion_recorded=recorded,
                   champion_data_fingerprint=champion.data_fingerprint if champion else None,
-                  champion_source=champion.source if champion else None)
+                  champion_source=champion.source if champion else None,
+                  # the publication is a compare-and-swap on exactly this (None: the target was empty)
+                  champion_revision=(champion.revision or None) if champion else None,
+                  champion_unreadable=(champion.unreadable or None) if champion else None)
     if comparison is not None:
         fields.update(champion=comparison.champion, same_data=True, champion_evaluated=comparison.champion_evaluated,
                       p_better=comparison.p_better, ci_low=comparison.ci_low, ci_high=comparison.ci_high,
@@ -111,6 +97,8 @@ def decide(report: EvalReport, cfg: GateConfig, champion: Champion | None,
     above = f"{metric}={value:.4f} >= threshold {cfg.threshold:.4f}"
     if champion is None:
         return GateDecision(passed=True, reason=f"{above}; no champion published at the target yet.", **fields)
+    if champion.unreadable:
+        return _unreadable(champion, cfg, above, fields)
     if comparison is None:
         return closed(f"{above}, but the champion at {champion.source} (recorded {metric}={_fmt(recorded)}) was not "
                       "measured on today's test images, so the two cannot be compared; not replacing it on a guess.")
@@ -126,6 +114,25 @@ def decide(report: EvalReport, cfg: GateConfig, champion: Champion | None,
                             **fields)
     return closed(f"{above}, but not reliably better than the champion: {stats}, below the required "
                   f"{cfg.min_probability:.3f}.")
+
+
+def _unreadable(champion: Champion, cfg: GateConfig, above: str, fields: dict) -> GateDecision:
+    """A model is at the target but cannot be read or measured: closed, unless replacing it is asked for.
+
+    Replacing needs the revision that was seen (the publication is a compare-and-swap on it); after a
+    401/403 or a network error nothing was seen, so even the setting cannot replace blindly.
+    """
+    where = f"the model at {champion.source or champion.location} cannot be read: {champion.unreadable}"
+    if not cfg.replace_unreadable_champion:
+        return GateDecision(passed=False, reason=f"{above}, but {where}. Nothing was replaced. Fix the target, or set "
+                            "gate.replace_unreadable_champion=true to replace it on purpose.", **fields)
+    if not champion.revision:
+        return GateDecision(passed=False, reason=f"{above}, but {where}. gate.replace_unreadable_champion=true, but no "
+                            "revision of the target could be read to replace on purpose; nothing was replaced.",
+                            **fields)
+    return GateDecision(passed=True, replaced_unreadable=True,
+                        reason=f"{above}; {where}; replacing it on purpose (gate.replace_unreadable_champion=true, "
+                               f"revision {champion.revision}).", **fields)
 
 
 def decision_markdown(decision: GateDecision) -> str:
@@ -146,7 +153,12 @@ def decision_markdown(decision: GateDecision) -> str:
         ("min_delta", _fmt(decision.min_delta)),
         ("champion data", decision.champion_data_fingerprint or "n/a"),
         ("champion read from", decision.champion_source or "n/a"),
+        ("champion revision", decision.champion_revision or "none (target missing or empty)"),
     ]
+    if decision.champion_unreadable:
+        rows.append(("champion unreadable", decision.champion_unreadable))
+    if decision.replaced_unreadable:
+        rows.append(("replaced on purpose", "yes: gate.replace_unreadable_champion=true"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"### Gate: {verdict}\n\n| | |\n| --- | --- |\n{table}\n\n**Reason:** {decision.reason}\n"
     if decision.disagreements:

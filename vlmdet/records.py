@@ -1,8 +1,9 @@
 """The small typed records that flow one way through the pipeline.
 
 prepare_data -> DatasetRef -> train -> AdapterRef -> evaluate -> EvalReport -> gate -> GateDecision
--> merge -> MergedRef -> publish -> Publication. Each is a dataclass that round-trips through JSON:
-heavy steps run in a child process that writes its result record as JSON for the task to read.
+-> merge -> MergedRef -> publish -> Publication; the gate reads a Champion (the model at the target).
+Each is a dataclass that round-trips through JSON: heavy steps run in a child process that writes its
+result record as JSON for the task to read.
 """
 from __future__ import annotations
 
@@ -117,6 +118,38 @@ class EvalReport(Record):
 
 
 @dataclass
+class Champion:
+    """What the target holds now, as the gate read it: one home for the champion.
+
+    `unreadable` non-empty means the target holds a model (files beyond the keepers) that could not
+    be read or cannot be measured: the gate stays closed unless replacing it is asked for by name
+    (gate.replace_unreadable_champion). A target that does not exist or is empty is no Champion at
+    all (None), the only case decided by the threshold alone.
+    """
+
+    metrics: dict[str, float]  # map / map50 / map75, those the card holds
+    data_fingerprint: str = ""  # fingerprint of the data the metrics were measured on ("" = unknown)
+    split: str = ""
+    source: str = ""  # where it was read: a folder or repo@revision, for the reason text
+    run_id: str = ""
+    extra: dict = field(default_factory=dict)
+    kind: str = ""  # "local" (location is the folder) or "hub" (location is the repo id)
+    location: str = ""
+    # The exact state the gate read and the publication must still find (compare-and-swap): the Hub
+    # commit sha (card, vlmdet.json, predictions and weights are all read at it), or for a local
+    # folder its champion's run id, else a hash of its file list ("" = not known: the read failed
+    # before a revision was seen).
+    revision: str = ""
+    config: dict = field(default_factory=dict)  # the champion's run configuration (vlmdet.json), if published
+    unreadable: str = ""  # why the model at the target cannot be read or measured, and what to do ("" = readable)
+
+    def measured_on(self, report: EvalReport) -> bool:
+        """True when the card's numbers were measured on the same split of the same prepared data."""
+        return bool(report.data_fingerprint) and report.data_fingerprint == self.data_fingerprint \
+            and self.split == report.split
+
+
+@dataclass
 class GateDecision(Record):
     passed: bool
     threshold: float
@@ -139,6 +172,11 @@ class GateDecision(Record):
     images: int = 0  # test images both models were scored on
     disagreements: list[dict] = field(default_factory=list)  # images where the two differ most
     picture: str | None = None  # PNG: those images, champion and new model side by side
+    # What the publication must still find at the target (compare-and-swap): None = the target was
+    # missing or empty; else the Champion.revision the gate read (a Hub commit sha, a local run id or file-list hash).
+    champion_revision: str | None = None
+    champion_unreadable: str | None = None  # why the champion at the target could not be read (None = it could)
+    replaced_unreadable: bool = False  # passed over an unreadable champion because gate.replace_unreadable_champion
 
 
 @dataclass

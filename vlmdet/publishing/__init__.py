@@ -5,6 +5,11 @@
 
 `config.publish.target` is `local:DIR` (DIR relative to the workdir unless absolute) or `hub:ORG/NAME`
 (on `config.publish.endpoint`). Nothing is written when the gate decision did not pass.
+
+Fail closed: read_champion returns None only for a target that does not exist or is empty; a target
+holding anything it cannot read or judge is a Champion marked `unreadable`, which closes the gate.
+publish is a compare-and-swap on `decision.champion_revision` (the revision the gate read; None for
+an empty target) and replaces the model whole; a moved target raises TargetChangedError (permanent).
 """
 from __future__ import annotations
 
@@ -13,14 +18,13 @@ from pathlib import Path
 from typing import Callable
 
 from vlmdet.config import ConfigError, RunConfig
-from vlmdet.gate import Champion
 from vlmdet.publishing import card as cardlib
-from vlmdet.publishing.errors import PermanentPublishError, PublishError, TransientPublishError
+from vlmdet.publishing.errors import PermanentPublishError, PublishError, TargetChangedError, TransientPublishError
 from vlmdet.publishing.files import make_run_id, plan
-from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
+from vlmdet.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
 
 __all__ = ["publish", "read_champion", "parse_target", "PublishError", "PermanentPublishError",
-           "TransientPublishError", "make_run_id"]
+           "TransientPublishError", "TargetChangedError", "make_run_id"]
 
 
 def parse_target(target: str, workdir: str | Path = ".") -> tuple[str, str]:
@@ -45,6 +49,10 @@ def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter:
     """Publish the merged model with its card in one atomic step (a folder swap, or one Hub commit)."""
     if not decision.passed:
         raise PermanentPublishError(f"refusing to publish: the gate did not pass ({decision.reason})")
+    if decision.champion_unreadable and not decision.replaced_unreadable:  # a decision not made by gate.decide
+        raise PermanentPublishError(f"refusing to publish: the champion could not be read "
+                                    f"({decision.champion_unreadable}) and replacing it was not asked for "
+                                    "(gate.replace_unreadable_champion).")
     kind, where = parse_target(config.publish.target, workdir)
     run_id = run_id or make_run_id(merged, report, dataset, adapter)
     name = _model_name(config, kind, where)
@@ -52,21 +60,25 @@ def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter:
     if kind == "local":
         from vlmdet.publishing.local import publish_folder
 
-        return publish_folder(Path(where), files, run_id)
+        return publish_folder(Path(where), files, run_id, expected=decision.champion_revision)
     from vlmdet.publishing import hub
 
     meta = cardlib.build_metadata(report=report, dataset=dataset, adapter=adapter, decision=decision, config=config,
                                   run_id=run_id, model_name=name)
     return hub.publish_repo(where, files, meta, run_id, endpoint=config.publish.endpoint, token=token,
-                            private=config.publish.private, policy=retry_policy, sleep=sleep)
+                            private=config.publish.private, expected=decision.champion_revision, policy=retry_policy,
+                            sleep=sleep)
 
 
 def read_champion(config: RunConfig, workdir: str | Path = ".", token: str | None = None,
                   sleep: Callable[[float], None] = time.sleep, retry_policy=None) -> Champion | None:
-    """The model now published at config.publish.target, as the gate's champion (None when there is none)."""
+    """The model now published at config.publish.target, as the gate's champion: None only when the
+    target does not exist or is empty; marked `unreadable` when something is there that cannot be judged."""
     kind, where = parse_target(config.publish.target, workdir)
     if kind == "local":
-        champion = cardlib.read_champion_folder(where)
+        from vlmdet.publishing.local import read_champion_folder
+
+        champion = read_champion_folder(where)  # recovers an interrupted swap first
     else:
         from vlmdet.publishing import hub
 

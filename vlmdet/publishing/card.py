@@ -21,8 +21,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_results
 
 from vlmdet.config import RunConfig
-from vlmdet.gate import Champion, decision_markdown
-from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision
+from vlmdet.gate import decision_markdown
+from vlmdet.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,48 @@ def dataset_label(source: str) -> str:
     return source or "unknown"
 
 
+# An absolute local path inside a value: `/...` (not `//`, not after a word, `.`, `-` or `/`, so URLs, Hub
+# ids and relative paths stay) or `~/...`; up to whitespace, quotes or brackets.
+_LOCAL_PATH = re.compile(r"(?<![\w.~/-])(?:~/|/(?![/\s]))[^\s'\"`,;()\[\]{}<>|]*")
+
+
+def public_text(text: str) -> str:
+    """`text` with every absolute local path replaced by `<local>/NAME`: published files name what a
+    run used, never where it sat on the machine that trained (a user name, a mount layout)."""
+    def repl(m: re.Match) -> str:
+        path, tail = m.group(), ""
+        while path and path[-1] in ".:":  # sentence punctuation after a path is not part of it
+            path, tail = path[:-1], path[-1] + tail
+        name = Path(path).name
+        return (f"<local>/{name}" if name else "<local>") + tail
+    return _LOCAL_PATH.sub(repl, text)
+
+
+def public(value: Any) -> Any:
+    """`value` (JSON-like) with public_text applied to every string in it."""
+    if isinstance(value, str):
+        return public_text(value)
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public(v) for v in value]
+    return value
+
+
 def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, decision: GateDecision,
                    config: RunConfig, run_id: str, model_name: str) -> dict[str, Any]:
-    """The content of vlmdet.json: everything a later run (or a person) needs to judge this model."""
+    """The content of vlmdet.json: everything a later run (or a person) needs to judge this model,
+    with no local path in it (the gate's picture is named by its place in the publication)."""
+    gate = decision.to_dict()
+    gate["picture"] = GATE_PICTURE if decision.picture else None
+    meta = public(_metadata(report=report, dataset=dataset, adapter=adapter, gate=gate, config=config,
+                            run_id=run_id, model_name=model_name))
+    meta["config"]["model"]["prompt"] = config.model.prompt  # the model's contract, text and never a path
+    return meta
+
+
+def _metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, gate: dict[str, Any],
+              config: RunConfig, run_id: str, model_name: str) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "preset": config.name,
@@ -73,14 +112,16 @@ def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterR
         "adapter": {"global_step": adapter.global_step, "final_loss": adapter.losses[-1] if adapter.losses else None,
                     "selected_step": adapter.selected_step, "validation": adapter.validation},
         "provenance": adapter.provenance or None,
-        "gate": decision.to_dict(),
+        "gate": gate,
         "config": config.to_dict(),
     }
 
 
 def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, has_loss_curve: bool,
-                has_preview: bool) -> str:
-    """README.md text: YAML front matter (model-index etc.) and a body for people."""
+                has_preview: bool, has_gate_picture: bool = False) -> str:
+    """README.md text: YAML front matter (model-index etc.) and a body for people; the decision shown is
+    the public one of `meta` (no local paths)."""
+    decision = GateDecision.from_dict(meta["gate"])
     ev = meta["eval"]
     ds = meta["dataset"]
     hub_ds = ds.get("hub_id")
@@ -147,7 +188,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         "## Publication gate",
         "",
         decision_markdown(decision),
-        *gate_comparison_section(decision),
+        *gate_comparison_section(decision, has_gate_picture),
     ]
     body += provenance_markdown(prov)
     if has_preview:
@@ -167,8 +208,11 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
 
 
-def gate_comparison_section(decision: GateDecision) -> list[str]:
+def gate_comparison_section(decision: GateDecision, has_picture: bool = False) -> list[str]:
     """Card lines: how this model compared with the one it replaced, on the same test images."""
+    if decision.replaced_unreadable:
+        return [f"This model replaced one that could not be read ({decision.champion_unreadable}), on purpose: "
+                "`gate.replace_unreadable_champion` was set, and the threshold alone decided.", ""]
     if decision.p_better is None:
         return ["This model was the first at its target: the threshold alone decided.", ""]
     how = ("the previous model was evaluated again on this run's test split" if decision.champion_evaluated
@@ -182,7 +226,7 @@ def gate_comparison_section(decision: GateDecision) -> list[str]:
         f"{decision.p_better:.1%} of resamples (required: {decision.min_probability:.0%}).",
         "",
     ]
-    if decision.picture and Path(decision.picture).is_file():
+    if has_picture:
         lines += ["Where the two disagreed most (previous model left, this one right; green: ground truth):", "",
                   f"![disagreements]({GATE_PICTURE})", ""]
     return lines
@@ -201,8 +245,14 @@ def provenance_markdown(prov: dict[str, Any]) -> list[str]:
             f"- Trained with: {versions}; Python {prov.get('python', '?')}", ""]
 
 
-def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, source: str) -> Champion | None:
-    """The champion's metrics from a card's model-index (preferred) or vlmdet.json; None if neither has any."""
+def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, source: str,
+                       files: list[str] | None = None) -> Champion:
+    """The champion's metrics from a card's model-index (preferred) or vlmdet.json, with its settings.
+
+    Always a Champion: one that cannot be judged (no numbers, no settings to evaluate it with, a
+    family this vlmdet cannot parse, no weights among `files`) is marked `unreadable` with the reason,
+    never turned into "no champion". `files`: the target's file list, None where not known.
+    """
     metrics: dict[str, float] = {}
     fingerprint = split = ""
     if card_text:
@@ -230,10 +280,32 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
         fingerprint = fingerprint or ev.get("data_fingerprint", "")
         split = split or ev.get("split", "")
         run_id = meta.get("run_id", "")
-    if not metrics:
-        return None
     return Champion(metrics=metrics, data_fingerprint=fingerprint, split=split, source=source, run_id=run_id,
-                    config=config)
+                    config=config, unreadable=_why_unreadable(card_text, meta, metrics, config, files))
+
+
+def _why_unreadable(card_text: str | None, meta: dict | None, metrics: dict, config: dict,
+                    files: list[str] | None) -> str:
+    """Why a champion cannot be judged ("" when it can), each with the fact an operator can check."""
+    from vlmdet.formats import REGISTRY
+
+    if card_text is None and meta is None:
+        return (f"it has neither a model card ({CARD_FILE}) nor {META_FILE}, so its numbers and settings are unknown "
+                "(not published by vlmdet, or hand-edited)")
+    if not metrics:
+        return (f"neither its card's model-index nor its {META_FILE} holds an mAP number (a hand-edited card, or "
+                "not published by vlmdet)")
+    if meta is None:
+        return (f"it has no readable {META_FILE}, so its answer settings (family, prompt, pixel budget) are unknown; "
+                "evaluating it with today's settings would score a model of another format near 0")
+    family = (config.get("model") or {}).get("family") if isinstance(config.get("model"), dict) else None
+    if family not in REGISTRY:
+        return (f"its {META_FILE} names model family {family!r}, which this vlmdet cannot parse (known: "
+                f"{', '.join(REGISTRY)})")
+    if files is not None and ("config.json" not in files
+                              or not any(f.endswith((".safetensors", ".bin")) for f in files)):
+        return "it has no config.json or no weights (*.safetensors), so its model cannot be loaded"
+    return ""
 
 
 def read_meta(folder: str | Path) -> dict | None:
@@ -247,14 +319,6 @@ def read_meta(folder: str | Path) -> dict | None:
         log.warning("%s cannot be read (%s); ignored", meta, err)
         return None
     return data if isinstance(data, dict) else None
-
-
-def read_champion_folder(folder: str | Path) -> Champion | None:
-    """The champion published in a local repo-shaped folder, or None when nothing is there."""
-    folder = Path(folder)
-    card = folder / CARD_FILE
-    card_text = card.read_text() if card.is_file() else None
-    return champion_from_card(card_text, read_meta(folder), str(folder))
 
 
 def base_model_id(configured: str, resolved: str | None) -> str:

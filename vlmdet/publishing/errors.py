@@ -19,3 +19,17 @@ def scrub(text: str, token: str | None) -> str:
     if token and token in text:
         text = text.replace(token, "***")
     return text
+
+
+class TargetChangedError(PermanentPublishError):
+    """The target no longer holds the revision the gate measured (compare-and-swap refused).
+
+    Permanent on purpose: retrying would publish over a model nobody compared against. The next
+    run reads the new champion and decides again.
+    """
+
+    def __init__(self, target: str, was: str | None, now: str | None):
+        self.target, self.was, self.now = target, was, now
+        super().__init__(f"the target changed since the gate decided (was {was or 'empty'}, now {now or 'empty'}); "
+                         f"not publishing to {target}. Another run or a person published there in between; run again "
+                         "to compare against the model now there.")

@@ -16,6 +16,12 @@ from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, Mer
 
 Source = Path | bytes
 
+# Files of the target that a publication keeps although it does not bring them: a user's LFS rules.
+# Everything else of the previous model is deleted in the same commit (a stale model.safetensors
+# next to a sharded index loads first; stale eval/predictions.json would be read as the new
+# model's). A target holding nothing but these is empty: there is no champion.
+KEEP = frozenset({".gitattributes"})
+
 # Files of the merged folder that the publication writes itself, and clutter never worth uploading.
 _OWN = {cardlib.CARD_FILE, cardlib.META_FILE}
 _SKIP_PARTS = {".cache", "__pycache__", ".git"}
@@ -52,11 +58,13 @@ def plan(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: Ad
     predictions = Path(report.predictions) if report.predictions else None
     if predictions and predictions.is_file():  # lets the next run's gate compare on the same images unevaluated
         files[cardlib.PREDICTIONS] = predictions  # type: ignore[assignment]
-    if decision.picture and Path(decision.picture).is_file():
-        files[cardlib.GATE_PICTURE] = Path(decision.picture)
+    has_picture = bool(decision.picture and Path(decision.picture).is_file())
+    if has_picture:
+        files[cardlib.GATE_PICTURE] = Path(decision.picture)  # type: ignore[arg-type]
     meta = cardlib.build_metadata(report=report, dataset=dataset, adapter=adapter, decision=decision, config=config,
                                   run_id=run_id, model_name=model_name)
     files[cardlib.META_FILE] = (json.dumps(meta, indent=2, default=str) + "\n").encode()
     files[cardlib.CARD_FILE] = cardlib.render_card(meta, decision, license=config.publish.license,
-                                                   has_loss_curve=has_loss, has_preview=has_preview).encode()
+                                                   has_loss_curve=has_loss, has_preview=has_preview,
+                                                   has_gate_picture=has_picture).encode()
     return files

@@ -1,12 +1,24 @@
 """Publishing to a Hugging Face Hub repo (the `hub:ORG/NAME` target) and reading its champion.
 
 One publication is one commit: the Hub applies a commit atomically, so a reader sees the previous
-model or the new one. The commit title carries the run id; before every attempt we look for a commit
-with that id, so a retry after a lost response (the commit landed, the reply did not) never commits
-twice. `parent_commit` pins the head we checked, so a concurrent writer makes the commit fail (and be
-re-checked) instead of interleaving. Transient errors (429, 5xx, dropped connections) are retried here
-with backoff; permanent ones (401, 403, invalid repo id, offline mode) fail at once with a message
-that says what to fix. The token is handed to HfApi only and scrubbed from any message we raise.
+model or the new one. The commit replaces the model whole: it adds the new files and deletes every
+file of the previous model the new one lacks (only `files.KEEP`, a user's `.gitattributes`, stays).
+
+The commit is a compare-and-swap on the revision the gate measured: its `parent_commit` is that
+commit (or, for a target the gate saw empty, the head checked to still be empty). If the repo moved
+in between, or the Hub refuses the parent (409/412), the publish stops with a TargetChangedError and
+is not retried onto the new head: nobody compared the new model with what is there now.
+
+The commit title carries the run id; before every attempt we look for a commit with that id, so a
+retry after a lost response (the commit landed, the reply did not) never commits twice. Transient
+errors (429, 5xx, dropped connections) are retried here with backoff; permanent ones (401, 403,
+invalid repo id, offline mode) fail at once with a message that says what to fix. The token is
+handed to HfApi only and scrubbed from any message we raise.
+
+Reading the champion fails closed: only a repo that does not exist (404) or holds nothing but
+keepers is "no champion". A 401 (private repo without access, or a missing repo with a bad token:
+the Hub does not say which), 403, 5xx or a dropped connection gives a Champion marked unreadable.
+Card, vlmdet.json, predictions and weights are all read at the one commit sha model_info named.
 """
 from __future__ import annotations
 
@@ -21,16 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
-from vlmdet.gate import Champion
 from vlmdet.publishing import card as cardlib
-from vlmdet.publishing.errors import PermanentPublishError, TransientPublishError, scrub
-from vlmdet.publishing.files import Source
-from vlmdet.records import Publication
+from vlmdet.publishing.errors import (PermanentPublishError, PublishError, TargetChangedError,
+                                      TransientPublishError, scrub)
+from vlmdet.publishing.files import KEEP, Source
+from vlmdet.records import Champion, Publication
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,7 +51,9 @@ T = TypeVar("T")
 # TransportError (ConnectError, ReadError, RemoteProtocolError, timeouts).
 _TRANSPORT_ERRORS = tuple(m.TransportError for m in (importlib.util.find_spec(n) and importlib.import_module(n)
                                                      for n in ("httpx", "httpx2")) if m)
-TRANSIENT_STATUS = {408, 409, 412, 429, 500, 502, 503, 504}  # 409/412: head moved under parent_commit
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+# A refused parent_commit: the head moved. Never transient: retrying would commit onto a head the gate never saw.
+CONFLICT_STATUS = {409, 412}
 RUN_MARKER = "[vlmdet-run {run_id}]"
 
 
@@ -136,9 +150,19 @@ def commit_message(meta: dict[str, Any], run_id: str) -> tuple[str, str]:
     return title, body
 
 
+def _check_unchanged(repo_id: str, expected: str | None, head: str | None, present: list[str]) -> None:
+    """The compare of the compare-and-swap: the head is the gate's revision, or still empty."""
+    if expected is None:
+        if set(present) - KEEP:
+            raise TargetChangedError(f"hub:{repo_id}", None, head)
+    elif head != expected:
+        raise TargetChangedError(f"hub:{repo_id}", expected, head)
+
+
 def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], run_id: str, *, endpoint: str | None,
-                 token: str | None, private: bool, policy: RetryPolicy | None = None,
+                 token: str | None, private: bool, expected: str | None = None, policy: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> Publication:
+    """Commit `files` as the whole model if the repo still holds revision `expected` (None: empty)."""
     check_repo_id(repo_id)
     policy = policy or RetryPolicy()
     api = HfApi(endpoint=endpoint or None, token=token)
@@ -154,10 +178,23 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
             state["reused"] = True
             log.info("commit for run %s already on hub:%s (%s): not committing again", run_id, repo_id, landed)
             return landed
+        present = api.list_repo_files(repo_id, revision=head) if head else []
+        _check_unchanged(repo_id, expected, head, present)
         # Fresh operations on every attempt: a failed one may hold half-read file handles / upload state.
-        ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, bytes) else str(src))
-               for rel, src in files.items()]
-        info = api.create_commit(repo_id, ops, commit_message=title, commit_description=body, parent_commit=head)
+        ops: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, bytes) else str(src))
+                     for rel, src in files.items()]
+        ops += [CommitOperationDelete(path_in_repo=rel, is_folder=False)
+                for rel in present if rel not in files and rel not in KEEP]
+        try:
+            info = api.create_commit(repo_id, ops, commit_message=title, commit_description=body, parent_commit=head)
+        except HfHubHTTPError as err:
+            if err.response is None or err.response.status_code not in CONFLICT_STATUS:
+                raise
+            try:
+                now = api.model_info(repo_id).sha
+            except Exception:  # noqa: BLE001 - the message can do without the new head
+                now = "a newer commit"
+            raise TargetChangedError(f"hub:{repo_id}", expected, now) from None
         return info.oid
 
     oid = retry(attempt, "commit")
@@ -176,39 +213,70 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
 
 def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
                        policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> Champion | None:
-    """The champion's metrics from the repo's card (and vlmdet.json), or None for a missing/empty repo."""
+    """The model now in the repo, read at one commit; None only for a missing (404) or empty repo."""
     check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint or None, token=token)
+    policy = policy or RetryPolicy()
+    where = f"hub:{repo_id}"
 
-    def fetch(name: str, cache: str) -> str | None:
+    def head() -> tuple[str, list[str]] | None:
         try:
-            return Path(api.hf_hub_download(repo_id, name, cache_dir=cache)).read_text()
-        except (EntryNotFoundError, RevisionNotFoundError):
-            return None
+            info = api.model_info(repo_id)
+        except RepositoryNotFoundError as err:
+            if err.response is not None and err.response.status_code == 404:
+                return None  # the Hub says it does not exist: the one "no champion" of a Hub target
+            raise  # 401: private without access or missing with a bad token; the Hub does not say which
+        except RevisionNotFoundError:
+            return "", []  # a repo without a commit on main
+        return info.sha or "", [s.rfilename for s in info.siblings or []]
 
-    def read() -> Champion | None:
+    try:
+        seen = with_retries(head, "read champion", repo_id, token, policy, sleep)
+    except Exception as err:  # noqa: BLE001 - whatever it was, the target was not read: fail closed
+        return Champion(metrics={}, source=where, unreadable=_read_failure(err, repo_id, token))
+    if seen is None:
+        return None
+    sha, files = seen
+    if not set(files) - KEEP:
+        return None  # exists, holds no model (a fresh repo's .gitattributes at most)
+    source = f"{where}@{sha[:12]}"
+
+    def fetch(name: str) -> str | None:
         with tempfile.TemporaryDirectory(prefix="vlmdet-champion-") as cache:
-            try:
-                sha = api.model_info(repo_id).sha
-                card_text = fetch(cardlib.CARD_FILE, cache)
-                meta_text = fetch(cardlib.META_FILE, cache)
-            except RepositoryNotFoundError as err:
-                # The Hub answers 401 "repository not found" for a private repo without access too, so a
-                # wrong token reads as "no champion" here; the upload then fails with a clear 401/403.
-                if err.response is not None and err.response.status_code == 403:
-                    raise
+            try:  # at `sha`, never "main": the card, vlmdet.json and the weights are one model
+                return Path(api.hf_hub_download(repo_id, name, revision=sha, cache_dir=cache)).read_text()
+            except EntryNotFoundError:
                 return None
-            except RevisionNotFoundError:
-                return None
-        meta = None
-        if meta_text:
-            try:
-                meta = json.loads(meta_text)
-            except json.JSONDecodeError:
-                meta = None
-        champion = cardlib.champion_from_card(card_text, meta, f"hub:{repo_id}@{(sha or '')[:12]}")
-        if champion is not None:
-            champion.revision = sha or ""  # the gate downloads the model at exactly this commit
-        return champion
 
-    return with_retries(read, "read champion", repo_id, token, policy or RetryPolicy(), sleep)
+    try:
+        card_text = with_retries(lambda: fetch(cardlib.CARD_FILE), "read champion card", repo_id, token, policy, sleep)
+        meta_text = with_retries(lambda: fetch(cardlib.META_FILE), "read champion vlmdet.json", repo_id, token, policy,
+                                 sleep)
+    except Exception as err:  # noqa: BLE001
+        return Champion(metrics={}, source=source, kind="hub", location=repo_id,
+                        unreadable=_read_failure(err, repo_id, token))
+    meta = None
+    if meta_text:
+        try:
+            meta = json.loads(meta_text)
+        except json.JSONDecodeError:
+            meta = None
+    champion = cardlib.champion_from_card(card_text, meta if isinstance(meta, dict) else None, source, files=files)
+    champion.revision = sha  # the gate reads, fetches and publishes over exactly this commit
+    return champion
+
+
+def _read_failure(err: BaseException, repo_id: str, token: str | None) -> str:
+    """Why the repo could not be read, and what to do; never says "no champion"."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    cause = err.__cause__ or err.__context__
+    status = status or getattr(getattr(cause, "response", None), "status_code", None)
+    if status == 401 or (isinstance(err, PublishError) and "HTTP 401" in str(err)):
+        return (f"the Hub answered HTTP 401 reading hub:{repo_id}: it is private and the token is missing or "
+                "invalid, or it does not exist and the token is invalid (the Hub does not say which). Store a valid "
+                "token in the Prefect Secret block named by publish.token_secret, or set HF_TOKEN")
+    if status == 403 or (isinstance(err, PublishError) and "HTTP 403" in str(err)):
+        return (f"the Hub answered HTTP 403 reading hub:{repo_id}: the token may not read it. Use a token with access "
+                "to the repo")
+    return (f"reading hub:{repo_id} failed after retries ({type(err).__name__}: {scrub(str(err), token)}); the Hub or "
+            "the network is failing. Run again when it answers")
