@@ -89,8 +89,11 @@ def test_processes_default_to_every_visible_gpu(monkeypatch):
 
 def test_how_an_evaluation_runs_is_not_what_it_measures(tmp_path):
     """eval.workers and eval.num_processes change speed only: the same keys, so nothing re-evaluates."""
-    from tasks.evaluate import evaluation_key as task_key
     from vlmdet.keys import evaluation_key
+    from vlmdet.layout import RunLayout
+
+    def task_key(model, ds, config, workdir, name):  # the evaluate step's cache key
+        return RunLayout.at(workdir).eval_key(model, ds, config, name)
 
     cfg = load_preset("qwen2-vl-7b-nutrition")
     other = cfg.override({"eval.workers": 0, "eval.num_processes": 2, "eval.timeout_s": 60})

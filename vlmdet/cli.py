@@ -126,14 +126,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from vlmdet.data.sources import check_spec
+    from vlmdet.pipeline import configure
 
     overrides = _overrides(args)
-    config = load_preset(args.preset, overrides)  # fail on a bad setting before Prefect starts
-    if args.dataset is not None:
-        config = config.override({"data.dataset": args.dataset})
-    check_spec(config.data.dataset)  # a typo in the spec is a one-line error now, not after Prefect starts
-    _check_base(config)
+    # a bad setting, dataset spec or base model is a one-line error now, not after Prefect starts
+    configure(args.preset, overrides, threshold=args.threshold, dataset=args.dataset)
     from flows.retrain import retrain  # Prefect: imported only once the input is known to be good
 
     _filter_console_logs(args)
@@ -167,49 +164,27 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     print(f"summary:   {(workdir / 'summary.json').resolve()}")
 
 
-def _check_base(config: RunConfig) -> None:
-    """model.base exists (a folder or a Hub repo, the HF cache when offline) and holds safetensors, before
-    any data is prepared: a typo is a one-line error in a second, not a child-process traceback later."""
-    from vlmdet.modeling.load import check_model_source
-
-    if not config.model.base.startswith(("tiny:", "asset:")):  # built in-process / shipped in the package
-        check_model_source(config.model.base, "model.base")
-
-
-def _prepared(config, workdir: Path):
-    """The flow's data layout without Prefect: WORKDIR/data/<data_key>/{raw,prepared}."""
-    from vlmdet.data import materialize, prepare
-    from vlmdet.keys import data_key
-
-    root = workdir / "data" / data_key(config)
-    raw = materialize(config.data.dataset, root / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
-    return prepare(raw, root / "prepared", config.data, source=config.data.dataset)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlmdet.keys import training_key
-    from vlmdet.training import profiles
-    from vlmdet.training.train import train
+    from vlmdet import pipeline
+    from vlmdet.runsteps import PlainSteps
 
-    config = load_preset(args.preset, _overrides(args))
-    _check_base(config)
-    config = profiles.resolve(config)  # train.profile (auto: from the free GPU memory), as the flow's train task
-    wd = Path(args.workdir).resolve()
-    data = _prepared(config, wd)
-    adapter = train(data, config, wd / "train" / training_key(config, data.fingerprint))
+    # the flow's configuration (train.profile resolved once), layout and steps, without Prefect
+    resolved = pipeline.resolve(args.preset, _overrides(args))
+    data, adapter = pipeline.trained(resolved.config, pipeline.RunLayout.at(args.workdir), PlainSteps())
     print(json.dumps({"adapter": adapter.path, "global_step": adapter.global_step, "resumed_from": adapter.resumed_from,
                       "dataset": data.fingerprint}, indent=1))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmdet.evaluation import evaluate
+    from vlmdet import pipeline
     from vlmdet.modeling.load import check_model_source
+    from vlmdet.runsteps import PlainSteps
 
-    config = load_preset(args.preset, _overrides(args))
+    config = pipeline.configure(args.preset, _overrides(args), check_base=False)  # --model is what loads
     check_model_source(args.model, "--model")
-    wd = Path(args.workdir).resolve()
-    report = evaluate(args.model, _prepared(config, wd), config, wd / "eval" / Path(args.model).name)
+    layout, steps = pipeline.RunLayout.at(args.workdir), PlainSteps()
+    report = steps.evaluate(args.model, steps.prepare_data(config, layout), config, layout, Path(args.model).name)
     print(json.dumps(dict(report.metrics(), split=report.split, images=report.num_images,
                           parse_failures=report.parse_failures, predictions=report.predictions)))
     return 0
