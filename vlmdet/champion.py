@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import RunConfig
+from vlmdet.config import RunConfig, names_where
 from vlmdet.gate import Champion
 from vlmdet.publishing.card import PREDICTIONS
 from vlmdet.records import EvalReport
 
 # ModelConfig fields that change how a published (merged) model answers; the rest (base, quantization) only
 # matter for training or for an adapter.
-_ANSWER_SETTINGS = ("family", "min_pixels", "max_pixels", "prompt", "dtype", "attn_implementation")
+_ANSWER_SETTINGS = names_where("model", applies="answer")  # declared with each field (vlmdet/config.py)
 
 
 def champion_config(champion: Champion, config: RunConfig) -> RunConfig:

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import ConfigError, RunConfig, field_help, list_presets, load_preset
+from vlmdet.config import ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
 
 # Exit codes, documented in README "Exit codes"; scripts and schedulers can tell the kinds apart.
 EXIT_OK = 0
@@ -42,15 +42,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 
 # The settings `vlmdet predict` (and any other command that only runs a trained model: `serve`)
-# reads: how the model is loaded and prompted and how images are batched. Training, gate and
-# publish settings mean nothing there, so its --help does not list them.
-INFERENCE_SETTINGS = ("model.family", "model.quantization", "model.quantize_vision", "model.dtype", "model.min_pixels", "model.max_pixels",
-                      "model.attn_implementation", "model.prompt", "data.category", "eval.batch_size",
-                      "eval.max_new_tokens")
+# reads: how the model is loaded and prompted and how images are batched (declared with each field in
+# vlmdet/config.py, `applies=("inference",)`). Training, gate and publish settings mean nothing there,
+# so its --help does not list them.
+INFERENCE_SETTINGS = keys_where(applies="inference")
 
 # `vlmdet serve`: the inference settings, its own, and the Hub endpoint a repo is followed on.
-SERVE_SETTINGS = INFERENCE_SETTINGS + ("serve.max_batch_size", "serve.max_wait_ms", "serve.max_queue",
-                                       "serve.max_body_mb", "serve.reload_interval_s", "publish.endpoint")
+SERVE_SETTINGS = INFERENCE_SETTINGS + keys_where(applies="serve")
 
 
 def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] | None = None) -> None:

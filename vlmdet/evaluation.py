@@ -28,11 +28,13 @@ def trained_model_settings(model_path: str, config: RunConfig) -> RunConfig:
 
     from vlmdet.training.profiles import TRAINED_WITH
 
+    from vlmdet.config import names_where
+
     path = Path(model_path) / TRAINED_WITH
     if not path.is_file():
         return config
     trained = json.loads(path.read_text()).get("model", {})
-    keys = ("quantization", "dtype", "quantize_vision")
+    keys = names_where("model", applies="trained_with")
     return config.override({f"model.{k}": trained[k] for k in keys if k in trained})
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from vlmdet.config import RunConfig
+from vlmdet.config import RunConfig, keys_where
 from vlmdet.data.images import ImageError, open_image
 from vlmdet.formats import get_format
 from vlmdet.modeling.load import (adapter_base, check_model_source, family_of, is_adapter, load_for_inference,
@@ -59,7 +59,8 @@ def check_model(model_path: str) -> str:
 
 # What a published model was trained to answer: the publish step writes them into its vlmdet.json
 # (the run's whole config). Another prompt or category gives worse boxes without any error.
-PUBLISHED_SETTINGS = {"model.prompt": ("model", "prompt"), "data.category": ("data", "category")}
+# Declared with each field (vlmdet/config.py, applies=("published",)).
+PUBLISHED_SETTINGS = {key: tuple(key.split(".")) for key in keys_where(applies="published")}
 
 
 def published_settings(model_path: str) -> dict[str, str]:
