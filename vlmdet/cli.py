@@ -7,15 +7,13 @@ the Prefect API import it lazily: the library itself never imports Prefect.
 A mistake in the input (a setting, a path, a model, a token) is one line on stderr naming the input
 and the fix, and an exit code that says which kind (EXIT_CODES, README "Exit codes"); its
 traceback only with -v. Prefect's own log lines about such an error are dropped from the console
-(they still reach the Prefect API, so the UI shows them).
+(flows/console.py; they still reach the Prefect API, so the UI shows them).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -34,9 +32,6 @@ EXIT_SOME_INPUTS_FAILED = 6  # predict: some images could not be read (the rest 
 EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "a step failed (not the input's fault; -v for the traceback)",
               EXIT_CONFIG: "bad command line or setting", EXIT_DATA: "bad dataset", EXIT_MODEL: "bad model",
               EXIT_HUB: "Hugging Face Hub: token or connection", EXIT_SOME_INPUTS_FAILED: "predict: an input failed"}
-# Class names of the user errors, to recognise Prefect's log lines about them (the exception object
-# itself is not on every such record: "Finished in state Failed('... DataError: ...')").
-USER_ERROR_NAMES = ("ConfigError", "DataError", "ModelError", "PermanentPublishError", "TransientPublishError")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -129,11 +124,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     # a bad setting, dataset spec or base model is a one-line error now, not after Prefect starts
     configure(args.preset, overrides, threshold=args.threshold, dataset=args.dataset)
-    from flows.retrain import retrain  # Prefect: imported only once the input is known to be good
+    from flows.console import prefect_console  # Prefect: imported only once the input is known to be good
 
-    _filter_console_logs(args)
-    summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
-                      overrides=overrides, force=args.force)
+    with prefect_console(args.verbose, _is_user_error):
+        from flows.retrain import retrain
+
+        summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
+                          overrides=overrides, force=args.force)
     _print_summary(Path(args.workdir), summary)
     return 0
 
@@ -220,16 +217,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_retries(args: argparse.Namespace) -> int:
-    from flows.retries import format_report, latest_failed_run, run_report
+    from flows.console import prefect_console
 
-    _filter_console_logs(args)
-    flow_run = args.flow_run
-    if flow_run is None:
-        flow_run = latest_failed_run(args.deployment)
+    with prefect_console(args.verbose, _is_user_error):
+        from flows.retries import format_report, latest_failed_run, run_report
+
+        flow_run = args.flow_run
         if flow_run is None:
-            print(f"no failed run of {args.deployment}")
-            return EXIT_OK
-    print(format_report(run_report(flow_run)))
+            flow_run = latest_failed_run(args.deployment)
+            if flow_run is None:
+                print(f"no failed run of {args.deployment}")
+                return EXIT_OK
+        print(format_report(run_report(flow_run)))
     return EXIT_OK
 
 
@@ -312,41 +311,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def quiet_offline() -> None:
-    """Offline runs without noise. No telemetry from Prefect: the temporary server a run starts
-    (it inherits this environment) would post a heartbeat each start, log "Failed to send
-    telemetry" offline, and its first SQLite write races the flow's ("database is locked", a
-    ~100-line traceback). The user's own setting wins."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the server's heartbeat service
-    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's SDK analytics (prefect._internal.analytics)
-    # The first start in a fresh PREFECT_HOME migrates a new database: past Prefect's 20 s default on
-    # a busy 2-core machine, which then fails the run with "Timed out ... ephemeral Prefect API server".
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-class _DropUserErrorLogs(logging.Filter):
-    """Console only: Prefect's task/flow failure lines and their tracebacks for a user error. The CLI
-    prints that error once; the API handler is not filtered, so the Prefect UI keeps the full log."""
-
-    _names = re.compile(r"\b(" + "|".join(USER_ERROR_NAMES) + r")\b")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("prefect"):
-            return True
-        if record.exc_info and record.exc_info[1] is not None and classify(record.exc_info[1]) is not None:
-            return False
-        return not self._names.search(record.getMessage())
-
-
-def _filter_console_logs(args: argparse.Namespace) -> None:
-    """Call once Prefect is imported (it installs its console handler on the root logger then)."""
-    if args.verbose:
-        return
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _DropUserErrorLogs) for f in handler.filters):
-            handler.addFilter(_DropUserErrorLogs())
-
-
 class _StderrHandler(logging.StreamHandler):
     """Writes to sys.stderr as it is at each record, not as it was when main() first ran: main() may
     run many times in one process (tests capture stderr anew each time)."""
@@ -379,9 +343,12 @@ def classify(err: BaseException) -> int | None:
     return None
 
 
+def _is_user_error(err: BaseException) -> bool:
+    return classify(err) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    quiet_offline()
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -409,9 +376,6 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:  # main() may run again in the same process (tests): leave logging as it was
         root.setLevel(level)
-        for handler in logging.getLogger().handlers:
-            for f in [f for f in handler.filters if isinstance(f, _DropUserErrorLogs)]:
-                handler.removeFilter(f)
 
 
 def _one_line(err: BaseException) -> str:
