@@ -430,7 +430,7 @@ def test_evaluation_shards_images_over_processes_and_gathers_them_in_order(synth
 
 def test_an_adapter_is_evaluated_on_the_base_it_was_trained_on(tmp_path, micro_config):
     """A profile (large: bf16 base) the flow's config does not show travels with the adapter."""
-    from vlmdet.evaluation import trained_model_settings
+    from vlmdet.carried import trained_with as trained_model_settings
     from vlmdet.training.profiles import TRAINED_WITH
 
     preset = load_preset("qwen2-vl-7b-nutrition")  # nf4 base as written

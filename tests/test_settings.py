@@ -26,7 +26,7 @@ BEFORE = {
     | {f"publish.{f}" for f in ("target", "endpoint", "private", "token_secret", "license")},
     "champion._ANSWER_SETTINGS": {"family", "min_pixels", "max_pixels", "prompt", "dtype", "attn_implementation"},
     "evaluation.trained_model_settings": {"quantization", "dtype", "quantize_vision"},
-    "prediction.cli.PUBLISHED_SETTINGS": {"model.prompt", "data.category"},
+    "prediction.cli.PUBLISHED_SETTINGS (now carried.PUBLISHED_SETTINGS)": {"model.prompt", "data.category"},
 }
 # eval.cache was documented as "same tokens" yet missing from EVAL_EXECUTION_ONLY, so changing it
 # evaluated again (and changed the run key): it is execution, as its help says.
@@ -34,8 +34,7 @@ DELIBERATE_FIXES = {"keys.EVAL_EXECUTION_ONLY": {"cache"}, "keys.evaluation_key 
 
 
 def derived() -> dict[str, set[str]]:
-    from vlmdet import champion, cli, keys
-    from vlmdet.prediction import cli as predict_cli
+    from vlmdet import carried, cli, keys
 
     base = RunConfig()
     return {
@@ -46,9 +45,9 @@ def derived() -> dict[str, set[str]]:
         "keys.evaluation_key leaves out": {n for n in C.names_where("eval") if keys.evaluation_key(
             base.override({f"eval.{n}": _other(f"eval.{n}")}), "fp") == keys.evaluation_key(base, "fp")},
         "keys.decision_settings": {f"{s}.{n}" for s, d in keys.decision_settings(base).items() for n in d},
-        "champion._ANSWER_SETTINGS": set(champion._ANSWER_SETTINGS),
+        "champion._ANSWER_SETTINGS": set(C.names_where("model", applies="answer")),
         "evaluation.trained_model_settings": set(C.names_where("model", applies="trained_with")),
-        "prediction.cli.PUBLISHED_SETTINGS": set(predict_cli.PUBLISHED_SETTINGS),
+        "prediction.cli.PUBLISHED_SETTINGS (now carried.PUBLISHED_SETTINGS)": set(carried.PUBLISHED_SETTINGS),
     }
 
 

@@ -12,22 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import RunConfig, names_where
+from vlmdet.carried import answer_settings
+from vlmdet.config import RunConfig
 from vlmdet.gate import Champion
 from vlmdet.publishing.card import PREDICTIONS
 from vlmdet.records import EvalReport
 
-# ModelConfig fields that change how a published (merged) model answers; the rest (base, quantization) only
-# matter for training or for an adapter.
-_ANSWER_SETTINGS = names_where("model", applies="answer")  # declared with each field (vlmdet/config.py)
-
-
 def champion_config(champion: Champion, config: RunConfig) -> RunConfig:
-    """Today's configuration with the champion's own answer settings, to evaluate the champion."""
-    theirs = (champion.config or {}).get("model") or {}
-    data = config.to_dict()
-    data["model"].update({k: theirs[k] for k in _ANSWER_SETTINGS if k in theirs})
-    return RunConfig.from_dict(data)
+    """Today's configuration with the champion's own answer settings (vlmdet.carried), to evaluate it."""
+    return answer_settings(champion.config, config)
 
 
 def _download(champion: Champion, filename: str | None, out: Path, endpoint: str, token: str | None) -> str | None:

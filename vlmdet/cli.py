@@ -190,7 +190,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from vlmdet.prediction.cli import predict_files
+    from vlmdet.prediction.files import predict_files
 
     files: list[Path] = []
     for item in args.images:

@@ -6,11 +6,11 @@ import os
 import time
 from pathlib import Path
 
+from vlmdet.carried import trained_with
 from vlmdet.config import RunConfig
-from vlmdet.formats import get_format
 from vlmdet.metrics import coco_map
-from vlmdet.modeling.load import load_for_inference
 from vlmdet.prediction.draw import draw, grid
+from vlmdet.prediction.load import load_detector
 from vlmdet.prediction.predict import Detector
 from vlmdet.records import DatasetRef, EvalReport, write_json
 from vlmdet.samples import load_split
@@ -18,32 +18,9 @@ from vlmdet.samples import load_split
 log = logging.getLogger(__name__)
 
 
-def trained_model_settings(model_path: str, config: RunConfig) -> RunConfig:
-    """config with the base-loading settings the adapter at model_path was trained with, if it says.
-
-    The train task applies a speed profile (train.profile) the flow's config does not show: an
-    adapter trained on the bf16 base (profile large) is measured on the bf16 base, not on the
-    preset's 4-bit one."""
-    import json
-
-    from vlmdet.training.profiles import TRAINED_WITH
-
-    from vlmdet.config import names_where
-
-    path = Path(model_path) / TRAINED_WITH
-    if not path.is_file():
-        return config
-    trained = json.loads(path.read_text()).get("model", {})
-    keys = names_where("model", applies="trained_with")
-    return config.override({f"model.{k}": trained[k] for k in keys if k in trained})
-
-
 def detector_for(model_path: str, config: RunConfig) -> Detector:
-    config = trained_model_settings(model_path, config)
-    model, processor = load_for_inference(model_path, config.model)
-    fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
-    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
-                    cache=config.eval.cache, workers=config.eval.workers)
+    """The model as evaluation measures it: loaded with the base settings it was trained with."""
+    return load_detector(model_path, trained_with(model_path, config))
 
 
 def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -> list:
