@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vlmdet.carried import trained_with
 from vlmdet.config import RunConfig
-from vlmdet.metrics import coco_map
+from vlmdet.metrics import coco_map, predictions_to_coco
 from vlmdet.prediction.draw import draw, grid
 from vlmdet.prediction.load import load_detector
 from vlmdet.prediction.predict import Detector
@@ -70,8 +70,7 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
     if os.environ.get("VLMDET_STEP_TIMES") and int(os.environ.get("RANK", 0)) == 0:  # benchmarks/multi_gpu.py
         write_json(os.environ["VLMDET_STEP_TIMES"], {"load_s": t1 - t0, "detect_s": t2 - t1, "processes": world})
     cat_id = next((c["id"] for c in coco["categories"] if c["name"] == config.data.category), 1)
-    results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
-               for s, p in zip(samples, preds) for b in p.boxes]
+    results = predictions_to_coco([p.boxes for p in preds], [s.image_id for s in samples], cat_id)
     metrics = coco_map(coco, results)
     per_image = [dict(p.to_dict(), image_id=s.image_id, truth=[[b.x1, b.y1, b.x2, b.y2] for b in s.boxes])
                  for s, p in zip(samples, preds)]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vlmdet.config import ConfigError, ModelConfig
+from vlmdet.formats.resize import pixel_budget
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -171,9 +172,10 @@ def saved_pixel_budget(path: str | Path) -> tuple[int, int] | None:
         ip = AutoImageProcessor.from_pretrained(str(path), **SAFE)
     except (OSError, ValueError):
         return None
-    size = getattr(ip, "size", None) or {}
-    lo, hi = size.get("shortest_edge"), size.get("longest_edge")
-    return (int(lo), int(hi)) if lo and hi else None
+    try:
+        return pixel_budget(ip)
+    except ValueError:  # not a Qwen-VL image processor: no budget to read
+        return None
 
 
 def _repo_files(name: str, what: str) -> list[str]:
