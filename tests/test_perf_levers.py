@@ -88,7 +88,8 @@ def test_processes_default_to_every_visible_gpu(monkeypatch):
 
 
 def test_how_an_evaluation_runs_is_not_what_it_measures(tmp_path):
-    """eval.workers and eval.num_processes change speed only: the same keys, so nothing re-evaluates."""
+    """eval.num_processes and eval.timeout_s change speed only (eval.workers is gone, ignored): the same
+    keys, so nothing re-evaluates."""
     from vlmdet.keys import evaluation_key
     from vlmdet.layout import RunLayout
 

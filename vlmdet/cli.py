@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
+from vlmdet.config import DEPRECATED, ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
 
 # Exit codes, documented in README "Exit codes"; scripts and schedulers can tell the kinds apart.
 EXIT_OK = 0
@@ -65,6 +65,8 @@ def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] |
         # argparse %-formats help text: a literal % (e.g. "~30% slower") must be doubled
         g.add_argument(f"--{key}", dest=f"set:{key}", default=None, metavar="V",
                        help=f"{help_} [default {default!r}]".replace("%", "%%"))
+    for key in DEPRECATED:  # still accepted (ignored, with a warning); not listed
+        g.add_argument(f"--{key}", dest=f"set:{key}", default=None, help=argparse.SUPPRESS)
     g.add_argument("--set", dest="set_pairs", action="append", default=[], metavar="KEY=VALUE",
                    help="Any of the settings above by dotted key, repeatable.")
     p.set_defaults(settings_keys=tuple(keys))
@@ -79,7 +81,7 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
-        if key not in allowed:
+        if key not in allowed and key not in DEPRECATED:
             if key not in field_help():
                 raise ConfigError(f"--set {key}: unknown setting; `{command}` reads: {', '.join(allowed)}")
             raise ConfigError(f"--set {key}: `{command}` does not use this setting; it reads: "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Callable, ClassVar
 
 import yaml
 
+log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -51,6 +53,24 @@ APPLIES = {
 # transformers SchedulerType values that need no lr_scheduler_kwargs (others need settings we do not have)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
+
+
+# Settings that are gone, accepted (and ignored) with a one-line warning so old presets, deployments and
+# command lines keep working: what measurement rejected stays in benchmarks/RESULTS.md.
+DEPRECATED = {
+    "eval.workers": "eval.workers is deprecated and ignored: forked image-loading workers measured slower than the "
+                    "default background thread (benchmarks/RESULTS.md); remove the setting",
+    "eval.cache": "eval.cache is deprecated and ignored: a static KV cache measured slower than the dynamic one "
+                  "(benchmarks/RESULTS.md); remove the setting",
+}
+
+
+def _drop_deprecated(key: str) -> bool:
+    """True (after the warning) when `key` is a deprecated setting to ignore."""
+    if key not in DEPRECATED:
+        return False
+    log.warning("%s", DEPRECATED[key])
+    return True
 
 
 def _families() -> tuple[str, ...]:
@@ -227,13 +247,6 @@ class EvalConfig(_Section):
     eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.", "measured")
     preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.", "output")
     timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.", "execution")
-    cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
-                               "(preallocated for prompt + max_new_tokens, written in place; same tokens).", "execution",
-                    choices=("dynamic", "static"))
-    workers: int = _f(0, "Forked processes that decode the next batches' images and run the processor on them while "
-                         "the GPU generates; 0 = one background thread of this process. Same answers either way. "
-                         "Measured slower with 4 than with the thread on 1024x768 JPEGs (one H100, 2026-11-28: "
-                         "152 vs 147 ms an image at batch 16; benchmarks/RESULTS.md), so off by default.", "execution")
     num_processes: int = _f(0, "Evaluation processes, one per GPU: 0 = every GPU this worker can see (each detects "
                                "every Nth image, rank 0 writes the report); N pins the first N GPUs.", "execution")
     # learned: it picks which checkpoint becomes the adapter (vlmdet.training.select)
@@ -241,9 +254,12 @@ class EvalConfig(_Section):
                                  "the checkpoint that is published (val mAP50, then val loss, then the later step); "
                                  "0 = pick by val loss alone. The test split only judges.", "learned")
 
+    @property
+    def workers(self) -> int:
+        """Deprecated (see DEPRECATED): always 0, the background thread; for callers not yet updated."""
+        return 0
+
     def check(self) -> None:
-        if self.workers < 0:
-            raise ConfigError(f"eval.workers={self.workers} must be >= 0 (0 = a background thread).")
         if self.num_processes < 0:
             raise ConfigError(f"eval.num_processes={self.num_processes}: use 0 (every visible GPU) or a count >= 1.")
         if self.val_max_images < 0:
@@ -342,6 +358,8 @@ class RunConfig:
         """Return a copy with dotted keys set, e.g. {"train.max_steps": 10}; values may be strings."""
         data = self.to_dict()
         for key, value in overrides.items():
+            if _drop_deprecated(key):
+                continue
             section, _, name = key.partition(".")
             hints = _field_types(RunConfig)
             if section not in hints or (name and not dataclasses.is_dataclass(hints[section])):
@@ -363,6 +381,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = _field_types(cls)
+    data = {k: v for k, v in data.items() if not _drop_deprecated(prefix + k)}
     unknown = set(data) - set(hints)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in sorted(unknown))}; "

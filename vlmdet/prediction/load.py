@@ -12,8 +12,7 @@ def make_detector(model, processor, config: RunConfig) -> Detector:
     """A Detector over a loaded model: the family's format at the configured pixel budget, the prompt,
     the category and the answer length of `config`."""
     fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
-    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
-                    cache=config.eval.cache, workers=config.eval.workers)
+    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens)
 
 
 def load_detector(model_path: str, config: RunConfig) -> Detector:
