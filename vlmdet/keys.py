@@ -118,6 +118,8 @@ def marker_matches(folder: str | Path, key: str) -> bool:
 
 
 _SHA = re.compile(r"@([0-9a-f]{40})$")
+# A Hub repo id, ORG/NAME: the one pattern provenance, the model card and serving check names against.
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def stamp_revision(stamp: str) -> str | None:

@@ -23,6 +23,7 @@ from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_result
 from vlmdet.config import RunConfig
 from vlmdet.formats.base import format_class
 from vlmdet.gate import Champion, decision_markdown
+from vlmdet.keys import REPO_ID
 from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ GATE_PICTURE = "assets/gate_disagreements.png"
 PREDICTIONS = "eval/predictions.json"  # the published model's detections on its test split (COCO results)
 METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = REPO_ID  # vlmdet.keys: one pattern for Hub ids
 _HUB_SHA = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit; our fingerprints are 64 hex characters
 
 
