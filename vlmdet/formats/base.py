@@ -60,6 +60,9 @@ class BoxFormat:
     coordinates: str = ""
     score_span: str = "the box's coordinates"
     usage_parse: tuple[str, ...] = ()
+    # The transformers model_type(s) whose checkpoints answer in this format: `vlmdet predict` and
+    # `vlmdet serve` tell a model folder's family by them (modeling.load.family_of).
+    model_types: tuple[str, ...] = ()
 
     def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
         self.min_pixels = min_pixels
@@ -99,6 +102,11 @@ def format_class(family: str) -> type[BoxFormat]:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(known)}")
     module, cls = known[family].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def family_for_model_type(model_type: str) -> str | None:
+    """The family whose format declares `model_type`, or None."""
+    return next((name for name in families() if model_type in format_class(name).model_types), None)
 
 
 def get_format(family: str, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> BoxFormat:

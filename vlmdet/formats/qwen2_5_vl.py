@@ -112,6 +112,7 @@ class Qwen25VLFormat(BoxFormat):
     name = "qwen2_5_vl"
     no_object_answer = "[]"
     factor = QWEN2_FACTOR  # 14 px patches x 2x2 merge
+    model_types = ("qwen2_5_vl",)
     coordinates = ("absolute pixels of the image after the processor's resize (smart_resize, factor 28, "
                    "within the pixel budget), not of the original")
     score_span = "the `bbox_2d` list"

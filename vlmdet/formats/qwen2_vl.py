@@ -25,6 +25,7 @@ class Qwen2VLFormat(BoxFormat):
     name = "qwen2_vl"
     no_object_answer = "None"
     factor = 28  # 14 px patches x 2x2 merge
+    model_types = ("qwen2_vl",)
     coordinates = "integers 0-1000 relative to the image"
     score_span = "`<|box_start|>...<|box_end|>`"
     usage_parse = (

@@ -18,6 +18,7 @@ class Qwen3VLFormat(BoxFormat):
     name = "qwen3_vl"
     no_object_answer = "[]"
     factor = QWEN3_FACTOR  # 16 px patches x 2x2 merge
+    model_types = ("qwen3_vl",)
     coordinates = "integers 0-1000 relative to the image"
     score_span = "the `bbox_2d` list"
     usage_parse = (

@@ -149,19 +149,20 @@ def load_for_inference(path: str, cfg: ModelConfig):
     return model, load_processor(proc_src, cfg)
 
 
-FAMILY_BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
-
-
 def family_of(path: str | Path) -> str:
-    """The box-format family of a merged or adapter folder, from its (base's) config.json model_type."""
+    """The box-format family of a merged or adapter folder, from its (base's) config.json model_type
+    (each format class lists the model types it answers for)."""
     from transformers import AutoConfig
+
+    from vlmdet.formats.base import family_for_model_type, families
 
     src = adapter_base(path) if is_adapter(path) else str(path)
     model_type = AutoConfig.from_pretrained(src, **SAFE).model_type
-    if model_type not in FAMILY_BY_MODEL_TYPE:
-        raise ConfigError(f"{path}: model_type {model_type!r} is not a supported family "
-                          f"({', '.join(FAMILY_BY_MODEL_TYPE)})")
-    return FAMILY_BY_MODEL_TYPE[model_type]
+    family = family_for_model_type(model_type)
+    if family is None:
+        raise ConfigError(f"{path}: model_type {model_type!r} is not a supported family ({', '.join(families())}); "
+                          "pass --model.family if the model answers in one of their formats")
+    return family
 
 
 def saved_pixel_budget(path: str | Path) -> tuple[int, int] | None:
