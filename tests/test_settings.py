@@ -35,6 +35,33 @@ DELIBERATE_FIXES = {"keys.EVAL_EXECUTION_ONLY": {"cache"}, "keys.evaluation_key 
 REMOVED = {"keys.EVAL_EXECUTION_ONLY": {"cache", "workers"}, "keys.evaluation_key leaves out": {"cache", "workers"}}
 
 
+# The settings that existed then: a setting added since (a serve option, a gate option) joins the derived
+# lists by its own declaration, which this comparison is not about.
+BASELINE = {
+    "data": "dataset seed val_fraction test_fraction category image_size max_images",
+    "model": "base family quantization quantize_vision dtype min_pixels max_pixels attn_implementation prompt",
+    "lora": "r alpha dropout target_modules exclude modules_to_save",
+    "train": "epochs max_steps per_device_batch grad_accum learning_rate scheduler warmup_steps weight_decay bf16 "
+             "gradient_checkpointing save_steps save_total_limit logging_steps seed num_processes timeout_s "
+             "dataloader_workers adapter_dtype profile checkpoint_every group_by_length optim pre_resize",
+    "eval": "batch_size max_new_tokens split eval_base preview_images timeout_s cache workers num_processes "
+            "val_max_images",
+    "gate": "threshold metric min_delta min_probability resamples seed",
+    "publish": "target endpoint private token_secret license merge_timeout_s",
+    "serve": "max_batch_size max_wait_ms max_queue max_body_mb reload_interval_s",
+}
+BASELINE_KEYS = {f"{section}.{name}" for section, names in BASELINE.items() for name in names.split()}
+
+
+def _baseline(name: str, items: set[str]) -> set[str]:
+    """`items` of list `name` that were settings at the baseline (items are dotted keys or, for the lists
+    of one section, field names)."""
+    section = {"keys.EVAL_EXECUTION_ONLY": "eval", "keys.evaluation_key leaves out": "eval",
+               "keys.training_key execution-only": "train", "champion._ANSWER_SETTINGS": "model",
+               "evaluation.trained_model_settings": "model"}.get(name)
+    return {i for i in items if (f"{section}.{i}" if section else i) in BASELINE_KEYS}
+
+
 def derived() -> dict[str, set[str]]:
     from vlmdet import carried, cli, keys
 
@@ -79,7 +106,7 @@ def test_the_derived_lists_equal_the_hand_written_ones_but_for_the_named_fixes()
     got = derived()
     for name, before in BEFORE.items():
         fix = DELIBERATE_FIXES.get(name, set())
-        assert got[name] == (before | fix) - REMOVED.get(name, set()), name
+        assert _baseline(name, got[name]) == (before | fix) - REMOVED.get(name, set()), name
 
 
 def test_a_setting_of_another_role_changes_the_key_it_should():
