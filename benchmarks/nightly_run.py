@@ -1,10 +1,10 @@
 """The whole nightly run at the real dataset's size, timed step by step (issue 10's 15-minute target).
 
-prepare_data -> train -> evaluate adapter -> gate -> merge -> evaluate merged -> gate -> publish, on
-the `qwen2-vl-7b-nutrition` preset with only model.base, data.dataset and publish.target/endpoint
-overridden (plus gate.threshold, below), run the way flows/retrain.py runs them: prepare and gate and
-publish in this process through vlmdet's library, train / evaluate / merge each as the same
-`python -m vlmdet.steps` child process the flow's tasks start (vlmdet.runner.run_step).
+prepare_data -> train -> evaluate adapter -> find champion -> gate -> merge -> evaluate merged -> gate
+-> publish, on the `qwen2-vl-7b-nutrition` preset with only model.base, data.dataset and
+publish.target/endpoint overridden (plus gate.threshold, below), through vlmdet.pipeline.run, the
+sequence flows/retrain.py runs: prepare, gate and publish in this process, train / evaluate / merge
+each as the same `python -m vlmdet.steps` child process the flow's tasks start (vlmdet.runner.run_step).
 
 What stands in for what a GPU machine cannot download:
 - the base: the random-weight Qwen2-VL-7B-Instruct built from the published config
@@ -22,9 +22,11 @@ A random model scores mAP 0, so the gate would close and merge + publish would n
 default gate.threshold is set to 0 (printed and recorded); --keep-gate leaves the preset's gate.
 
 No Prefect: Prefect and its dependencies do not fit the 64 MiB of wheels that can travel to the GPU
-machine beside bitsandbytes, so this script calls what the tasks call (keep it in step with
-tasks/*.py) without the orchestration: no caching, retries or artifacts, which a nightly run with
-new data does not use either. The run folder is emptied first so nothing resumes or is reused.
+machine beside bitsandbytes, so this script runs the flow's own pipeline (vlmdet.pipeline.run: the
+same configuration resolution, steps, order and branches, the champion's lookup and comparison
+included) with plain steps (vlmdet.runsteps.PlainSteps) instead of Prefect tasks: no caching, retries
+or artifacts, which a nightly run with new data does not use either. The run folder is emptied
+first so nothing resumes or is reused.
 
 Peak GPU memory per step: the child reports torch's peak allocated and reserved memory at exit
 through a sitecustomize.py this script puts first on the child's PYTHONPATH (the library is not
@@ -307,125 +309,108 @@ def peak_of(step_dir: Path) -> dict[str, Any]:
     return out
 
 
-def train_plan(config):
-    """What tasks/train.py decides in the parent before it starts the child: (config, processes, env).
+def bench_steps(rec: Recorder, hook: Path):
+    """vlmdet.runsteps.PlainSteps timed: each call a row of `rec`, each step child with the peak-memory hook."""
+    from vlmdet.runner import plan_processes
+    from vlmdet.runsteps import PlainSteps
 
-    Mirrors the task: a speed profile and a process plan where the library has them (issue 10's work),
-    else the preset as written on one process.
-    """
-    try:
-        from vlmdet.training import profiles  # type: ignore[attr-defined]
-    except ImportError:
-        profiles = None
-    if profiles is not None:
-        config = profiles.resolve(config)
-    try:
-        from vlmdet.runner import plan_processes  # type: ignore[attr-defined]
-    except ImportError:
-        return config, config.train.num_processes, {}
-    processes, env = plan_processes(config.train.num_processes)
-    return config, processes, env
+    class BenchSteps(PlainSteps):
+        def env(self, step_dir: Path) -> dict[str, str]:
+            for old in Path(step_dir).glob("peak.json.*.json"):
+                old.unlink()
+            paths = [str(hook), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            # the children load local folders only; nothing may wait on a network
+            return {"PYTHONPATH": os.pathsep.join(paths), PEAK_ENV: str(Path(step_dir) / "peak.json"),
+                    "HF_HUB_OFFLINE": "1"}
+
+        def resolve_token(self, config):
+            return HUB_TOKEN
+
+        def prepare_data(self, config, layout):
+            data = rec.run("prepare_data", lambda: super(BenchSteps, self).prepare_data(config, layout))
+            self.out["counts"] = data.counts
+            rec.add("prepare_data", images=sum(c["images"] for c in data.counts.values()),
+                    quarantined=len(data.quarantine))
+            return data
+
+        def train(self, dataset, config, layout, fresh=False):
+            adapter = rec.run("train", lambda: super(BenchSteps, self).train(dataset, config, layout, fresh))
+            train_out = layout.train_dir(dataset, config, fresh)
+            history = json.loads((train_out / "log_history.json").read_text()) \
+                if (train_out / "log_history.json").is_file() else []
+            final = next((h for h in reversed(history) if "train_runtime" in h), {})
+            t, processes = config.train, plan_processes(config.train.num_processes)[0]
+            rec.add("train", **peak_of(train_out / "step"), global_step=adapter.global_step,
+                    train_images=dataset.counts["train"]["images"], epochs=t.epochs, max_steps=t.max_steps,
+                    processes=processes, effective_batch=t.per_device_batch * t.grad_accum * processes,
+                    trainer_runtime_s=final.get("train_runtime"), samples_per_s=final.get("train_samples_per_second"),
+                    loss_first=adapter.losses[0] if adapter.losses else None,
+                    loss_last=adapter.losses[-1] if adapter.losses else None, profile=t.profile)
+            self.out["train_config"] = config.to_dict()
+            return adapter
+
+        def evaluate(self, model, dataset, config, layout, name="adapter"):
+            row = f"evaluate {name}"
+            report = rec.run(row, lambda: super(BenchSteps, self).evaluate(model, dataset, config, layout, name))
+            seconds = next(r for r in rec.steps if r["step"] == row)["seconds"]
+            rec.add(row, **peak_of(layout.eval_dir(name) / "step"), images=report.num_images,
+                    ms_per_image=round(1000 * seconds / max(1, report.num_images), 1),
+                    processes=plan_processes(config.eval.num_processes, setting="eval.num_processes")[0],
+                    map=report.map, map50=report.map50, parse_failures=report.parse_failures)
+            return report
+
+        def find_champion(self, config, layout, token):
+            champion = rec.run("find champion", lambda: super(BenchSteps, self).find_champion(config, layout, token))
+            rec.add("find champion", found=champion.source if champion else None)
+            return champion
+
+        def fetch_champion(self, champion, config, layout, token, predictions_only):
+            return rec.run("fetch champion", lambda: super(BenchSteps, self).fetch_champion(
+                champion, config, layout, token, predictions_only))
+
+        def gate(self, report, config, layout, *, name="adapter", **judged):
+            decision = rec.run(f"gate {name}", lambda: super(BenchSteps, self).gate(report, config, layout, name=name,
+                                                                                    **judged))
+            rec.add(f"gate {name}", passed=decision.passed, reason=decision.reason)
+            print(f"[nightly] gate {name}: {'passed' if decision.passed else 'closed'}: {decision.reason}", flush=True)
+            return decision
+
+        def merge(self, adapter, dataset, config, layout):
+            merged = rec.run("merge", lambda: super(BenchSteps, self).merge(adapter, dataset, config, layout))
+            size = sum(p.stat().st_size for p in layout.merged_dir.rglob("*") if p.is_file())
+            rec.add("merge", **peak_of(layout.merge_step_dir), merged_gb=round(size / 1e9, 2),
+                    max_abs_logit_diff=merged.max_abs_logit_diff)
+            return merged
+
+        def publish(self, merged, report, dataset, adapter, decision, config, layout, token):
+            from huggingface_hub import HfApi
+
+            pub = rec.run("publish", lambda: super(BenchSteps, self).publish(merged, report, dataset, adapter, decision,
+                                                                             config, layout, token))
+            size = sum(p.stat().st_size for p in layout.merged_dir.rglob("*") if p.is_file())
+            commits = HfApi(endpoint=config.publish.endpoint, token=token).list_repo_commits(pub.target)
+            landed = any(c.commit_id == pub.revision for c in commits)
+            rec.add("publish", target=f"hub:{pub.target}", revision=pub.revision, files=len(pub.files),
+                    uploaded_gb=round(size / 1e9, 2), commit_found=landed)
+            self.out.update(published=pub.to_dict(), commit_found=landed)
+            return pub
+
+    steps = BenchSteps()
+    steps.out = {"published": None}  # what the steps produced, for the results file
+    return steps
 
 
-def nightly(config, workdir: Path, rec: Recorder, hub_url: str) -> dict[str, Any]:
-    """The flow's steps in the flow's order; returns what they produced (records as dicts)."""
-    from vlmdet.data import materialize, prepare
-    from vlmdet.gate import decide
-    from vlmdet.keys import data_key, training_key
-    from vlmdet.publishing import publish, read_champion
-    from vlmdet.records import AdapterRef, EvalReport, MergedRef
-    from vlmdet.runner import plan_processes, run_step
+def nightly(resolved, workdir: Path, rec: Recorder) -> dict[str, Any]:
+    """vlmdet.pipeline.run (the flow's steps, order and branches, champion comparison included) with the
+    steps timed; returns what they produced (records as dicts)."""
+    from vlmdet import pipeline
 
     hook = workdir.parent / "peak-hook"
     hook.mkdir(parents=True, exist_ok=True)
     (hook / "sitecustomize.py").write_text(PEAK_HOOK)
-
-    def step(name: str, request: dict, step_dir: Path, timeout_s: float, processes: int = 1, env=None) -> dict:
-        for old in step_dir.glob("peak.json.*.json"):
-            old.unlink()
-        paths = [str(hook), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = {**(env or {}), "PYTHONPATH": os.pathsep.join(paths), PEAK_ENV: str(step_dir / "peak.json"),
-               "HF_HUB_OFFLINE": "1"}  # the children load local folders only; nothing may wait on a network
-        return run_step(name, request, step_dir, timeout_s=timeout_s, num_processes=processes, env=env)
-
-    wd = workdir
-    token = HUB_TOKEN
-    out: dict[str, Any] = {}
-
-    def prepare_data():
-        root = wd / "data" / data_key(config)
-        raw = materialize(config.data.dataset, root / "raw", seed=config.data.seed,
-                          image_size=tuple(config.data.image_size))
-        return prepare(raw, root / "prepared", config.data, source=config.data.dataset)
-
-    data = rec.run("prepare_data", prepare_data)
-    out["counts"] = data.counts
-    rec.add("prepare_data", images=sum(c["images"] for c in data.counts.values()),
-            quarantined=len(data.quarantine))
-
-    train_config, processes, train_env = train_plan(config)
-    train_out = wd / "train" / training_key(train_config, data.fingerprint)
-    adapter = AdapterRef.from_dict(rec.run("train", lambda: step(
-        "train", {"dataset": data.to_dict(), "config": train_config.to_dict(), "out": str(train_out)},
-        train_out / "step", train_config.train.timeout_s, processes, train_env)))
-    history = json.loads((train_out / "log_history.json").read_text()) if (train_out / "log_history.json").is_file() else []
-    final = next((h for h in reversed(history) if "train_runtime" in h), {})
-    n_train = data.counts["train"]["images"]
-    t = train_config.train
-    rec.add("train", **peak_of(train_out / "step"), global_step=adapter.global_step, train_images=n_train,
-            epochs=t.epochs, max_steps=t.max_steps, processes=processes,
-            effective_batch=t.per_device_batch * t.grad_accum * processes,
-            trainer_runtime_s=final.get("train_runtime"), samples_per_s=final.get("train_samples_per_second"),
-            loss_first=adapter.losses[0] if adapter.losses else None,
-            loss_last=adapter.losses[-1] if adapter.losses else None,
-            profile=getattr(t, "profile", None))
-    out["train_config"] = train_config.to_dict()
-
-    eval_processes, eval_env = plan_processes(config.eval.num_processes, setting="eval.num_processes")  # as tasks/evaluate.py
-
-    def evaluate(model: str, name: str) -> EvalReport:
-        eval_out = wd / "eval" / name
-        report = EvalReport.from_dict(rec.run(f"evaluate {name}", lambda: step(
-            "evaluate", {"model": model, "dataset": data.to_dict(), "config": config.to_dict(), "out": str(eval_out),
-                         "split": config.eval.split}, eval_out / "step", config.eval.timeout_s, eval_processes, eval_env)))
-        row = next(r for r in rec.steps if r["step"] == f"evaluate {name}")
-        rec.add(f"evaluate {name}", **peak_of(eval_out / "step"), images=report.num_images,
-                ms_per_image=round(1000 * row["seconds"] / max(1, report.num_images), 1), processes=eval_processes,
-                map=report.map, map50=report.map50, parse_failures=report.parse_failures)
-        return report
-
-    def gate(report: EvalReport, name: str):
-        decision = rec.run(name, lambda: decide(report, config.gate, read_champion(config, str(wd), token)))
-        rec.add(name, passed=decision.passed, reason=decision.reason)
-        print(f"[nightly] {name}: {'passed' if decision.passed else 'closed'}: {decision.reason}", flush=True)
-        return decision
-
-    report = evaluate(adapter.path, "adapter")
-    if config.eval.eval_base:
-        evaluate(adapter.base_model, "base")
-    decision = gate(report, "gate adapter")
-    if not decision.passed:
-        return dict(out, published=None)
-    merged_dir = wd / "merged"
-    merged = MergedRef.from_dict(rec.run("merge", lambda: step(
-        "merge", {"adapter": adapter.to_dict(), "dataset": data.to_dict(), "config": config.to_dict(),
-                  "out": str(merged_dir), "split": config.eval.split}, wd / "steps" / "merge",
-        config.publish.merge_timeout_s)))
-    size = sum(p.stat().st_size for p in merged_dir.rglob("*") if p.is_file())
-    rec.add("merge", **peak_of(wd / "steps" / "merge"), merged_gb=round(size / 1e9, 2),
-            max_abs_logit_diff=merged.max_abs_logit_diff)
-    merged_report = evaluate(merged.path, "merged")
-    decision = gate(merged_report, "gate merged")
-    if not decision.passed:
-        return dict(out, published=None)
-    pub = rec.run("publish", lambda: publish(merged, merged_report, data, adapter, decision, config, str(wd), token))
-    from huggingface_hub import HfApi
-
-    commits = HfApi(endpoint=hub_url, token=token).list_repo_commits(pub.target)
-    landed = [c.commit_id for c in commits if c.commit_id == pub.revision]
-    rec.add("publish", target=f"hub:{pub.target}", revision=pub.revision, files=len(pub.files),
-            uploaded_gb=round(size / 1e9, 2), commit_found=bool(landed))
-    return dict(out, published=pub.to_dict(), commit_found=bool(landed))
+    steps = bench_steps(rec, hook)
+    pipeline.run(resolved, pipeline.RunLayout.at(workdir), steps)
+    return steps.out
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -480,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_DISABLE_XET"] = "1"  # the local server speaks classic LFS only, as tests/hub_server.py says
     os.environ.pop("HF_HUB_OFFLINE", None)  # this process publishes; the step children get HF_HUB_OFFLINE=1
+    from vlmdet import pipeline
     from vlmdet.config import load_preset
 
     data_dir = workdir / "data" / f"photos-{args.train_images}-{args.test_images}-seed{args.seed}"
@@ -498,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not sep:
             raise SystemExit(f"--set {item!r}: use KEY=VALUE, e.g. --set train.max_steps=20")
         overrides[key] = value
-    load_preset(PRESET, overrides)  # a bad setting fails here, before minutes of setup
+    load_preset(PRESET, overrides)  # a bad setting fails here, before minutes of setup (data and base come later)
 
     meta: dict[str, Any] = {"preset": PRESET, "overrides": {k: v for k, v in overrides.items()
                                                             if k != "publish.endpoint"},
@@ -530,12 +516,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hub = LocalHub()
             hub_url = hub.url
         overrides["publish.endpoint"] = hub_url
-        config = load_preset(PRESET, overrides)
+        resolved = pipeline.resolve(PRESET, overrides)  # checked, check-run guard, train.profile: as the flow
+        config = resolved.config
         run_dir = workdir / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumes or is reused: a night with new data
         run_dir.mkdir(parents=True)
         rec.started = time.perf_counter()  # wall_seconds: the run itself, setup excluded
-        result = nightly(config, run_dir, rec, hub_url)
+        result = nightly(resolved, run_dir, rec)
         summary = rec.summary("done")
         summary.update(result, extrapolated=extrapolate(summary, load_preset(PRESET).train, config.train))
         finish(out, summary)

@@ -1,13 +1,9 @@
-"""What the task modules share: where each step writes in the run folder, picture artifacts."""
+"""What the task modules and the flow share: picture, table and summary artifacts."""
 from __future__ import annotations
 
 import base64
 from pathlib import Path
 from typing import Any
-
-
-def step_dir(workdir: str | Path, *parts: str) -> Path:
-    return Path(workdir).resolve().joinpath(*parts)
 
 
 def image_markdown(path: str | None, alt: str, max_bytes: int = 400_000) -> str:
@@ -20,7 +16,20 @@ def image_markdown(path: str | None, alt: str, max_bytes: int = 400_000) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})\n\n_{path}_"
 
 
-def metrics_table(**reports: Any) -> list[dict[str, Any]]:
-    return [{"model": name, "split": r.split, "mAP": round(r.map, 4), "mAP50": round(r.map50, 4),
-             "mAP75": round(r.map75, 4), "images": r.num_images, "parse failures": r.parse_failures}
-            for name, r in reports.items() if r is not None]
+def summary_artifact(summary: Any, path: Path) -> None:
+    """The run's summary (vlmdet.pipeline.RunSummary) as the flow run's markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    rows = [("adapter", summary.metrics), ("base", summary.base_metrics), ("merged", summary.merged_metrics),
+            ("champion", summary.champion_metrics)]
+    images = summary.evaluation.get("images", "")
+    table = "\n".join(f"| {name} | {m['map']:.4f} | {m['map50']:.4f} | {m['map75']:.4f} | {images} |"
+                      for name, m in rows if m)
+    g = summary.gate
+    create_markdown_artifact(
+        f"## Retrain summary\n\n| model | mAP | mAP50 | mAP75 | images |\n|---|---|---|---|---|\n{table}\n\n"
+        f"**Gate** ({g['metric']} >= {g['threshold']}): {'passed' if g['passed'] else 'closed'} — {g['reason']}\n\n"
+        f"**Published**: {summary.published['target'] if summary.published else 'nothing'}\n\n"
+        + (f"**Skipped**: {summary.skip_reason}\n\n" if summary.skipped else "")
+        + (f"**Check run**: {summary.check_run}\n\n" if summary.check_run else "") + f"Summary: `{path}`",
+        key="retrain-summary")

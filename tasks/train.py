@@ -1,29 +1,28 @@
-"""Task: QLoRA fine-tuning in a child process (vlmdet.steps train).
+"""Task: QLoRA fine-tuning in a child process (vlmdet.runsteps.train).
 
 Not retried on ordinary failures: a flow-run retry restarts it and training resumes from the last
 checkpoint of the same run folder. Out of GPU memory is retried once with half the per-device
 batch and twice the accumulation (same effective batch); the halving shows in the retry history.
 
 The result persists (Prefect result storage) under a key of the run folder, which is named by
-keys.training_key (data fingerprint, base, LoRA and training settings): a flow-run retry after a
-later step failed, or a new run with nothing new, returns the AdapterRef without training.
-The flow passes refresh_cache when the folder no longer holds what the key produced (train_done).
+keys.training_key (data fingerprint, base, LoRA and training settings; vlmdet.layout): a flow-run
+retry after a later step failed, or a new run with nothing new, returns the AdapterRef without
+training. The config arrives resolved (train.profile concrete, vlmdet.pipeline.resolve).
 """
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run, task_run
 
-from tasks.common import image_markdown, step_dir
-from vlmdet.keys import marker_matches, step_key, training_key, write_marker
+from tasks.common import image_markdown
+from vlmdet import runsteps
 from vlmdet.config import RunConfig
+from vlmdet.layout import RunLayout
 from vlmdet.records import AdapterRef, DatasetRef
-from vlmdet.runner import OutOfMemory, StepFailed, plan_processes, run_step
-from vlmdet.training import profiles
+from vlmdet.runner import OutOfMemory, StepFailed
 
 
 def _retry_on_oom(task, task_run, state) -> bool:
@@ -45,25 +44,14 @@ def halved_for_retry(config: RunConfig, attempt: int) -> RunConfig:
                             "train.grad_accum": config.train.grad_accum * 2})
 
 
-def train_dir(workdir: str | Path, dataset: DatasetRef, config: RunConfig, fresh: bool = False) -> Path:
-    """WORKDIR/train/<training_key>; a forced (fresh) run gets a folder of its own flow run."""
-    if config.train.profile == "auto":  # the flow asks before the task resolved it: the folder it will use
-        config = profiles.resolve(config)
-    key = training_key(config, dataset.fingerprint)
-    if fresh:
-        key += "-" + str(flow_run.id or "manual").replace("-", "")[:8]
-    return step_dir(workdir, "train", key)
+def layout(workdir: str) -> RunLayout:
+    """The run folder; a forced (fresh) run trains in a folder named by its flow run."""
+    return RunLayout.at(workdir, str(flow_run.id or "manual"))
 
 
 def _cache_key(context, parameters) -> str:
-    return step_key("train", train_dir(parameters["workdir"], parameters["dataset"], parameters["config"],
-                                       parameters.get("fresh", False)))
-
-
-def train_done(workdir: str | Path, dataset: DatasetRef, config: RunConfig, fresh: bool = False) -> bool:
-    """True while the run folder still holds the adapter its cache key produced."""
-    out = train_dir(workdir, dataset, config, fresh)
-    return (out / "adapter" / "adapter_config.json").is_file() and marker_matches(out, step_key("train", out))
+    return layout(parameters["workdir"]).train_key(parameters["dataset"], parameters["config"],
+                                                   parameters.get("fresh", False))
 
 
 @task(name="train", retries=1, retry_delay_seconds=0, retry_condition_fn=_retry_on_oom,
@@ -72,22 +60,16 @@ def train(dataset: DatasetRef, config: RunConfig, workdir: str, fresh: bool = Fa
     """fresh: start from the base even where this configuration trained before (a forced rerun);
     a retry of the same flow run still resumes its own checkpoints."""
     log = get_run_logger()
-    # the profile first (auto: from the GPU's free memory), then the out-of-memory halving over it
-    config = halved_for_retry(profiles.resolve(config), task_run.run_count)
-    processes, env = plan_processes(config.train.num_processes)
+    config = halved_for_retry(config, task_run.run_count)  # keeps the key: same effective batch
     if task_run.run_count > 1:
         log.warning("retrying after out of GPU memory with per_device_batch=%d grad_accum=%d",
                     config.train.per_device_batch, config.train.grad_accum)
-    out = train_dir(workdir, dataset, config, fresh)  # halved_for_retry keeps the key: same effective batch
     try:
-        record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
-                          out / "step", timeout_s=config.train.timeout_s, num_processes=processes, env=env)
+        adapter = runsteps.train(dataset, config, layout(workdir), fresh)
     except OutOfMemory as err:
         if config.train.per_device_batch > 1:
             raise  # retried once with half the batch (see _retry_on_oom)
         raise StepFailed("train", f"{err} Already at per_device_batch=1: not retrying.", kind="oom") from None
-    adapter = AdapterRef.from_dict(record)
-    write_marker(out, step_key("train", out))
     log.info("adapter at %s after %d steps%s", adapter.path, adapter.global_step,
              f" (resumed from {adapter.resumed_from})" if adapter.resumed_from else "")
     losses = adapter.losses

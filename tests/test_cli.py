@@ -100,7 +100,7 @@ def test_every_preset_loads_by_name_even_with_dots_and_paths_still_work(tmp_path
 
 def test_predict_uses_the_built_in_defaults_unless_a_preset_is_named(tmp_path, monkeypatch):
     # The smoke preset's short answers cut a JSON box; without --preset predict takes RunConfig's.
-    import vlmdet.prediction.cli as pcli
+    import vlmdet.prediction.files as pcli
 
     seen = {}
 

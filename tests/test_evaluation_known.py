@@ -102,7 +102,9 @@ def _run(monkeypatch, tmp_path, split: Path, family: str, shift_lowest: bool):
         oracle.files = list(files)
         return real_detect(self, images, files, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "load_for_inference", load)
+    import vlmdet.prediction.load as detector_factory
+
+    monkeypatch.setattr(detector_factory, "load_for_inference", load)  # what evaluation's detector loads
     monkeypatch.setattr(Detector, "detect", detect)
     data = DatasetRef(fingerprint="fp-oracle", root=str(split.parent), splits={"test": str(split)}, counts={})
     report = evaluation.evaluate("oracle", data, config, tmp_path / "eval")

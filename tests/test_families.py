@@ -76,7 +76,7 @@ def run(request, prepared, tmp_path_factory):
     from vlmdet.data.images import open_image
     from vlmdet.evaluation import evaluate
     from vlmdet.merging import merge
-    from vlmdet.prediction.cli import predict_files
+    from vlmdet.prediction.files import predict_files
     from vlmdet.samples import load_split
     from vlmdet.training.train import train
 

@@ -86,16 +86,17 @@ def test_a_champion_measured_on_other_data_is_evaluated_again_on_todays_images(c
 @pytest.mark.slow  # ~70 s on 2 cores: one training, two evaluations and a merge, each a child process
 def test_a_merged_model_worse_than_its_adapter_is_not_published(tiny_model, tmp_path, monkeypatch):
     """The adapter clears the gate; the merged model (what would be published) is measured below it."""
-    import tasks.evaluate as evaluate_module
+    import vlmdet.runsteps as runsteps
 
-    real = evaluate_module.run_step
+    real = runsteps.run_step
 
     def run_step(step, request, *args, **kwargs):  # the evaluation child runs; its numbers are replaced
         record = real(step, request, *args, **kwargs)
-        record["map50"] = {"adapter": 0.8, "merged": 0.3}[Path(request["out"]).name]
+        if step == "evaluate":
+            record["map50"] = {"adapter": 0.8, "merged": 0.3}[Path(request["out"]).name]
         return record
 
-    monkeypatch.setattr(evaluate_module, "run_step", run_step)
+    monkeypatch.setattr(runsteps, "run_step", run_step)
     overrides = {"model.base": tiny_model, "data.dataset": "synth:16", "train.max_steps": 2, "train.per_device_batch": 2,
                  "train.save_steps": 50, "eval.batch_size": 8, "eval.max_new_tokens": 8, "eval.eval_base": False,
                  "eval.preview_images": 0, "publish.token_secret": ""}

@@ -13,7 +13,7 @@ import pytest
 from hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["prepare_data", "train", "evaluate adapter", "gate adapter", "merge", "evaluate merged", "gate merged",
+STEPS = ["prepare_data", "train", "evaluate adapter", "find champion", "gate adapter", "merge", "evaluate merged", "gate merged",
          "publish"]
 
 

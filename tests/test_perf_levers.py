@@ -88,9 +88,13 @@ def test_processes_default_to_every_visible_gpu(monkeypatch):
 
 
 def test_how_an_evaluation_runs_is_not_what_it_measures(tmp_path):
-    """eval.workers and eval.num_processes change speed only: the same keys, so nothing re-evaluates."""
-    from tasks.evaluate import evaluation_key as task_key
+    """eval.num_processes and eval.timeout_s change speed only (eval.workers is gone, ignored): the same
+    keys, so nothing re-evaluates."""
     from vlmdet.keys import evaluation_key
+    from vlmdet.layout import RunLayout
+
+    def task_key(model, ds, config, workdir, name):  # the evaluate step's cache key
+        return RunLayout.at(workdir).eval_key(model, ds, config, name)
 
     cfg = load_preset("qwen2-vl-7b-nutrition")
     other = cfg.override({"eval.workers": 0, "eval.num_processes": 2, "eval.timeout_s": 60})
@@ -427,7 +431,7 @@ def test_evaluation_shards_images_over_processes_and_gathers_them_in_order(synth
 
 def test_an_adapter_is_evaluated_on_the_base_it_was_trained_on(tmp_path, micro_config):
     """A profile (large: bf16 base) the flow's config does not show travels with the adapter."""
-    from vlmdet.evaluation import trained_model_settings
+    from vlmdet.carried import trained_with as trained_model_settings
     from vlmdet.training.profiles import TRAINED_WITH
 
     preset = load_preset("qwen2-vl-7b-nutrition")  # nf4 base as written

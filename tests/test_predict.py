@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import vlmdet.prediction.cli as predict_cli
+import vlmdet.carried as carried
+import vlmdet.prediction.files as predict_cli
+import vlmdet.prediction.load as detector_factory
 from vlmdet.cli import main
 from vlmdet.config import RunConfig
 from vlmdet.modeling.load import saved_pixel_budget
@@ -26,7 +28,7 @@ def spy_generate(monkeypatch, replace=None, on_generate=None) -> list[torch.Tens
     """Record the image grid of every generate call of the model predict loads; optionally replace
     the model by `replace(processor)` and call `on_generate()` at each call."""
     grids: list[torch.Tensor] = []
-    real_load = predict_cli.load_for_inference
+    real_load = detector_factory.load_for_inference
 
     def load(path, cfg):
         model, processor = real_load(path, cfg)
@@ -43,7 +45,7 @@ def spy_generate(monkeypatch, replace=None, on_generate=None) -> list[torch.Tens
         model.generate = generate
         return model, processor
 
-    monkeypatch.setattr(predict_cli, "load_for_inference", load)
+    monkeypatch.setattr(detector_factory, "load_for_inference", load)
     return grids
 
 
@@ -305,12 +307,12 @@ def test_predict_asks_with_the_prompt_and_category_the_model_was_published_with(
     still wins, and a model without the file is asked as the settings say."""
     made: list = []
 
-    class Spy(predict_cli.Detector):
+    class Spy(detector_factory.Detector):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(predict_cli, "Detector", Spy)
+    monkeypatch.setattr(detector_factory, "Detector", Spy)
     published = _published_copy(tiny_model, tmp_path / "published", {
         "run_id": "r1", "config": {"model": {"prompt": "Find every {category} here."}, "data": {"category": "table"}}})
     image = tmp_path / "img.png"
@@ -318,7 +320,7 @@ def test_predict_asks_with_the_prompt_and_category_the_model_was_published_with(
 
     def asked(model: str, *settings: str) -> tuple[str, str, str]:
         caplog.clear()
-        with caplog.at_level("INFO", logger=predict_cli.log.name):
+        with caplog.at_level("INFO", logger=carried.log.name):
             assert main(["predict", "--model", model, "--out", str(tmp_path / "out"), "--eval.max_new_tokens", "2",
                          *settings, str(image)]) == 0
         (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prompt ")]

@@ -14,14 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vlmdet.carried import answer_settings
 from vlmdet.config import RunConfig
 from vlmdet.publishing.card import PREDICTIONS
 from vlmdet.records import Champion, EvalReport
-
-# ModelConfig fields that change how a published (merged) model answers; the rest (base, quantization) only
-# matter for training or for an adapter.
-_ANSWER_SETTINGS = ("family", "min_pixels", "max_pixels", "prompt", "dtype", "attn_implementation")
-
 
 def needs_measuring(champion: Champion | None) -> bool:
     """Whether there is a champion to measure: none at an empty target, none that cannot be read
@@ -30,15 +26,14 @@ def needs_measuring(champion: Champion | None) -> bool:
 
 
 def champion_config(champion: Champion, config: RunConfig) -> RunConfig:
-    """Today's configuration with the champion's own answer settings, to evaluate the champion."""
+    """Today's configuration with the champion's own answer settings (vlmdet.carried), to evaluate it.
+    A champion that carries none is not judged in today's format (it would score ~0 after a change)."""
     theirs = (champion.config or {}).get("model") or {}
     if not theirs.get("family"):
         raise ValueError(f"the champion at {champion.source} has no model settings (no vlmdet.json, or one without "
                          "config.model); evaluating it with today's settings would judge it in another format. Set "
                          "gate.replace_unreadable_champion=true to replace it on purpose.")
-    data = config.to_dict()
-    data["model"].update({k: theirs[k] for k in _ANSWER_SETTINGS if k in theirs})
-    return RunConfig.from_dict(data)
+    return answer_settings(champion.config, config)
 
 
 def _download(champion: Champion, filename: str | None, out: Path, endpoint: str, token: str | None) -> str | None:

@@ -7,21 +7,19 @@ the Prefect API import it lazily: the library itself never imports Prefect.
 A mistake in the input (a setting, a path, a model, a token) is one line on stderr naming the input
 and the fix, and an exit code that says which kind (EXIT_CODES, README "Exit codes"); its
 traceback only with -v. Prefect's own log lines about such an error are dropped from the console
-(they still reach the Prefect API, so the UI shows them).
+(flows/console.py; they still reach the Prefect API, so the UI shows them).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import re
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import ConfigError, RunConfig, field_help, list_presets, load_preset
+from vlmdet.config import DEPRECATED, ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
 
 # Exit codes, documented in README "Exit codes"; scripts and schedulers can tell the kinds apart.
 EXIT_OK = 0
@@ -34,24 +32,18 @@ EXIT_SOME_INPUTS_FAILED = 6  # predict: some images could not be read (the rest 
 EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "a step failed (not the input's fault; -v for the traceback)",
               EXIT_CONFIG: "bad command line or setting", EXIT_DATA: "bad dataset", EXIT_MODEL: "bad model",
               EXIT_HUB: "Hugging Face Hub: token or connection", EXIT_SOME_INPUTS_FAILED: "predict: an input failed"}
-# Class names of the user errors, to recognise Prefect's log lines about them (the exception object
-# itself is not on every such record: "Finished in state Failed('... DataError: ...')").
-USER_ERROR_NAMES = ("ConfigError", "DataError", "ModelError", "PermanentPublishError", "TransientPublishError")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 # The settings `vlmdet predict` (and any other command that only runs a trained model: `serve`)
-# reads: how the model is loaded and prompted and how images are batched. Training, gate and
-# publish settings mean nothing there, so its --help does not list them.
-INFERENCE_SETTINGS = ("model.family", "model.quantization", "model.quantize_vision", "model.dtype", "model.min_pixels", "model.max_pixels",
-                      "model.attn_implementation", "model.prompt", "data.category", "eval.batch_size",
-                      "eval.max_new_tokens")
+# reads: how the model is loaded and prompted and how images are batched (declared with each field in
+# vlmdet/config.py, `applies=("inference",)`). Training, gate and publish settings mean nothing there,
+# so its --help does not list them.
+INFERENCE_SETTINGS = keys_where(applies="inference")
 
 # `vlmdet serve`: the inference settings, its own, and the Hub endpoint a repo is followed on.
-SERVE_SETTINGS = INFERENCE_SETTINGS + ("serve.max_batch_size", "serve.max_wait_ms", "serve.max_queue",
-                                       "serve.max_body_mb", "serve.reload_interval_s", "serve.pixel_cap_factor",
-                                       "serve.keep_revisions", "publish.endpoint")
+SERVE_SETTINGS = INFERENCE_SETTINGS + keys_where(applies="serve")
 
 
 def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] | None = None) -> None:
@@ -73,6 +65,8 @@ def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] |
         # argparse %-formats help text: a literal % (e.g. "~30% slower") must be doubled
         g.add_argument(f"--{key}", dest=f"set:{key}", default=None, metavar="V",
                        help=f"{help_} [default {default!r}]".replace("%", "%%"))
+    for key in DEPRECATED:  # still accepted (ignored, with a warning); not listed
+        g.add_argument(f"--{key}", dest=f"set:{key}", default=None, help=argparse.SUPPRESS)
     g.add_argument("--set", dest="set_pairs", action="append", default=[], metavar="KEY=VALUE",
                    help="Any of the settings above by dotted key, repeatable.")
     p.set_defaults(settings_keys=tuple(keys))
@@ -87,7 +81,7 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
-        if key not in allowed:
+        if key not in allowed and key not in DEPRECATED:
             if key not in field_help():
                 raise ConfigError(f"--set {key}: unknown setting; `{command}` reads: {', '.join(allowed)}")
             raise ConfigError(f"--set {key}: `{command}` does not use this setting; it reads: "
@@ -127,19 +121,18 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from vlmdet.data.sources import check_spec
+    from vlmdet.pipeline import configure
 
     overrides = _overrides(args)
-    config = load_preset(args.preset, overrides)  # fail on a bad setting before Prefect starts
-    if args.dataset is not None:
-        config = config.override({"data.dataset": args.dataset})
-    check_spec(config.data.dataset)  # a typo in the spec is a one-line error now, not after Prefect starts
-    _check_base(config)
-    from flows.retrain import retrain  # Prefect: imported only once the input is known to be good
+    # a bad setting, dataset spec or base model is a one-line error now, not after Prefect starts
+    configure(args.preset, overrides, threshold=args.threshold, dataset=args.dataset)
+    from flows.console import prefect_console  # Prefect: imported only once the input is known to be good
 
-    _filter_console_logs(args)
-    summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
-                      overrides=overrides, force=args.force)
+    with prefect_console(args.verbose, _is_user_error):
+        from flows.retrain import retrain
+
+        summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
+                          overrides=overrides, force=args.force)
     _print_summary(Path(args.workdir), summary)
     return 0
 
@@ -168,49 +161,27 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
     print(f"summary:   {(workdir / 'summary.json').resolve()}")
 
 
-def _check_base(config: RunConfig) -> None:
-    """model.base exists (a folder or a Hub repo, the HF cache when offline) and holds safetensors, before
-    any data is prepared: a typo is a one-line error in a second, not a child-process traceback later."""
-    from vlmdet.modeling.load import check_model_source
-
-    if not config.model.base.startswith(("tiny:", "asset:")):  # built in-process / shipped in the package
-        check_model_source(config.model.base, "model.base")
-
-
-def _prepared(config, workdir: Path):
-    """The flow's data layout without Prefect: WORKDIR/data/<data_key>/{raw,prepared}."""
-    from vlmdet.data import materialize, prepare
-    from vlmdet.keys import data_key
-
-    root = workdir / "data" / data_key(config)
-    raw = materialize(config.data.dataset, root / "raw", seed=config.data.seed, image_size=tuple(config.data.image_size))
-    return prepare(raw, root / "prepared", config.data, source=config.data.dataset)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlmdet.keys import training_key
-    from vlmdet.training import profiles
-    from vlmdet.training.train import train
+    from vlmdet import pipeline
+    from vlmdet.runsteps import PlainSteps
 
-    config = load_preset(args.preset, _overrides(args))
-    _check_base(config)
-    config = profiles.resolve(config)  # train.profile (auto: from the free GPU memory), as the flow's train task
-    wd = Path(args.workdir).resolve()
-    data = _prepared(config, wd)
-    adapter = train(data, config, wd / "train" / training_key(config, data.fingerprint))
+    # the flow's configuration (train.profile resolved once), layout and steps, without Prefect
+    resolved = pipeline.resolve(args.preset, _overrides(args))
+    data, adapter = pipeline.trained(resolved.config, pipeline.RunLayout.at(args.workdir), PlainSteps())
     print(json.dumps({"adapter": adapter.path, "global_step": adapter.global_step, "resumed_from": adapter.resumed_from,
                       "dataset": data.fingerprint}, indent=1))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmdet.evaluation import evaluate
+    from vlmdet import pipeline
     from vlmdet.modeling.load import check_model_source
+    from vlmdet.runsteps import PlainSteps
 
-    config = load_preset(args.preset, _overrides(args))
+    config = pipeline.configure(args.preset, _overrides(args), check_base=False)  # --model is what loads
     check_model_source(args.model, "--model")
-    wd = Path(args.workdir).resolve()
-    report = evaluate(args.model, _prepared(config, wd), config, wd / "eval" / Path(args.model).name)
+    layout, steps = pipeline.RunLayout.at(args.workdir), PlainSteps()
+    report = steps.evaluate(args.model, steps.prepare_data(config, layout), config, layout, Path(args.model).name)
     print(json.dumps(dict(report.metrics(), split=report.split, images=report.num_images,
                           parse_failures=report.parse_failures, predictions=report.predictions)))
     return 0
@@ -221,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from vlmdet.prediction.cli import predict_files
+    from vlmdet.prediction.files import predict_files
 
     files: list[Path] = []
     for item in args.images:
@@ -248,16 +219,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_retries(args: argparse.Namespace) -> int:
-    from flows.retries import format_report, latest_failed_run, run_report
+    from flows.console import prefect_console
 
-    _filter_console_logs(args)
-    flow_run = args.flow_run
-    if flow_run is None:
-        flow_run = latest_failed_run(args.deployment)
+    with prefect_console(args.verbose, _is_user_error):
+        from flows.retries import format_report, latest_failed_run, run_report
+
+        flow_run = args.flow_run
         if flow_run is None:
-            print(f"no failed run of {args.deployment}")
-            return EXIT_OK
-    print(format_report(run_report(flow_run)))
+            flow_run = latest_failed_run(args.deployment)
+            if flow_run is None:
+                print(f"no failed run of {args.deployment}")
+                return EXIT_OK
+        print(format_report(run_report(flow_run)))
     return EXIT_OK
 
 
@@ -340,41 +313,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def quiet_offline() -> None:
-    """Offline runs without noise. No telemetry from Prefect: the temporary server a run starts
-    (it inherits this environment) would post a heartbeat each start, log "Failed to send
-    telemetry" offline, and its first SQLite write races the flow's ("database is locked", a
-    ~100-line traceback). The user's own setting wins."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the server's heartbeat service
-    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's SDK analytics (prefect._internal.analytics)
-    # The first start in a fresh PREFECT_HOME migrates a new database: past Prefect's 20 s default on
-    # a busy 2-core machine, which then fails the run with "Timed out ... ephemeral Prefect API server".
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-class _DropUserErrorLogs(logging.Filter):
-    """Console only: Prefect's task/flow failure lines and their tracebacks for a user error. The CLI
-    prints that error once; the API handler is not filtered, so the Prefect UI keeps the full log."""
-
-    _names = re.compile(r"\b(" + "|".join(USER_ERROR_NAMES) + r")\b")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("prefect"):
-            return True
-        if record.exc_info and record.exc_info[1] is not None and classify(record.exc_info[1]) is not None:
-            return False
-        return not self._names.search(record.getMessage())
-
-
-def _filter_console_logs(args: argparse.Namespace) -> None:
-    """Call once Prefect is imported (it installs its console handler on the root logger then)."""
-    if args.verbose:
-        return
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _DropUserErrorLogs) for f in handler.filters):
-            handler.addFilter(_DropUserErrorLogs())
-
-
 class _StderrHandler(logging.StreamHandler):
     """Writes to sys.stderr as it is at each record, not as it was when main() first ran: main() may
     run many times in one process (tests capture stderr anew each time)."""
@@ -407,9 +345,12 @@ def classify(err: BaseException) -> int | None:
     return None
 
 
+def _is_user_error(err: BaseException) -> bool:
+    return classify(err) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    quiet_offline()
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -437,9 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:  # main() may run again in the same process (tests): leave logging as it was
         root.setLevel(level)
-        for handler in logging.getLogger().handlers:
-            for f in [f for f in handler.filters if isinstance(f, _DropUserErrorLogs)]:
-                handler.removeFilter(f)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,21 +1,31 @@
-"""Run configuration: one dataclass per stage, each field with its default and its reason.
+"""Run configuration: one dataclass per stage, each field with its default, its reason and its metadata.
 
-Presets (`vlmdet/presets/*.yaml`) are data over these dataclasses. The CLI options
-(`--train.max_steps 10`) and the flow's `overrides` parameter are derived from the fields here,
-never re-typed, so a default lives in exactly one place.
+Presets (`vlmdet/presets/*.yaml`, which may extend another with `extends: NAME`) are data over these
+dataclasses. The CLI options (`--train.max_steps 10`) and the flow's `overrides` parameter are
+derived from the fields here, never re-typed, so a default lives in exactly one place.
+
+Each field also declares, next to it (`_f`), its role (ROLES: what it changes: the adapter, a
+measurement, the decision, the written outputs, or only how fast a step runs), where it applies
+(APPLIES: the commands that run a trained model, serving, the settings a model carries) and its
+allowed values. Every list of "which settings do X" (the CLI's inference options, the keys'
+execution-only settings, the champion's answer settings, ...) is derived from them (`keys_where`),
+and the allowed values are checked for every field as a section is built, before anything runs.
+Adding a setting is one `_f(...)` line.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import yaml
 
+log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -23,23 +33,103 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake: the message names the field, the value and the fix."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+# What changing a setting changes; the keys of vlmdet/keys.py and the run-folder layout follow from it.
+ROLES = {
+    "learned": "what is trained: the data, the base, LoRA and training settings (part of the training key)",
+    "measured": "how a model is measured: an evaluation's numbers (part of the evaluation key)",
+    "decided": "what the gate decides and where the model goes (decided again on saved results, no retraining)",
+    "output": "what is written beside the numbers (previews, names), never the numbers",
+    "execution": "only how fast, where or how long a step runs: never part of a key",
+}
+# Where a setting applies beyond the run that trains.
+APPLIES = {
+    "inference": "read by the commands that run a trained model (`vlmdet predict`, `vlmdet serve`)",
+    "serve": "read by `vlmdet serve` only (with the inference settings)",
+    "answer": "how a merged model answers: a champion is evaluated with its own (from its vlmdet.json)",
+    "trained_with": "how the base was loaded for training (a speed profile may change it): evaluation of "
+                    "the adapter loads it the same way (the adapter's vlmdet_trained_with.json)",
+    "published": "what a published model was trained to answer: predict/serve read it from its vlmdet.json",
+}
+# transformers SchedulerType values that need no lr_scheduler_kwargs (others need settings we do not have)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+
+
+# Settings that are gone, accepted (and ignored) with a one-line warning so old presets, deployments and
+# command lines keep working: what measurement rejected stays in benchmarks/RESULTS.md.
+DEPRECATED = {
+    "eval.workers": "eval.workers is deprecated and ignored: forked image-loading workers measured slower than the "
+                    "default background thread (benchmarks/RESULTS.md); remove the setting",
+    "eval.cache": "eval.cache is deprecated and ignored: a static KV cache measured slower than the dynamic one "
+                  "(benchmarks/RESULTS.md); remove the setting",
+}
+
+
+def _drop_deprecated(key: str) -> bool:
+    """True (after the warning) when `key` is a deprecated setting to ignore."""
+    if key not in DEPRECATED:
+        return False
+    log.warning("%s", DEPRECATED[key])
+    return True
+
+
+def _families() -> tuple[str, ...]:
+    from vlmdet.formats.base import families  # no heavy import: the registry, and installed plugins' entry points
+
+    return tuple(families())
+
+
+def _f(default: Any, help: str, role: str, *, choices: tuple | Callable[[], tuple] = (), applies: tuple[str, ...] = (),
+       forms: dict[str, str] | None = None, **kw: Any) -> Any:
+    """A setting: its default, help, role (ROLES), where it applies (APPLIES), allowed values (a tuple, or
+    a function for lists known at run time) and, for `kind:rest` strings, the allowed kinds (forms)."""
+    if role not in ROLES or set(applies) - set(APPLIES):
+        raise ValueError(f"setting with role {role!r} / applies {applies!r}: use roles {list(ROLES)}, "
+                         f"applies {list(APPLIES)}")
+    meta = {"help": help, "role": role, "choices": choices, "applies": tuple(applies), "forms": forms or {}}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def allowed_values(f: dataclasses.Field) -> tuple:
+    choices = f.metadata.get("choices") or ()
+    return tuple(choices() if callable(choices) else choices)
+
+
+class _Section:
+    """Checks every field's allowed values and forms (declared with the field), then the section's own rules."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, key = getattr(self, f.name), f"{self.section}.{f.name}"
+            allowed = allowed_values(f)
+            if allowed and value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}.")
+            forms = f.metadata.get("forms")
+            if forms and not any(isinstance(value, str) and value.startswith(k) and len(value) > len(k) for k in forms):
+                raise ConfigError(f"{key}={value!r} is not understood; use {' or '.join(forms.values())}.")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields of the section (overridden where there are any)."""
 
 
 @dataclass
-class DataConfig:
-    dataset: str = _f("synth:240", "Dataset spec: synth:N (generated, seeded), coco:PATH, hub:ORG/NAME, hf-disk:PATH (save_to_disk), parquet:PATH; append @bbox=yxyx-norm|xyxy-norm|xyxy-abs|xywh-abs for datasets with an objects column.")
-    seed: int = _f(0, "Seed for synthetic data and the train/val/test split.")
-    val_fraction: float = _f(0.1, "Share of images held out for validation (training-time eval).")
-    test_fraction: float = _f(0.15, "Share of images held out for the reported mAP; never trained on.")
-    category: str = _f("nutrition-table", "The category to detect; the label written in answers.")
-    image_size: list[int] = _f([320, 240], "Synthetic images only: width, height in pixels.")
-    max_images: int = _f(0, "Use at most this many images after validation (0 = all): quick checks.")
+class DataConfig(_Section):
+    section: ClassVar[str] = "data"
+    dataset: str = _f("synth:240", "Dataset spec: synth:N (generated, seeded), coco:PATH, hub:ORG/NAME, hf-disk:PATH (save_to_disk), parquet:PATH; append @bbox=yxyx-norm|xyxy-norm|xyxy-abs|xywh-abs for datasets with an objects column.", "learned")
+    seed: int = _f(0, "Seed for synthetic data and the train/val/test split.", "learned")
+    val_fraction: float = _f(0.1, "Share of images held out for validation (training-time eval).", "learned")
+    test_fraction: float = _f(0.15, "Share of images held out for the reported mAP; never trained on.", "learned")
+    category: str = _f("nutrition-table", "The category to detect; the label written in answers.", "learned",
+                       applies=("inference", "published"))
+    image_size: list[int] = _f([320, 240], "Synthetic images only: width, height in pixels.", "learned")
+    max_images: int = _f(0, "Use at most this many images after validation (0 = all): quick checks.", "learned")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 f"data.val_fraction={self.val_fraction} and data.test_fraction={self.test_fraction} must each be in "
@@ -47,128 +137,134 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    base: str = _f("tiny:qwen2_vl", "Base model: a Hub id, a local folder, or tiny:FAMILY for a random tiny model built in-process.")
-    family: str = _f("qwen2_vl", "Model family (answer format and prompt): qwen2_vl, qwen2_5_vl or qwen3_vl.")
-    quantization: str = _f("none", "nf4 (4-bit QLoRA, needs CUDA) or none. nf4 uses double quant and bf16 compute.")
+class ModelConfig(_Section):
+    section: ClassVar[str] = "model"
+    base: str = _f("tiny:qwen2_vl", "Base model: a Hub id, a local folder, or tiny:FAMILY for a random tiny model built in-process.", "learned")
+    family: str = _f("qwen2_vl", "Model family: its answer format and prompt (vlmdet/formats).", "learned",
+                     choices=_families, applies=("inference", "answer"))
+    quantization: str = _f("none", "nf4 (4-bit QLoRA, needs CUDA) or none. nf4 uses double quant and bf16 compute.",
+                           "learned", choices=("nf4", "none"), applies=("inference", "trained_with"))
     quantize_vision: bool = _f(False, "With nf4: quantize the vision tower and its merger too. Off: they stay bf16 "
                                       "(about +0.9 GiB for Qwen2-VL-7B) so the model measured during training sees "
-                                      "images as the merged bf16 model that ships does (docs/recipe.md).")
-    dtype: str = _f("auto", "Weights dtype when not quantized: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
-    min_pixels: int = _f(64 * 28 * 28, "Processor pixel budget, lower bound (multiples of 28x28 = one visual token after the 2x2 merge).")
-    max_pixels: int = _f(1024 * 28 * 28, "Processor pixel budget, upper bound: larger photos are resized to fit, boxes mapped back.")
-    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.")
-    prompt: str = _f("Detect the {category} in this image.", "User prompt; {category} is filled in.")
+                                      "images as the merged bf16 model that ships does (docs/recipe.md).", "learned",
+                               applies=("inference", "trained_with"))
+    dtype: str = _f("auto", "Weights dtype when not quantized: auto (bf16 on CUDA, fp32 on CPU).", "learned",
+                    choices=("auto", "bfloat16", "float16", "float32"), applies=("inference", "answer", "trained_with"))
+    min_pixels: int = _f(64 * 28 * 28, "Processor pixel budget, lower bound (multiples of 28x28 = one visual token after the 2x2 merge).",
+                         "learned", applies=("inference", "answer"))
+    max_pixels: int = _f(1024 * 28 * 28, "Processor pixel budget, upper bound: larger photos are resized to fit, boxes mapped back.",
+                         "learned", applies=("inference", "answer"))
+    attn_implementation: str = _f("sdpa", "Attention kernel.", "learned", choices=("sdpa", "eager", "flash_attention_2"),
+                                  applies=("inference", "answer"))
+    prompt: str = _f("Detect the {category} in this image.", "User prompt; {category} is filled in.", "learned",
+                     applies=("inference", "answer", "published"))
 
-    def __post_init__(self) -> None:
-        if self.quantization not in ("nf4", "none"):
-            raise ConfigError(f"model.quantization={self.quantization!r} is not supported; use 'nf4' or 'none'.")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ConfigError(f"model.dtype={self.dtype!r}; use auto, bfloat16, float16 or float32.")
+    def check(self) -> None:
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"model.min_pixels={self.min_pixels} exceeds model.max_pixels={self.max_pixels}.")
 
 
 @dataclass
-class LoraSettings:
-    r: int = _f(64, "LoRA rank: more capacity for spatial detail, more memory.")
-    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = _f(0.1, "Dropout on the LoRA input.")
-    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.")
+class LoraSettings(_Section):
+    section: ClassVar[str] = "lora"
+    r: int = _f(64, "LoRA rank: more capacity for spatial detail, more memory.", "learned")
+    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).", "learned")
+    dropout: float = _f(0.1, "Dropout on the LoRA input.", "learned")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get adapters.", "learned")
     exclude: str = _f(".*visual.*", "Regex (full match on the module name) of modules never adapted: the vision "
                                     "tower stays as pretrained (Qwen2.5-VL's vision MLP also has gate/up/down_proj). "
-                                    "Empty = none excluded.")
+                                    "Empty = none excluded.", "learned")
     modules_to_save: list[str] = _f([], "Modules trained in full beside the adapters (e.g. lm_head when the label's "
-                                        "tokens were rare in pretraining); merged like the adapters.")
+                                        "tokens were rare in pretraining); merged like the adapters.", "learned")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.r <= 0:
             raise ConfigError(f"lora.r={self.r} must be a positive integer.")
 
 
 @dataclass
-class TrainConfig:
-    epochs: float = _f(3.0, "Passes over the training split (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs). 10 is a good first check of a preset.")
-    per_device_batch: int = _f(2, "Samples per device per forward pass.")
+class TrainConfig(_Section):
+    section: ClassVar[str] = "train"
+    epochs: float = _f(3.0, "Passes over the training split (ignored when max_steps > 0).", "learned")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs). 10 is a good first check of a preset.", "learned")
+    # per_device_batch x grad_accum is what is learned; how it is split is execution (keys.training_key)
+    per_device_batch: int = _f(2, "Samples per device per forward pass.", "learned")
     grad_accum: int = _f(8, "Gradient accumulation steps on one GPU: effective batch = per_device_batch x grad_accum, "
-                                "kept on N GPUs (each accumulates grad_accum / N).")
-    learning_rate: float = _f(1e-5, "Peak learning rate.")
-    scheduler: str = _f("cosine", "Learning-rate schedule (transformers SchedulerType).")
-    warmup_steps: int = _f(50, "Linear warm-up steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    bf16: bool = _f(True, "bf16 autocast (on CUDA only; CPU runs fp32).")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: ~half the memory, ~30% slower.")
-    save_steps: int = _f(50, "Checkpoint every N steps; a crashed or killed run resumes from the last one.")
-    save_total_limit: int = _f(2, "Keep this many checkpoints.")
-    logging_steps: int = _f(1, "Log the loss every N steps.")
-    seed: int = _f(0, "Training seed.")
+                                "kept on N GPUs (each accumulates grad_accum / N).", "learned")
+    learning_rate: float = _f(1e-5, "Peak learning rate.", "learned")
+    scheduler: str = _f("cosine", "Learning-rate schedule (transformers SchedulerType).", "learned", choices=SCHEDULERS)
+    warmup_steps: int = _f(50, "Linear warm-up steps.", "learned")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", "learned")
+    bf16: bool = _f(True, "bf16 autocast (on CUDA only; CPU runs fp32).", "learned")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: ~half the memory, ~30% slower.", "learned")
+    # which checkpoints exist to choose from: the validation picks one of them (vlmdet.training.select)
+    save_steps: int = _f(50, "Checkpoint every N steps; a crashed or killed run resumes from the last one.", "learned")
+    save_total_limit: int = _f(2, "Keep this many checkpoints.", "learned")
+    logging_steps: int = _f(1, "Log the loss every N steps.", "execution")
+    seed: int = _f(0, "Training seed.", "learned")
     num_processes: int = _f(0, "Training processes, one per GPU: 0 = every GPU this worker can see (CUDA_VISIBLE_DEVICES "
                                "respected; >1 launches the child with `accelerate launch`); N pins the first N GPUs. "
-                               "grad_accum is divided by N so the effective batch stays the same.")
-    timeout_s: int = _f(6 * 3600, "Kill the training child after this many seconds.")
-    dataloader_workers: int = _f(0, "DataLoader worker processes (decode and process images beside the GPU).")
+                               "grad_accum is divided by N so the effective batch stays the same.", "execution")
+    timeout_s: int = _f(6 * 3600, "Kill the training child after this many seconds.", "execution")
+    dataloader_workers: int = _f(0, "DataLoader worker processes (decode and process images beside the GPU).", "execution")
     adapter_dtype: str = _f("float32", "dtype of the trainable LoRA weights (master weights; compute stays bf16 under "
                                        "autocast). TRL casts them to bfloat16 on 4-bit bases, where a step of AdamW at "
                                        "lr<=1e-4 is below half a bf16 ulp of a LoRA weight and rounds to nothing "
-                                       "(docs/recipe.md); bfloat16 reproduces that.")
+                                       "(docs/recipe.md); bfloat16 reproduces that.", "learned",
+                            choices=("float32", "bfloat16"))
     # --- speed levers (vlmdet/training/profiles.py sets them together; benchmarks/RESULTS.md measures them) ---
+    # profile is execution: what it changes (quantization, batch split, the levers) is in the fields it sets
     profile: str = _f("auto", "Speed/memory profile applied over the preset: auto (large when the GPU has >= 70 GiB "
                               "free, else qlora), qlora (4-bit base, peak <= 12 GiB), large (bf16 base, no "
-                              "checkpointing, 80 GB cards) or preset (the preset's settings exactly, e.g. seed-recipe).")
+                              "checkpointing, 80 GB cards) or preset (the preset's settings exactly, e.g. seed-recipe).",
+                      "execution", choices=("auto", "qlora", "large", "preset"))
     checkpoint_every: int = _f(1, "With gradient_checkpointing: checkpoint every Nth decoder layer only (1 = all); "
-                                  "the others keep their activations, trading memory for less recomputation.")
+                                  "the others keep their activations, trading memory for less recomputation.", "learned")
     group_by_length: bool = _f(False, "Batch samples of similar length (visual tokens of the resized image) together: "
-                                      "less padding when photo sizes vary.")
-    optim: str = _f("adamw_torch", "Optimizer (transformers OptimizerNames): adamw_torch or adamw_torch_fused.")
+                                      "less padding when photo sizes vary.", "learned")
+    optim: str = _f("adamw_torch", "Optimizer (transformers OptimizerNames).", "learned",
+                    choices=("adamw_torch", "adamw_torch_fused"))
     pre_resize: bool = _f(False, "Store training images resized to the pixel budget once (boxes unchanged) instead "
-                                 "of decoding full-size photos every epoch.")
+                                 "of decoding full-size photos every epoch.", "learned")
     ddp_find_unused: bool = _f(False, "Several processes: DDP walks the autograd graph after every forward to find "
                                       "trainable weights without a gradient (transformers' choice for any PEFT model). "
                                       "Off: every LoRA and modules_to_save weight gets a gradient every step, which "
-                                      "the first step checks (it stops naming this setting if one got none).")
+                                      "the first step checks (it stops naming this setting if one got none).",
+                               "execution")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("per_device_batch", "grad_accum", "save_steps", "timeout_s", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1.")
         if self.num_processes < 0:
             raise ConfigError(f"train.num_processes={self.num_processes}: use 0 (every visible GPU) or a count >= 1.")
-        if self.profile not in ("auto", "qlora", "large", "preset"):
-            raise ConfigError(f"train.profile={self.profile!r}; use auto, qlora, large or preset.")
-        if self.optim not in ("adamw_torch", "adamw_torch_fused"):
-            raise ConfigError(f"train.optim={self.optim!r}; use adamw_torch or adamw_torch_fused.")
-        if self.adapter_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"train.adapter_dtype={self.adapter_dtype!r}; use float32 (default) or bfloat16.")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise ConfigError(f"train.max_steps={self.max_steps}, train.epochs={self.epochs}: set max_steps > 0 or epochs > 0.")
 
 
 @dataclass
-class EvalConfig:
-    batch_size: int = _f(8, "Images per generate call.")
-    max_new_tokens: int = _f(128, "Longest answer; a one-box Qwen2-VL answer is ~24 tokens.")
-    split: str = _f("test", "Split the reported mAP is measured on.")
-    eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.")
-    preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.")
-    timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.")
-    cache: str = _f("dynamic", "KV cache of generation: dynamic (grows by concatenation every step) or static "
-                               "(preallocated for prompt + max_new_tokens, written in place; same tokens).")
-    workers: int = _f(0, "Forked processes that decode the next batches' images and run the processor on them while "
-                         "the GPU generates; 0 = one background thread of this process. Same answers either way. "
-                         "Measured slower with 4 than with the thread on 1024x768 JPEGs (one H100, 2026-11-28: "
-                         "152 vs 147 ms an image at batch 16; benchmarks/RESULTS.md), so off by default.")
+class EvalConfig(_Section):
+    section: ClassVar[str] = "eval"
+    batch_size: int = _f(8, "Images per generate call.", "measured", applies=("inference",))
+    max_new_tokens: int = _f(128, "Longest answer; a one-box Qwen2-VL answer is ~24 tokens.", "measured",
+                             applies=("inference",))
+    split: str = _f("test", "Split the reported mAP is measured on.", "measured")
+    eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.", "measured")
+    preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.", "output")
+    timeout_s: int = _f(3600, "Kill the evaluation child after this many seconds.", "execution")
     num_processes: int = _f(0, "Evaluation processes, one per GPU: 0 = every GPU this worker can see (each detects "
-                               "every Nth image, rank 0 writes the report); N pins the first N GPUs.")
+                               "every Nth image, rank 0 writes the report); N pins the first N GPUs.", "execution")
+    # learned: it picks which checkpoint becomes the adapter (vlmdet.training.select)
     val_max_images: int = _f(32, "Validation mAP of each kept checkpoint on at most this many validation images picks "
                                  "the checkpoint that is published (val mAP50, then val loss, then the later step); "
-                                 "0 = pick by val loss alone. The test split only judges.")
+                                 "0 = pick by val loss alone. The test split only judges.", "learned")
 
-    def __post_init__(self) -> None:
-        if self.cache not in ("dynamic", "static"):
-            raise ConfigError(f"eval.cache={self.cache!r}; use dynamic or static.")
-        if self.workers < 0:
-            raise ConfigError(f"eval.workers={self.workers} must be >= 0 (0 = a background thread).")
+    @property
+    def workers(self) -> int:
+        """Deprecated (see DEPRECATED): always 0, the background thread; for callers not yet updated."""
+        return 0
+
+    def check(self) -> None:
         if self.num_processes < 0:
             raise ConfigError(f"eval.num_processes={self.num_processes}: use 0 (every visible GPU) or a count >= 1.")
         if self.val_max_images < 0:
@@ -176,29 +272,29 @@ class EvalConfig:
 
 
 @dataclass
-class GateConfig:
-    threshold: float = _f(0.5, "Publish only when the metric is at least this.")
-    metric: str = _f("map50", "Which metric the gate reads: map, map50 or map75.")
+class GateConfig(_Section):
+    section: ClassVar[str] = "gate"
+    threshold: float = _f(0.5, "Publish only when the metric is at least this.", "decided")
+    metric: str = _f("map50", "Which metric the gate reads.", "decided", choices=("map", "map50", "map75"))
     min_delta: float = _f(0.0, "Margin: a bootstrap resample counts the new model as better only when it beats the "
                                "champion by more than this (0 = any gain). Set it when a replacement has a cost "
-                               "(downstream re-validation) that only a material gain repays.")
+                               "(downstream re-validation) that only a material gain repays.", "decided")
     min_probability: float = _f(0.9, "Publish over a champion only when a paired bootstrap over the test images "
                                      "finds the new model better (by more than min_delta) in at least this share of "
                                      "resamples. On ~120 test images one image moves mAP50 by ~0.008, so a point "
-                                     "difference alone would replace a model on noise.")
-    resamples: int = _f(1000, "Bootstrap resamples of the test images (1000: P and the 95% interval to about +-0.01).")
-    seed: int = _f(0, "Seed of the bootstrap resampling: the same evaluations give the same decision.")
+                                     "difference alone would replace a model on noise.", "decided")
+    resamples: int = _f(1000, "Bootstrap resamples of the test images (1000: P and the 95% interval to about +-0.01).",
+                        "decided")
+    seed: int = _f(0, "Seed of the bootstrap resampling: the same evaluations give the same decision.", "decided")
     replace_unreadable_champion: bool = _f(False, "Replace a model at the target that cannot be judged (no numbers "
                                                   "in its card or vlmdet.json, no vlmdet.json, a family this vlmdet "
                                                   "cannot parse, no weights), deciding by the threshold alone. Off: "
                                                   "such a target closes the gate (fail closed), since 'unreadable' is "
                                                   "not 'absent'. Turn on for one run to replace it on purpose; it is "
                                                   "recorded in the summary and card. Never applies to a 401/403 or "
-                                                  "network error (nothing was seen to replace).")
+                                                  "network error (nothing was seen to replace).", "decided")
 
-    def __post_init__(self) -> None:
-        if self.metric not in ("map", "map50", "map75"):
-            raise ConfigError(f"gate.metric={self.metric!r}; use map, map50 or map75.")
+    def check(self) -> None:
         if not 0.0 <= self.min_probability <= 1.0:
             raise ConfigError(f"gate.min_probability={self.min_probability} is not a probability; use a value in "
                               "[0, 1], e.g. 0.9.")
@@ -208,39 +304,50 @@ class GateConfig:
 
 
 @dataclass
-class PublishConfig:
-    target: str = _f("local:published", "Where the merged model goes: local:DIR (relative to the workdir) or hub:ORG/NAME.")
-    endpoint: str = _f("", "Hub endpoint URL (empty = huggingface_hub's default / HF_ENDPOINT).")
-    private: bool = _f(True, "Create the Hub repo private.")
-    token_secret: str = _f("hf-token", "Prefect Secret block holding the Hub token (HF_TOKEN is used when absent).")
-    license: str = _f("apache-2.0", "License written in the model card.")
-    merge_timeout_s: int = _f(3600, "Kill the merge child after this many seconds.")
+class PublishConfig(_Section):
+    section: ClassVar[str] = "publish"
+    target: str = _f("local:published", "Where the merged model goes: local:DIR (relative to the workdir) or hub:ORG/NAME.",
+                     "decided", forms={"local:": "local:DIR (a folder, relative to the workdir)",
+                                       "hub:": "hub:ORG/NAME (a Hub model repo)"})
+    endpoint: str = _f("", "Hub endpoint URL (empty = huggingface_hub's default / HF_ENDPOINT).", "decided",
+                       applies=("serve",))
+    private: bool = _f(True, "Create the Hub repo private.", "decided")
+    token_secret: str = _f("hf-token", "Prefect Secret block holding the Hub token (HF_TOKEN is used when absent).",
+                           "decided")
+    license: str = _f("apache-2.0", "License written in the model card.", "decided")
+    merge_timeout_s: int = _f(3600, "Kill the merge child after this many seconds.", "execution")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(_Section):
+    section: ClassVar[str] = "serve"
     max_batch_size: int = _f(8, "`vlmdet serve`: most images in one generate call; concurrent requests share it. More "
-                                "raises images/s until the GPU is full, and each request's latency with it.")
+                                "raises images/s until the GPU is full, and each request's latency with it.",
+                             "execution", applies=("serve",))
     max_wait_ms: float = _f(5.0, "`vlmdet serve`: how long the first request of a batch waits for others to join it; "
-                                 "a few ms costs a lone request little and lets a burst share one generate call.")
+                                 "a few ms costs a lone request little and lets a burst share one generate call.",
+                            "execution", applies=("serve",))
     max_queue: int = _f(64, "`vlmdet serve`: images waiting beyond this are answered 503 (busy) at once instead of "
-                            "queueing for minutes; each holds its decoded pixels (36 MB for a 12 MP photo).")
+                            "queueing for minutes; each holds its decoded pixels (36 MB for a 12 MP photo).",
+                        "execution", applies=("serve",))
     max_body_mb: float = _f(20.0, "`vlmdet serve`: largest request body (upload or JSON with base64) in MB; larger "
-                                  "is refused with 413 and never stored. Bodies are held in memory only, never on disk.")
+                                  "is refused with 413 and never stored. Bodies are held in memory only, never on disk.",
+                            "execution", applies=("serve",))
     reload_interval_s: float = _f(0.0, "`vlmdet serve` of a Hub repo or published folder: look for a newer revision "
-                                       "every N seconds and swap it in without a restart (0 = only on POST /reload).")
+                                       "every N seconds and swap it in without a restart (0 = only on POST /reload).",
+                                  "execution", applies=("serve",))
     pixel_cap_factor: float = _f(16.0, "`vlmdet serve`: images with more pixels than this times the model's "
                                        "model.max_pixels are refused with 413, read from the file's header before any "
                                        "decoding (the processor shrinks every image to max_pixels, so more only costs "
                                        "memory: 3 bytes a pixel decoded). 16 x the nightly presets' 0.8 MP is 12.8 MP, "
                                        "so a 12 MP phone photo passes while a 100 KB PNG claiming 400 MP does not; 4 "
-                                       "would refuse every phone photo.")
+                                       "would refuse every phone photo.", "execution", applies=("serve",))
     keep_revisions: int = _f(2, "`vlmdet serve` of a Hub repo: once a revision serves, keep this many revisions of "
                                 "the repo in the Hugging Face cache (the one serving and the one before it, to roll "
                                 "back to) and delete older ones through huggingface_hub's cache API (a 7B revision "
-                                "is ~15 GB). 0 keeps every revision.")
+                                "is ~15 GB). 0 keeps every revision.", "execution", applies=("serve",))
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("max_batch_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name}={getattr(self, name)} must be >= 1.")
@@ -257,7 +364,7 @@ class ServeConfig:
 
 @dataclass
 class RunConfig:
-    name: str = _f("custom", "Preset name, recorded in the model card and summary.")
+    name: str = _f("custom", "Preset name, recorded in the model card and summary.", "output")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -278,6 +385,8 @@ class RunConfig:
         """Return a copy with dotted keys set, e.g. {"train.max_steps": 10}; values may be strings."""
         data = self.to_dict()
         for key, value in overrides.items():
+            if _drop_deprecated(key):
+                continue
             section, _, name = key.partition(".")
             hints = _field_types(RunConfig)
             if section not in hints or (name and not dataclasses.is_dataclass(hints[section])):
@@ -293,11 +402,13 @@ class RunConfig:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)  # resolved annotations; the fields only (not ClassVars such as `section`)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = _field_types(cls)
+    data = {k: v for k, v in data.items() if not _drop_deprecated(prefix + k)}
     unknown = set(data) - set(hints)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in sorted(unknown))}; "
@@ -355,15 +466,48 @@ def all_keys() -> list[str]:
     return keys
 
 
-def field_help() -> dict[str, tuple[Any, str]]:
-    """dotted key -> (default, help) for CLI generation."""
+@dataclass(frozen=True)
+class Setting:
+    """One dotted setting and what its field declares."""
+
+    key: str
+    default: Any
+    help: str
+    role: str
+    applies: tuple[str, ...]
+    choices: tuple
+
+
+def settings() -> dict[str, Setting]:
+    """dotted key -> Setting, in declaration order (sections in RunConfig's order)."""
     out = {}
     for section, typ in _field_types(RunConfig).items():
         if dataclasses.is_dataclass(typ):
             default = typ()
             for f in dataclasses.fields(typ):
-                out[f"{section}.{f.name}"] = (getattr(default, f.name), f.metadata.get("help", ""))
+                out[f"{section}.{f.name}"] = Setting(f"{section}.{f.name}", getattr(default, f.name),
+                                                     f.metadata["help"], f.metadata["role"], f.metadata["applies"],
+                                                     allowed_values(f))
     return out
+
+
+def keys_where(role: str | None = None, applies: str | None = None, section: str | None = None) -> tuple[str, ...]:
+    """The dotted keys with that role / applying there / in that section, in declaration order."""
+    if role is not None and role not in ROLES or applies is not None and applies not in APPLIES:
+        raise ValueError(f"keys_where(role={role!r}, applies={applies!r}): roles {list(ROLES)}, applies {list(APPLIES)}")
+    return tuple(k for k, s in settings().items() if (role is None or s.role == role)
+                 and (applies is None or applies in s.applies) and (section is None or k.startswith(section + ".")))
+
+
+def names_where(section: str, **where: str) -> tuple[str, ...]:
+    """keys_where within one section, as field names (e.g. the eval fields that are execution-only)."""
+    return tuple(k.split(".", 1)[1] for k in keys_where(section=section, **where))
+
+
+def field_help() -> dict[str, tuple[Any, str]]:
+    """dotted key -> (default, help) for CLI generation; the help ends with the allowed values, if listed."""
+    return {k: (s.default, s.help + (f" One of: {', '.join(map(str, s.choices))}." if s.choices else ""))
+            for k, s in settings().items()}
 
 
 def list_presets() -> list[str]:
@@ -382,9 +526,32 @@ def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
     if not path.is_file():
         raise ConfigError(f"preset {name_or_path!r} not found; choose one of: {', '.join(list_presets())} "
                           "or pass a path to a YAML file.")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _preset_data(path, [])
     data.setdefault("name", path.stem)
     return RunConfig.from_dict(data).override(overrides or {})
+
+
+def _preset_data(path: Path, seen: list[Path]) -> dict[str, Any]:
+    """A preset file's settings over those of the preset it `extends:` (a name, or a path relative to it)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    seen = seen + [path.resolve()]
+    base_path = PRESET_DIR / f"{base}.yaml" if base in list_presets() else (path.parent / base)
+    if not base_path.is_file():
+        raise ConfigError(f"preset {path}: extends {base!r}, which is neither a shipped preset "
+                          f"({', '.join(list_presets())}) nor a file next to it.")
+    if base_path.resolve() in seen:
+        raise ConfigError(f"preset {path}: extends {base!r}, which extends it back ({' -> '.join(map(str, seen))}).")
+    merged = _preset_data(base_path, seen)
+    merged.pop("name", None)  # a preset is named after its own file unless it says otherwise
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
 
 
 CHECK_RUN_TARGET = "local:check-published"

@@ -6,11 +6,11 @@ import os
 import time
 from pathlib import Path
 
+from vlmdet.carried import trained_with
 from vlmdet.config import RunConfig
-from vlmdet.formats import get_format
-from vlmdet.metrics import coco_map
-from vlmdet.modeling.load import load_for_inference
+from vlmdet.metrics import coco_map, predictions_to_coco
 from vlmdet.prediction.draw import draw, grid
+from vlmdet.prediction.load import load_detector
 from vlmdet.prediction.predict import Detector
 from vlmdet.records import DatasetRef, EvalReport, write_json
 from vlmdet.samples import load_split
@@ -18,30 +18,9 @@ from vlmdet.samples import load_split
 log = logging.getLogger(__name__)
 
 
-def trained_model_settings(model_path: str, config: RunConfig) -> RunConfig:
-    """config with the base-loading settings the adapter at model_path was trained with, if it says.
-
-    The train task applies a speed profile (train.profile) the flow's config does not show: an
-    adapter trained on the bf16 base (profile large) is measured on the bf16 base, not on the
-    preset's 4-bit one."""
-    import json
-
-    from vlmdet.training.profiles import TRAINED_WITH
-
-    path = Path(model_path) / TRAINED_WITH
-    if not path.is_file():
-        return config
-    trained = json.loads(path.read_text()).get("model", {})
-    keys = ("quantization", "dtype", "quantize_vision")
-    return config.override({f"model.{k}": trained[k] for k in keys if k in trained})
-
-
 def detector_for(model_path: str, config: RunConfig) -> Detector:
-    config = trained_model_settings(model_path, config)
-    model, processor = load_for_inference(model_path, config.model)
-    fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
-    return Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
-                    cache=config.eval.cache, workers=config.eval.workers)
+    """The model as evaluation measures it: loaded with the base settings it was trained with."""
+    return load_detector(model_path, trained_with(model_path, config))
 
 
 def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -> list:
@@ -91,8 +70,7 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
     if os.environ.get("VLMDET_STEP_TIMES") and int(os.environ.get("RANK", 0)) == 0:  # benchmarks/multi_gpu.py
         write_json(os.environ["VLMDET_STEP_TIMES"], {"load_s": t1 - t0, "detect_s": t2 - t1, "processes": world})
     cat_id = next((c["id"] for c in coco["categories"] if c["name"] == config.data.category), 1)
-    results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
-               for s, p in zip(samples, preds) for b in p.boxes]
+    results = predictions_to_coco([p.boxes for p in preds], [s.image_id for s in samples], cat_id)
     metrics = coco_map(coco, results)
     per_image = [dict(p.to_dict(), image_id=s.image_id, truth=[[b.x1, b.y1, b.x2, b.y2] for b in s.boxes])
                  for s, p in zip(samples, preds)]

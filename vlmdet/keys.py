@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import RunConfig
+from vlmdet.config import RunConfig, keys_where, names_where
 
 
 def _hash(obj: Any) -> str:
@@ -30,11 +30,11 @@ def training_key(config: RunConfig, data_fingerprint: str) -> str:
     # How the effective batch is split (per-device x accumulation) is an execution detail: an
     # out-of-memory retry halves one and doubles the other and is still the same run.
     train["effective_batch"] = train.pop("per_device_batch") * train.pop("grad_accum")
-    # train.profile is how a run executes; what a profile changes (quantization, batch split) is in the
-    # other fields, so a resolved and an unresolved config of the same run share the key.
-    for execution_only in ("profile", "timeout_s", "num_processes", "dataloader_workers", "save_steps", "save_total_limit",
-                           "logging_steps", "ddp_find_unused"):
-        train.pop(execution_only, None)
+    # Execution settings (config.py roles; train.profile among them: what a profile changes, quantization
+    # and batch split, is in the other fields, so a resolved and an unresolved config share the key) are
+    # left out; save_steps and save_total_limit move to `selection` below.
+    for name in TRAIN_EXECUTION_ONLY + ("save_steps", "save_total_limit"):
+        train.pop(name, None)
     # save_steps and save_total_limit decide which checkpoints exist to choose from, and the
     # validation settings which one is kept (vlmdet.training.select): they change the adapter.
     selection = {"save_steps": cfg["train"]["save_steps"], "save_total_limit": cfg["train"]["save_total_limit"],
@@ -44,20 +44,29 @@ def training_key(config: RunConfig, data_fingerprint: str) -> str:
                   "selection": selection})
 
 
-# eval settings that change how fast an evaluation runs, never its predictions
-EVAL_EXECUTION_ONLY = ("timeout_s", "workers", "num_processes")
+# Derived from the roles declared with each field (vlmdet/config.py): settings that change how fast a
+# step runs, never what it produces.
+TRAIN_EXECUTION_ONLY = names_where("train", role="execution")
+EVAL_EXECUTION_ONLY = names_where("eval", role="execution")
+# eval settings that change what is written beside the numbers (the preview), not the numbers
+EVAL_OUTPUT_ONLY = names_where("eval", role="output")
 
 
 def evaluation_key(config: RunConfig, data_fingerprint: str) -> str:
     """The trained adapter and how it is measured: what makes a metric comparable."""
-    ev = {k: v for k, v in config.to_dict()["eval"].items() if k not in EVAL_EXECUTION_ONLY + ("preview_images",)}
+    ev = {k: v for k, v in config.to_dict()["eval"].items() if k not in EVAL_EXECUTION_ONLY + EVAL_OUTPUT_ONLY}
     return _hash({"training": training_key(config, data_fingerprint), "eval": ev})
 
 
 def decision_settings(config: RunConfig) -> dict[str, Any]:
-    """Gate and publish settings: a change re-runs the gate on the saved evaluation, no retraining."""
+    """The settings with role `decided` (gate, publish): a change re-runs the gate on the saved
+    evaluation, no retraining."""
     cfg = config.to_dict()
-    return {"gate": cfg["gate"], "publish": {k: v for k, v in cfg["publish"].items() if k != "merge_timeout_s"}}
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys_where(role="decided"):
+        section, name = key.split(".")
+        out.setdefault(section, {})[name] = cfg[section][name]
+    return out
 
 
 def _file_stats(files: list[Path]) -> list[tuple[str, int, int]]:
@@ -109,6 +118,8 @@ def marker_matches(folder: str | Path, key: str) -> bool:
 
 
 _SHA = re.compile(r"@([0-9a-f]{40})$")
+# A Hub repo id, ORG/NAME: the one pattern provenance, the model card and serving check names against.
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def stamp_revision(stamp: str) -> str | None:

@@ -85,7 +85,8 @@ def coco_map(gt: dict | str | Path, predictions: list[dict] | str | Path) -> dic
 
 def predictions_to_coco(per_image_boxes: Sequence[Iterable[Box]], image_ids: Sequence[int], category_id: int = 1,
                         default_score: float | None = None) -> list[dict]:
-    """COCO results from boxes (xyxy, original pixels) per image.
+    """COCO results from boxes (xyxy, original pixels) per image; coordinates to 0.01 px (what
+    predictions.json holds: finer is noise, and the file stays small).
 
     Each box needs a `score`; `default_score` fills missing ones only when given explicitly,
     since equal scores make AP depend on write order.
@@ -100,5 +101,5 @@ def predictions_to_coco(per_image_boxes: Sequence[Iterable[Box]], image_ids: Seq
                 raise ValueError(f"a box on image {image_id} has no score; set Box.score (the model's confidence) "
                                  f"or pass default_score=")
             out.append({"image_id": image_id, "category_id": category_id,
-                        "bbox": [float(v) for v in b.xywh()], "score": float(score)})
+                        "bbox": [round(float(v), 2) for v in b.xywh()], "score": float(score)})
     return out

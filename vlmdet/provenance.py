@@ -19,7 +19,6 @@ from vlmdet.records import DatasetRef
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "vlmdet")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -46,13 +45,13 @@ def base_model_record(base: str, resolved: str) -> dict[str, Any]:
     """{"id", "revision", "files_hash"}: revision is a Hub commit sha for a Hub id (None if it cannot
     be known); a local folder has no Hub revision, so a hash of its files names it instead (a folder
     inside the HF cache, .../snapshots/<sha>, does have one)."""
-    from vlmdet.keys import hub_revision
+    from vlmdet.keys import REPO_ID, hub_revision
 
     path = Path(resolved)
     if path.is_dir():
         revision = path.name if _SHA.match(path.name) and path.parent.name == "snapshots" else None
         return {"id": base, "revision": revision, "files_hash": _files_hash(path)}
-    if _REPO_ID.match(resolved):
+    if REPO_ID.match(resolved):
         return {"id": base, "revision": hub_revision(resolved, "model"), "files_hash": None}
     return {"id": base, "revision": None, "files_hash": None}
 

@@ -1,13 +1,18 @@
 """The interface every model family's box format fills, and the registry.
 
-A family module owns three things: the prompt's wording conventions, how a list of boxes is
-rendered as the answer the model is trained to write, and how an answer is parsed back to boxes
-in original-image pixels. `parse` never raises: a malformed answer is zero boxes with `ok=False`,
-which evaluation counts as a parse failure.
+A family module owns the family: how a list of boxes is rendered as the answer the model is
+trained to write, how an answer is parsed back to boxes in original-image pixels, and the family's
+facts the rest of vlmdet reads from the class (the processor's pixels per visual token, the words
+and the plain-transformers code the model card uses to describe its coordinates). `parse` never
+raises: a malformed answer is zero boxes with `ok=False`, which evaluation counts as a parse failure.
+
+A family shipped here is one module and one REGISTRY line. Another installed package adds one
+without editing vlmdet: an entry point in the group `vlmdet.families` (`NAME = module:Class`).
 """
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 from dataclasses import dataclass, field
 
 
@@ -47,6 +52,17 @@ class BoxFormat:
 
     name: str = ""
     no_object_answer: str = ""
+    # Pixels per visual-token side after the processor's merge (patch size x spatial merge): the grid
+    # images are resized to (formats/resize.smart_resize), so the number of visual tokens of an image.
+    factor: int = 28
+    # For the model card: what the coordinates are, the span a box's score averages over, and the
+    # plain-transformers lines that turn `answer` into [[x1, y1, x2, y2], ...] in pixels of a W x H photo.
+    coordinates: str = ""
+    score_span: str = "the box's coordinates"
+    usage_parse: tuple[str, ...] = ()
+    # The transformers model_type(s) whose checkpoints answer in this format: `vlmdet predict` and
+    # `vlmdet serve` tell a model folder's family by them (modeling.load.family_of).
+    model_types: tuple[str, ...] = ()
 
     def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
         self.min_pixels = min_pixels
@@ -69,8 +85,29 @@ REGISTRY = {
 }
 
 
+ENTRY_POINTS = "vlmdet.families"
+
+
+def families() -> dict[str, str]:
+    """Family name -> "module:Class": the shipped ones, then those installed packages declare."""
+    found = dict(REGISTRY)
+    for ep in entry_points(group=ENTRY_POINTS):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def format_class(family: str) -> type[BoxFormat]:
+    known = families()
+    if family not in known:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(known)}")
+    module, cls = known[family].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def family_for_model_type(model_type: str) -> str | None:
+    """The family whose format declares `model_type`, or None."""
+    return next((name for name in families() if model_type in format_class(name).model_types), None)
+
+
 def get_format(family: str, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> BoxFormat:
-    if family not in REGISTRY:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(REGISTRY)}")
-    module, cls = REGISTRY[family].split(":")
-    return getattr(importlib.import_module(module), cls)(min_pixels=min_pixels, max_pixels=max_pixels)
+    return format_class(family)(min_pixels=min_pixels, max_pixels=max_pixels)

@@ -112,6 +112,18 @@ class Qwen25VLFormat(BoxFormat):
     name = "qwen2_5_vl"
     no_object_answer = "[]"
     factor = QWEN2_FACTOR  # 14 px patches x 2x2 merge
+    model_types = ("qwen2_5_vl",)
+    coordinates = ("absolute pixels of the image after the processor's resize (smart_resize, factor 28, "
+                   "within the pixel budget), not of the original")
+    score_span = "the `bbox_2d` list"
+    usage_parse = (
+        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}] in pixels of the image the processor resized',
+        "patch = processor.image_processor.patch_size  # the resized image is grid x patch pixels",
+        'grid_h, grid_w = inputs["image_grid_thw"][0, 1:].tolist()',
+        "sx, sy = W / (grid_w * patch), H / (grid_h * patch)",
+        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
+        'boxes = [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
+    )
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the image the model sees: the frame its coordinates live in."""

@@ -24,6 +24,15 @@ def _q(v: float, size: int) -> int:
 class Qwen2VLFormat(BoxFormat):
     name = "qwen2_vl"
     no_object_answer = "None"
+    factor = 28  # 14 px patches x 2x2 merge
+    model_types = ("qwen2_vl",)
+    coordinates = "integers 0-1000 relative to the image"
+    score_span = "`<|box_start|>...<|box_end|>`"
+    usage_parse = (
+        "# Answer: <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>, 0-1000 of the image",
+        'found = re.findall(r"<\\|box_start\\|>\\((\\d+),(\\d+)\\),\\((\\d+),(\\d+)\\)<\\|box_end\\|>", answer)',
+        "boxes = [[int(x1) / 1000 * W, int(y1) / 1000 * H, int(x2) / 1000 * W, int(y2) / 1000 * H] for x1, y1, x2, y2 in found]",
+    )
 
     def render(self, boxes: list[Box], width: int, height: int, label: str) -> str:
         if not boxes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vlmdet.formats.base import Box, BoxFormat, ParseResult
 from vlmdet.formats.qwen2_5_vl import parse_scaled, render_json
+from vlmdet.formats.resize import QWEN3_FACTOR
 
 SCALE = 1000
 
@@ -16,6 +17,15 @@ SCALE = 1000
 class Qwen3VLFormat(BoxFormat):
     name = "qwen3_vl"
     no_object_answer = "[]"
+    factor = QWEN3_FACTOR  # 16 px patches x 2x2 merge
+    model_types = ("qwen3_vl",)
+    coordinates = "integers 0-1000 relative to the image"
+    score_span = "the `bbox_2d` list"
+    usage_parse = (
+        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}], 0-1000 of the image',
+        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
+        'boxes = [[x1 / 1000 * W, y1 / 1000 * H, x2 / 1000 * W, y2 / 1000 * H] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
+    )
 
     def render(self, boxes: list[Box], width: int, height: int, label: str) -> str:
         if width <= 0 or height <= 0:

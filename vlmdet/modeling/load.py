@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vlmdet.config import ConfigError, ModelConfig
+from vlmdet.formats.resize import pixel_budget
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -148,19 +149,20 @@ def load_for_inference(path: str, cfg: ModelConfig):
     return model, load_processor(proc_src, cfg)
 
 
-FAMILY_BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
-
-
 def family_of(path: str | Path) -> str:
-    """The box-format family of a merged or adapter folder, from its (base's) config.json model_type."""
+    """The box-format family of a merged or adapter folder, from its (base's) config.json model_type
+    (each format class lists the model types it answers for)."""
     from transformers import AutoConfig
+
+    from vlmdet.formats.base import family_for_model_type, families
 
     src = adapter_base(path) if is_adapter(path) else str(path)
     model_type = AutoConfig.from_pretrained(src, **SAFE).model_type
-    if model_type not in FAMILY_BY_MODEL_TYPE:
-        raise ConfigError(f"{path}: model_type {model_type!r} is not a supported family "
-                          f"({', '.join(FAMILY_BY_MODEL_TYPE)})")
-    return FAMILY_BY_MODEL_TYPE[model_type]
+    family = family_for_model_type(model_type)
+    if family is None:
+        raise ConfigError(f"{path}: model_type {model_type!r} is not a supported family ({', '.join(families())}); "
+                          "pass --model.family if the model answers in one of their formats")
+    return family
 
 
 def saved_pixel_budget(path: str | Path) -> tuple[int, int] | None:
@@ -171,9 +173,10 @@ def saved_pixel_budget(path: str | Path) -> tuple[int, int] | None:
         ip = AutoImageProcessor.from_pretrained(str(path), **SAFE)
     except (OSError, ValueError):
         return None
-    size = getattr(ip, "size", None) or {}
-    lo, hi = size.get("shortest_edge"), size.get("longest_edge")
-    return (int(lo), int(hi)) if lo and hi else None
+    try:
+        return pixel_budget(ip)
+    except ValueError:  # not a Qwen-VL image processor: no budget to read
+        return None
 
 
 def _repo_files(name: str, what: str) -> list[str]:

@@ -21,7 +21,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_results
 
 from vlmdet.config import RunConfig
+from vlmdet.formats.base import format_class
 from vlmdet.gate import decision_markdown
+from vlmdet.keys import REPO_ID
 from vlmdet.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ GATE_PICTURE = "assets/gate_disagreements.png"
 PREDICTIONS = "eval/predictions.json"  # the published model's detections on its test split (COCO results)
 METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = REPO_ID  # vlmdet.keys: one pattern for Hub ids
 _HUB_SHA = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit; our fingerprints are 64 hex characters
 
 
@@ -166,7 +168,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         "- Not intended: safety-critical decisions, or images unlike the training distribution (other languages, "
         "layouts, heavy blur) without re-measuring mAP on them.",
         "- A box's score is the geometric-mean probability, from the raw logits of greedy decoding, of the tokens "
-        f"of its coordinates ({'`<|box_start|>...<|box_end|>`' if meta['family'] == 'qwen2_vl' else 'the `bbox_2d` list'}); "
+        f"of its coordinates ({format_class(meta['family']).score_span}); "
         "it ranks detections but is not a calibrated probability.",
         f"- Measured on {ev['num_images']} held-out images only; {ev['parse_failures']} answers could not be parsed.",
         "",
@@ -336,29 +338,6 @@ def base_model_id(configured: str, resolved: str | None) -> str:
     return configured if _REPO_ID.match(configured) else f"{configured!r} (not a Hub id)"
 
 
-# Plain transformers that reproduce `vlmdet predict`'s boxes, per family: {answer -> pixel boxes}.
-_PARSE = {
-    "qwen2_vl": [
-        "# Answer: <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>, 0-1000 of the image",
-        'found = re.findall(r"<\\|box_start\\|>\\((\\d+),(\\d+)\\),\\((\\d+),(\\d+)\\)<\\|box_end\\|>", answer)',
-        "boxes = [[int(x1) / 1000 * W, int(y1) / 1000 * H, int(x2) / 1000 * W, int(y2) / 1000 * H] for x1, y1, x2, y2 in found]",
-    ],
-    "qwen2_5_vl": [
-        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}] in pixels of the image the processor resized',
-        "patch = processor.image_processor.patch_size  # the resized image is grid x patch pixels",
-        'grid_h, grid_w = inputs["image_grid_thw"][0, 1:].tolist()',
-        "sx, sy = W / (grid_w * patch), H / (grid_h * patch)",
-        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
-        'boxes = [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
-    ],
-    "qwen3_vl": [
-        '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}], 0-1000 of the image',
-        'found = json.loads(m.group()) if (m := re.search(r"\\[.*\\]", answer, re.S)) else []',
-        'boxes = [[x1 / 1000 * W, y1 / 1000 * H, x2 / 1000 * W, y2 / 1000 * H] for x1, y1, x2, y2 in (o["bbox_2d"] for o in found)]',
-    ],
-}
-
-
 def usage_snippet(repo: str, prompt: str, family: str) -> str:
     """Python that loads `repo`, detects on photo.jpg and prints xyxy boxes in its pixels."""
     return "\n".join([
@@ -377,7 +356,7 @@ def usage_snippet(repo: str, prompt: str, family: str) -> str:
         'inputs = processor(text=[text], images=[image], add_special_tokens=False, return_tensors="pt").to(model.device)',
         "out = model.generate(**inputs)  # greedy, both stop tokens, answer length: generation_config.json",
         'answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)',
-        *_PARSE[family],
+        *format_class(family).usage_parse,  # the family's own code (vlmdet/formats)
         "print(boxes)  # [[x1, y1, x2, y2], ...] in pixels of photo.jpg",
     ])
 
@@ -394,10 +373,7 @@ def how_to_use(meta: dict[str, Any]) -> list[str]:
     lo, hi = cfg["model"]["min_pixels"], cfg["model"]["max_pixels"]
     fmt = get_format(family, lo, hi)
     example = fmt.render([Box(64, 48, 320, 240, category)], 640, 480, category)
-    coords = {"qwen2_vl": "integers 0-1000 relative to the image",
-              "qwen2_5_vl": "absolute pixels of the image after the processor's resize (smart_resize, factor 28, "
-                            "within the pixel budget), not of the original",
-              "qwen3_vl": "integers 0-1000 relative to the image"}[family]
+    coords = fmt.coordinates
     return [
         "## How to use",
         "",

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from vlmdet.formats.resize import QWEN2_FACTOR, QWEN3_FACTOR, smart_resize
+from vlmdet.formats.resize import smart_resize
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,10 @@ def grouping_independent_of_gpus(sampler, args):
 
 
 def factor(family: str) -> int:
-    """Pixels per visual token side after the 2x2 merge."""
-    return QWEN3_FACTOR if family == "qwen3_vl" else QWEN2_FACTOR
+    """Pixels per visual token side after the merge: a fact of the family's format class."""
+    from vlmdet.formats.base import format_class
+
+    return format_class(family).factor
 
 
 def visual_tokens(width: int, height: int, family: str, min_pixels: int, max_pixels: int) -> int:
