@@ -146,6 +146,9 @@ def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Name
             runs.append({"exit": code, "seconds": round(time.time() - t, 1), "state": result.get("state"),
                          "steps": [(s.get("step"), s.get("seconds")) for s in result.get("steps", [])],
                          "p_better": [p for p in find(result, "p_better") if p is not None],
+                         "gate": (result.get("gate") or {}).get("reason"),
+                         "champion_revision": (result.get("gate") or {}).get("champion_revision"),
+                         "revision": (result.get("published") or {}).get("revision"),
                          "published": any(find(result, "published")) or any(
                              s.get("step") == "publish" for s in result.get("steps", [])),
                          "tail": [] if code == 0 else tail(logs / f"nightly{k}.log")})
@@ -154,9 +157,11 @@ def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Name
     finally:
         hub.stop()
     ok = (len(runs) == 2 and all(r["exit"] == 0 and r["state"] == "done" for r in runs) and runs[0]["published"]
-          and bool(runs[1]["p_better"]))  # the second run's gate compared both models on the same images
+          and bool(runs[1]["p_better"])  # the second run's gate compared both models on the same images...
+          and runs[1]["champion_revision"] == runs[0]["revision"])  # ...the one the first run committed
     return {"ok": ok, "runs": runs,
-            "checks": "run 1 published to the local Hub-API server; run 2's gate compared with run 1's model"}
+            "checks": "run 1 published to the local Hub-API server; run 2's gate compared with run 1's model, "
+                      "at the revision run 1 committed"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -409,8 +409,10 @@ def nightly(resolved, workdir: Path, rec: Recorder) -> dict[str, Any]:
     hook.mkdir(parents=True, exist_ok=True)
     (hook / "sitecustomize.py").write_text(PEAK_HOOK)
     steps = bench_steps(rec, hook)
-    pipeline.run(resolved, pipeline.RunLayout.at(workdir), steps)
-    return steps.out
+    run = pipeline.run(resolved, pipeline.RunLayout.at(workdir), steps)
+    # the gate as the run decided it (summary.json's `gate`: threshold, champion revision, the paired
+    # bootstrap against the champion when there was one) and the champion's numbers on today's images
+    return dict(steps.out, gate=run.gate, champion_metrics=run.champion_metrics)
 
 
 def table(summary: dict[str, Any]) -> str:
