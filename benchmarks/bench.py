@@ -313,16 +313,16 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
               rows: tuple[str, ...] = EVAL_ROWS, workers: int = 4) -> dict:
     """Detection as evaluate() runs it: JPEG files on disk, decoded and processed batch by batch.
 
-    thread@B   Detector.detect_all with eval.workers=0: the next batch prepared by one thread (the
-               path measured before eval.workers existed)
-    workers@B  the same with eval.workers=4 forked DataLoader workers (the default)
+    thread@B   Detector.detect_all: the next batch prepared by one thread (the library's path)
+    workers@B  the same with 4 forked DataLoader workers (rejected: benchmarks/rejected_detect.py)
     generate@B every batch's processor tensors made before the clock starts: what the GPU side costs
                (generate + parsing), the floor of any input pipeline
     prefill@B  one forward pass over a batch's prompts, no decoding: the prefill floor of generate
     before@B   the detection methods before the earlier levers (benchmarks/old_detect.py)
-    static@B   the KV cache preallocated (eval.cache=static)
+    static@B   the KV cache preallocated (rejected: benchmarks/rejected_detect.py)
     """
     from old_detect import OldDetector
+    from rejected_detect import RejectedDetector
     from seed_recipe_train import synth
 
     from vlmdet.config import load_preset
@@ -342,8 +342,8 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
     res.data["eval"] = out  # filled in place and saved after every row: a timeout keeps what was measured
     fmt = get_format(m.family, m.min_pixels, m.max_pixels)
     args = (processor, fmt, m.prompt, cfg.data.category, 24)
-    det = {"thread": Detector(model, *args, workers=0), "workers": Detector(model, *args, workers=workers),
-           "static": Detector(model, *args, cache="static", workers=workers), "before": OldDetector(model, *args)}
+    det = {"thread": Detector(model, *args), "workers": RejectedDetector(model, *args, workers=workers),
+           "static": RejectedDetector(model, *args, cache="static", workers=workers), "before": OldDetector(model, *args)}
     W, H = (1024, 768) if not tiny else (224, 168)
     folder = work / f"eval-jpeg-{W}x{H}-{n}"
     if not (folder / f"im{n - 1:04d}.jpg").is_file():

@@ -5,6 +5,7 @@ Speed itself is measured by benchmarks/bench.py on a GPU; here each lever's corr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,9 +350,11 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     seq_lean, lp_lean = lean._generate(lean.inputs(images))
     assert torch.equal(seq_full, seq_lean)
     torch.testing.assert_close(lp_lean, lp_full, rtol=0, atol=1e-6)
-    # a static (preallocated) KV cache: the same tokens and log-probabilities
-    static = Detector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=10,
-                      cache="static")
+    # a static (preallocated) KV cache, measured slower and kept in the benchmark (rejected_detect.py):
+    # the same tokens and log-probabilities, so bench.py's static rows compare like with like
+    RejectedDetector = _rejected_detector()
+    static = RejectedDetector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=10,
+                              cache="static")
     seq_static, lp_static = static._generate(static.inputs(images))
     assert torch.equal(seq_static, seq_lean)
     torch.testing.assert_close(lp_static, lp_lean, rtol=0, atol=1e-5)
@@ -363,7 +366,7 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     for p, q in zip(sorted_preds, alone):
         assert p.answer == q.answer
         assert [b.score for b in p.boxes] == pytest.approx([b.score for b in q.boxes], abs=1e-4)
-    # eval.workers: batches decoded and processed by forked DataLoader workers, not this process
+    # forked DataLoader workers (the benchmark's workers rows): batches decoded and processed there, not here
     import os
 
     loaded_by = []
@@ -375,13 +378,24 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
         return load
 
     pids = []
-    forked = Detector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=10, workers=2)
+    forked = RejectedDetector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=10,
+                              workers=2)
     real_inputs = forked.inputs
     forked.inputs = lambda imgs: (pids.append(os.getpid()), real_inputs(imgs))[1]  # noqa: E731
     worker_preds = forked.detect_all([(f, loader(im)) for f, im in zip(files, images)], len(images), 2,
                                      sizes=[w * h for w, h in sizes])
     assert [p.to_dict() for p in worker_preds] == [p.to_dict() for p in sorted_preds]
     assert pids == [] and loaded_by == []  # neither loading nor the processor ran in this process
+
+
+def _rejected_detector():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rejected_detect.py"
+    spec = importlib.util.spec_from_file_location("rejected_detect", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RejectedDetector
 
 
 # --- evaluation over several processes ------------------------------------------------------------------------

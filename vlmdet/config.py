@@ -259,11 +259,6 @@ class EvalConfig(_Section):
                                  "the checkpoint that is published (val mAP50, then val loss, then the later step); "
                                  "0 = pick by val loss alone. The test split only judges.", "learned")
 
-    @property
-    def workers(self) -> int:
-        """Deprecated (see DEPRECATED): always 0, the background thread; for callers not yet updated."""
-        return 0
-
     def check(self) -> None:
         if self.num_processes < 0:
             raise ConfigError(f"eval.num_processes={self.num_processes}: use 0 (every visible GPU) or a count >= 1.")

@@ -111,33 +111,9 @@ class ChosenTokenLogProbs:
         return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0)).float()
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Batch k of detect_all as (images, processor tensors): what a DataLoader worker prepares."""
-
-    def __init__(self, load, batches: list[list[int]]):
-        self.load, self.batches = load, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int):
-        return self.load(self.batches[k])
-
-
-def _as_is(batch):
-    return batch
-
-
-def _fork_available() -> bool:
-    import multiprocessing
-
-    return "fork" in multiprocessing.get_all_start_methods()
-
-
 class Detector:
-    def __init__(self, model, processor, fmt: BoxFormat, prompt: str, category: str, max_new_tokens: int = 128,
-                 cache: str = "dynamic", workers: int = 0):
-        self.model, self.processor, self.fmt, self.cache, self.workers = model, processor, fmt, cache, workers
+    def __init__(self, model, processor, fmt: BoxFormat, prompt: str, category: str, max_new_tokens: int = 128):
+        self.model, self.processor, self.fmt = model, processor, fmt
         self.prompt, self.category, self.max_new_tokens = prompt, category, max_new_tokens
         tok = processor.tokenizer
         self.stop_ids = stop_token_ids(tok)
@@ -172,6 +148,10 @@ class Detector:
             preds.append(Prediction(f, w, h, boxes, answer, parsed.ok, parsed.error))
         return preds
 
+    def generate_options(self) -> dict[str, Any]:
+        """Extra `generate` arguments (none: the dynamic KV cache; benchmarks/rejected_detect.py measures others)."""
+        return {}
+
     def _generate(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequences, [batch, new tokens] log-probabilities of the chosen tokens under the raw logits).
 
@@ -182,10 +162,7 @@ class Detector:
         tok = self.processor.tokenizer
         kw = dict(max_new_tokens=self.max_new_tokens, **GREEDY, pad_token_id=tok.pad_token_id,
                   eos_token_id=sorted(self.stop_ids))
-        if self.cache != "dynamic":  # static: no torch.cat of the whole KV cache at every step
-            # eager: transformers would otherwise torch.compile the forward on CUDA (minutes at a new
-            # batch shape, and the hooks below would run inside a compiled graph)
-            kw.update(cache_implementation=self.cache, disable_compile=True)
+        kw.update(self.generate_options())
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if head is None:
             out = self.model.generate(**inputs, **kw, output_logits=True, return_dict_in_generate=True)
@@ -206,9 +183,8 @@ class Detector:
 
         Predictions come back in the order of `items`. With `sizes` (e.g. visual tokens an image),
         batches are formed largest first, so images of one batch pad little and an out-of-memory
-        shows on the first batch. The next batches' images are decoded and processed while the GPU
-        generates the current one: by `self.workers` forked processes (a DataLoader), or with
-        workers=0 by one background thread (which shares Python's lock with generate's loop).
+        shows on the first batch. The next batch's images are decoded and processed by a background
+        thread while the GPU generates the current one.
         """
         items = list(items)
         order = sorted(range(len(items)), key=lambda i: -sizes[i]) if sizes else list(range(len(items)))
@@ -228,16 +204,8 @@ class Detector:
         return preds  # type: ignore[return-value]
 
     def _prepared(self, load, batches: list[list[int]]):
-        """(images, inputs) of every batch in order, prepared ahead of the one being generated."""
-        workers = min(self.workers, len(batches) - 1)
-        if workers > 0 and _fork_available():
-            # fork: the workers inherit the items' loaders (closures) and the processor without pickling;
-            # they never touch CUDA. The tensors come back through shared memory.
-            loader = torch.utils.data.DataLoader(_Batches(load, batches), batch_size=None, collate_fn=_as_is,
-                                                 num_workers=workers, prefetch_factor=2,
-                                                 multiprocessing_context="fork")
-            yield from loader
-            return
+        """(images, inputs) of every batch in order, the next one prepared by a background thread while the
+        GPU generates the current one (forked DataLoader workers measured slower: benchmarks/RESULTS.md)."""
         with ThreadPoolExecutor(max_workers=1) as pool:
             ahead = pool.submit(load, batches[0]) if batches else None
             for k in range(len(batches)):

@@ -68,9 +68,8 @@ def load_checkpoint_weights(model, folder: str | Path) -> None:
 def val_map(model, processor, config, split_json: str, max_images: int) -> dict[str, float]:
     """COCO mAP of the model in memory on the first `max_images` images of the validation split."""
     from vlmdet.data.images import open_image
-    from vlmdet.formats import get_format
-    from vlmdet.metrics import coco_map
-    from vlmdet.prediction.predict import Detector
+    from vlmdet.metrics import coco_map, predictions_to_coco
+    from vlmdet.prediction.load import make_detector
     from vlmdet.samples import load_split
 
     samples, coco = load_split(split_json)
@@ -78,9 +77,7 @@ def val_map(model, processor, config, split_json: str, max_images: int) -> dict[
     ids = {s.image_id for s in samples}
     gt = dict(coco, images=[im for im in coco["images"] if im["id"] in ids],
               annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
-    fmt = get_format(config.model.family, config.model.min_pixels, config.model.max_pixels)
-    det = Detector(model, processor, fmt, config.model.prompt, config.data.category, config.eval.max_new_tokens,
-                   workers=config.eval.workers)
+    det = make_detector(model, processor, config)  # the evaluation's Detector, over the model in memory
     was_training = model.training
     model.eval()
     try:
@@ -89,9 +86,7 @@ def val_map(model, processor, config, split_json: str, max_images: int) -> dict[
     finally:
         model.train(was_training)
     cat_id = next((c["id"] for c in gt["categories"] if c["name"] == config.data.category), 1)
-    results = [{"image_id": s.image_id, "category_id": cat_id, "bbox": [round(v, 2) for v in b.xywh()], "score": b.score}
-               for s, p in zip(samples, preds) for b in p.boxes]
-    return coco_map(gt, results)
+    return coco_map(gt, predictions_to_coco([p.boxes for p in preds], [s.image_id for s in samples], cat_id))
 
 
 def select_checkpoint(model, processor, config, ckpt_dir: str | Path, log_history: list[dict[str, Any]],

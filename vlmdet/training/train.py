@@ -169,7 +169,7 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
         processor.save_pretrained(str(adapter_dir))
         # how the base was loaded for training (a speed profile may differ from the preset): evaluation
-        # of this adapter loads the base the same way (vlmdet.evaluation.trained_model_settings)
+        # of this adapter loads the base the same way (vlmdet.carried.trained_with)
         (adapter_dir / TRAINED_WITH).write_text(json.dumps({"profile": config.train.profile,
                                                             "model": config.to_dict()["model"]}, indent=1))
         (out / "log_history.json").write_text(json.dumps(history, indent=1))
