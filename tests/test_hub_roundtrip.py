@@ -122,6 +122,11 @@ def test_gate_reads_the_champion_from_the_hub_card(hub, tmp_path, merged_dir):
     assert (Path(folder) / "model.safetensors").read_bytes() == (merged_dir / "model.safetensors").read_bytes()
     assert json.loads((Path(folder) / "vlmdet.json").read_text())["eval"]["data_fingerprint"] == "fp-test"
     assert published_predictions(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN) is None  # pred.json unwritten
+    # the next champion's download replaces this one's in the run folder (a 7B is ~15 GB a revision)
+    newer = publishing.read_champion(cfg, tmp_path, TOKEN, sleep=NO_SLEEP)
+    assert newer.revision != champ.revision
+    again = champion_model(newer, tmp_path / "run", endpoint=hub.url, token=TOKEN)
+    assert [p.name for p in (tmp_path / "run" / "champion").iterdir()] == [Path(again).name] == [newer.revision[:12]]
 
 
 @pytest.mark.parametrize("method,path,status,after", [

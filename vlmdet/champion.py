@@ -47,6 +47,7 @@ def _download(champion: Champion, filename: str | None, out: Path, endpoint: str
         raise ValueError(f"champion {champion.source!r} has no revision; it is fetched only at the commit its card "
                          "was read at")
     kw: dict[str, Any] = dict(revision=champion.revision, endpoint=endpoint or None, token=token, local_dir=str(out))
+    _drop_other_revisions(out)
 
     def fetch() -> str | None:
         if filename is None:
@@ -57,6 +58,18 @@ def _download(champion: Champion, filename: str | None, out: Path, endpoint: str
             return None
 
     return with_retries(fetch, f"download champion {filename or 'model'}", champion.location, token, RetryPolicy())
+
+
+def _drop_other_revisions(out: Path) -> None:
+    """Delete the downloads of other champion revisions beside `out` (WORKDIR/champion/<revision>): the gate
+    only ever compares with the model at the target now, and a 7B download is ~15 GB, one more each time
+    a run publishes."""
+    import shutil
+
+    if out.parent.is_dir():
+        for old in out.parent.iterdir():
+            if old.is_dir() and old.name != out.name:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def published_predictions(champion: Champion, workdir: str | Path, endpoint: str = "",

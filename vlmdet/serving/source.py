@@ -12,13 +12,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 from pathlib import Path
 
+from vlmdet.keys import REPO_ID
 from vlmdet.modeling.load import ModelError
 
 log = logging.getLogger(__name__)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelSource:
@@ -33,7 +32,7 @@ class ModelSource:
             self.kind, self.where = "local", str(path.resolve())
             return
         repo = spec[4:] if spec.startswith("hub:") else spec
-        if not _REPO_ID.match(repo):
+        if not REPO_ID.match(repo):
             raise ModelError(f"--model {spec!r} is neither an existing folder nor a Hub repo id (ORG/NAME); "
                               "check the path, or pass hub:ORG/NAME.")
         self.kind, self.where = "hub", repo
