@@ -35,6 +35,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # vlmdet from this checkout
+sys.path.insert(0, str(REPO / "benchmarks"))
 PRESET = "qwen2-vl-7b-nutrition"
 BENCH_ROWS = "recipe,qlora,large"
 
@@ -100,26 +101,6 @@ def find(obj: Any, key: str) -> list[Any]:
     return []
 
 
-class LocalHub:
-    """tests/hub_server.py on loopback: both nightly runs publish to and read from the same server."""
-
-    def __init__(self, log: Path):
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "hub_server.py")], cwd=REPO,
-                                     env=child_env(), stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-        self.url = (self.proc.stdout.readline() if self.proc.stdout else "").strip()
-        if not self.url.startswith("http://127.0.0.1:"):
-            self.stop()
-            raise RuntimeError(f"tests/hub_server.py did not start (said {self.url!r})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 def nightly_cmd(out: Path, work: Path, base: Path | None, hub: str, args: argparse.Namespace) -> list[str]:
     model = ["--tiny", "--workers", "1"] if base is None else ["--base", str(base)]
     return [sys.executable, "benchmarks/nightly_run.py", "--out", str(out), "--workdir", str(work), *model,
@@ -132,7 +113,9 @@ def nightly_cmd(out: Path, work: Path, base: Path | None, hub: str, args: argpar
 
 def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     """Two scaled nightly runs on one Hub server: the first publishes, the second measures against it."""
-    hub = LocalHub(logs / "hub_server.log")
+    from nightly_run import LocalHub  # tests/hub_server.py on loopback, as nightly_run starts it
+
+    hub = LocalHub()
     runs: list[dict[str, Any]] = []
     try:
         for k in (1, 2):
