@@ -167,7 +167,7 @@ def test_custom_run_from_the_ui_trains_evaluates_gates_and_shows_its_artifacts(
         assert table.locator("th").all_inner_texts() == ["model", "mAP", "mAP50", "mAP75", "images"]
         cells = table.locator("tbody tr").first.locator("td").all_inner_texts()
         metrics = summary["metrics"]
-        assert cells == ["adapter", *(str(round(metrics[k], 4)) for k in ("map", "map50", "map75")),
+        assert cells == ["adapter", *(f"{metrics[k]:.4f}" for k in ("map", "map50", "map75")),
                          str(summary["evaluation"]["images"])]
         _shot(page, "ui-custom-run-summary")
 
