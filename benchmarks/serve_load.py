@@ -243,7 +243,7 @@ def baseline(args: argparse.Namespace, images: list[bytes]) -> dict:
     from vlmdet.config import RunConfig
     from vlmdet.data.images import load_image
     from vlmdet.evaluation import detector_for
-    from vlmdet.prediction.cli import config_for_model
+    from vlmdet.carried import config_for_model
     from vlmdet.serving.source import ModelSource
 
     overrides = dict(s.split("=", 1) for s in args.settings)

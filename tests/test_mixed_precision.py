@@ -17,9 +17,9 @@ import pytest
 import safetensors.torch
 import torch
 
+from test_families import FAMILIES  # the same families and micro runs as the fp32 family tests
 from vlmdet.config import DataConfig
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FULL = ["lm_head", "embed_tokens"]
 
 
@@ -35,17 +35,13 @@ def prepared(tmp_path_factory):
 
 
 def mixed_config(family: str):
-    from vlmdet.config import load_preset
+    """test_families' micro run of `family`, trained as the GPU trains it: bf16 base under bf16 autocast, fp32
+    trainable weights, `lm_head` and `embed_tokens` in full, a checkpoint each step for validation to score."""
+    from test_families import family_config
 
-    overrides = {"model.base": f"tiny:{family}", "model.family": family, "model.dtype": "bfloat16",
-                 "train.bf16": True, "train.adapter_dtype": "float32", "train.max_steps": 2,
-                 "train.per_device_batch": 2, "train.save_steps": 1, "train.warmup_steps": 0,
-                 "train.logging_steps": 1, "eval.batch_size": 4, "eval.max_new_tokens": 12,
-                 "eval.eval_base": False, "eval.preview_images": 1, "eval.val_max_images": 8,
-                 "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "lora.modules_to_save": FULL}
-    if family == "qwen3_vl":  # Qwen3-VL tokens are 32x32 px
-        overrides.update({"model.min_pixels": 64 * 32 * 32, "model.max_pixels": 256 * 32 * 32})
-    return load_preset("smoke", overrides)
+    return family_config(family).override({
+        "model.dtype": "bfloat16", "train.bf16": True, "train.adapter_dtype": "float32", "train.save_steps": 1,
+        "eval.preview_images": 1, "eval.val_max_images": 8, "lora.modules_to_save": FULL})
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -78,19 +78,21 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     return bytes(data)
 
 
+def _serve_load():
+    """benchmarks/serve_load.py as a module (the load test and its decompression-bomb images)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def flat_png(width: int, height: int) -> bytes:
-    """A valid PNG of one colour (black, 1 bit a pixel): 8 KB for 8000 x 8000, 48 KB for 20000 x 20000
-    on the wire, while Pillow decodes it to a byte a pixel (mode "1") and RGB to three: a real
-    decompression bomb, unlike bomb_png, whose pixel data would fail to decode."""
-    row = b"\0" * (1 + (width + 7) // 8)  # PNG filter byte 0, then the row's bits packed
-    z = zlib.compressobj(9)
-    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    """A real decompression bomb (serve_load.flat_png): one colour at 1 bit a pixel, 8 KB for 8000 x 8000
+    on the wire, a byte a pixel once Pillow decodes it (three as RGB), unlike bomb_png, whose pixel data
+    would fail to decode."""
+    return _serve_load().flat_png(width, height)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -264,12 +266,8 @@ def test_quarantine_corpus_concurrently_with_good_requests(server, expected):
 def test_load_benchmark_runs_clean_against_the_server(server, tmp_path):
     """benchmarks/serve_load.py on the tiny model: no errors at 1, 8 and 32 clients, batched answers
     equal to one-at-a-time generate (no timing asserted: this is a shared CPU)."""
-    import importlib.util
-
     url, proc = server
-    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _serve_load()
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     out = tmp_path / "load.json"

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from vlmdet.config import RunConfig
+from vlmdet.carried import config_for_model
 from vlmdet.evaluation import detector_for
 from vlmdet.formats.resize import smart_resize
 from vlmdet.modeling.load import ModelError
-from vlmdet.prediction.cli import check_model, config_for_model
+from vlmdet.prediction.files import check_model
 from vlmdet.prediction.predict import Detector, Prediction
 from vlmdet.serving.source import ModelSource
 
