@@ -454,3 +454,37 @@ def test_an_adapter_is_evaluated_on_the_base_it_was_trained_on(tmp_path, micro_c
     seen = trained_model_settings(str(tmp_path), preset)
     assert (seen.model.quantization, seen.model.dtype) == ("none", "bfloat16")
     assert trained_model_settings(str(tmp_path / "elsewhere"), preset).model.quantization == "nf4"  # no record: as is
+
+
+def test_liger_kernels_fall_back_where_they_cannot_run(synth_coco, micro_config, tmp_path, monkeypatch, caplog):
+    """train.liger_kernels needs CUDA and the package: without either the trainer gets the plain modules (Liger
+    would swap their forwards for Triton kernels, which fail on a CPU) and the log says why."""
+    import logging
+    import sys
+    import types
+
+    from vlmdet.training import speed
+    from vlmdet.training.train import build_trainer
+
+    cfg = micro_config.override({"train.liger_kernels": True})
+    with caplog.at_level(logging.INFO):
+        trainer, _, _ = build_trainer(_dataset(synth_coco), cfg, tmp_path / "t")
+    assert trainer.args.use_liger_kernel is False
+    assert "Triton kernels need CUDA" in caplog.text
+    layer = trainer.model.get_base_model().model.language_model.layers[0]
+    for module in (layer.input_layernorm, layer.mlp):  # Liger patches these instances' forward
+        assert "forward" not in vars(module) and type(module).__module__.startswith("transformers.")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert torch.isfinite(trainer.model(**batch).loss)  # and the model runs
+
+    # a CUDA machine without the package: off, naming the fix
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # import raises ImportError
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert speed.liger_kernels_usable(True, cuda=True) is False
+    assert "pip install liger-kernel" in caplog.text
+    # with it: on, unless the setting is off
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
+    assert speed.liger_kernels_usable(True, cuda=True) is True
+    assert speed.liger_kernels_usable(False, cuda=True) is False

@@ -226,6 +226,10 @@ class TrainConfig(_Section):
                     choices=("adamw_torch", "adamw_torch_fused"))
     pre_resize: bool = _f(False, "Store training images resized to the pixel budget once (boxes unchanged) instead "
                                  "of decoding full-size photos every epoch.", "learned")
+    liger_kernels: bool = _f(False, "Fused Triton kernels from Liger Kernel (TRL's use_liger_kernel) for the decoder's "
+                                    "RMSNorm and SiLU x up (and the vision tower's LayerNorm): fewer elementwise passes "
+                                    "over the activations. CUDA with liger-kernel installed only; elsewhere training runs "
+                                    "without them and says so.", "learned")
     ddp_find_unused: bool = _f(False, "Several processes: DDP walks the autograd graph after every forward to find "
                                       "trainable weights without a gradient (transformers' choice for any PEFT model). "
                                       "Off: every LoRA and modules_to_save weight gets a gradient every step, which "

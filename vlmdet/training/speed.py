@@ -22,6 +22,11 @@
   and vision tower never are), and each LoRA and modules_to_save weight of vlmdet's models is used
   in every forward (dropout multiplies, it never cuts the graph; non-reentrant checkpointing keeps
   it), so there is nothing to find. EveryTrainableWeightGetsAGradient checks that at the first step.
+- Liger Kernel's fused Triton kernels (train.liger_kernels, through TRL's use_liger_kernel): the
+  decoder's RMSNorm in one pass instead of ~6 elementwise kernels with an fp32 copy, SiLU(gate) x up
+  in one kernel, the vision tower's LayerNorm. The fused linear cross-entropy stays off (TRL keeps its
+  own chunked LM head). They need CUDA: on any other machine, or without the package, training runs
+  the plain modules and liger_kernels_usable says why in the log.
 - Lengths for grouping samples by size, from the image size alone (no decoding).
 - Training images stored once at the size the processor would resize them to.
 """
@@ -118,6 +123,22 @@ def adapter_inputs_uncast(model, autocast: bool):
     from peft.helpers import disable_input_dtype_casting
 
     return disable_input_dtype_casting(model, active=autocast)
+
+
+def liger_kernels_usable(wanted: bool, cuda: bool) -> bool:
+    """train.liger_kernels where it can run: on CUDA with liger-kernel importable; otherwise off, with the reason."""
+    if not wanted:
+        return False
+    if not cuda:
+        log.info("train.liger_kernels: off on this machine (Liger's Triton kernels need CUDA); plain modules")
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as err:  # not installed, or a Triton/torch it cannot load
+        log.warning("train.liger_kernels: liger-kernel cannot be used (%s: %s); training without it "
+                    "(pip install liger-kernel, or set train.liger_kernels=false)", type(err).__name__, err)
+        return False
+    return True
 
 
 def grouping_independent_of_gpus(sampler, args):

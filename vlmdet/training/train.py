@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,7 +104,8 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         optim=t.optim,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not cuda,
-        ddp_find_unused_parameters=t.ddp_find_unused,  # transformers' own default is True for a PEFT model
+        ddp_find_unused_parameters=t.ddp_find_unused,
+        use_liger_kernel=speed.liger_kernels_usable(t.liger_kernels, cuda),  # transformers' own default is True for a PEFT model
         completion_only_loss=True,
         **(validation_args(config) if validation else {}),
     )
@@ -128,9 +130,13 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
                       target_modules=config.lora.target_modules, exclude_modules=config.lora.exclude or None,
                       modules_to_save=config.lora.modules_to_save or None,
                       task_type="CAUSAL_LM")
-    trainer = Trainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
-                      train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
+    with warnings.catch_warnings():
+        # TRL 1.16 calls use_liger_kernel deprecated for the Hub's kernels, which download at every start (an
+        # offline worker cannot); the layer kernels it applies are Liger's either way
+        warnings.filterwarnings("ignore", message=".*use_liger_kernel=True. is deprecated", category=FutureWarning)
+        trainer = Trainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
+                          train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     set_adapter_dtype(trainer.model, config.train.adapter_dtype)
     trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
     if trainer.args.world_size > 1 and not config.train.ddp_find_unused:
