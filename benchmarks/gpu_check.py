@@ -8,13 +8,16 @@ on the final commit (docs/gpu.md says how to send it to the lent GPU machine). I
 2. a scaled nightly run, twice, through benchmarks/nightly_run.py (the same pipeline the flow runs:
    train with validation selection, both evaluations, merge, publish to tests/hub_server.py); the
    second run finds the first one's model at the target and its gate compares against it (paired
-   bootstrap on the same test images);
+   bootstrap on the same test images). Scaled: 24 training and 8 test images, and a random Qwen2-VL-7B
+   with 4 of its 28 decoder layers (vision tower, embeddings and LM head whole; 2.7B): the same code
+   and layer shapes, a third of the 7B's minutes of loading, merging and uploading. The whole 7B's
+   path is tests/gpu's; the whole night at full size is nightly_run.py's own measurement;
 3. the bench rows `recipe,qlora,large` (benchmarks/bench.py), compared with each other in the same call.
 
 1 and 2 run side by side (one GPU has the memory for both; they are checks, not timings): the smoke
-task's test starts at once (several minutes of mostly Python on a 3.8M model), beside the build of the
-random 7B the rest share. Once the 7B tests and the nightly runs are done their files are deleted (disk:
-64 GiB; the random 7B, a merged 7B each, 16.6 GB apiece) and 3 runs, beside the smoke test's tail.
+task's test starts at once (a few minutes of mostly Python on a 3.8M model), the nightly runs once their
+small base is built, the 7B tests once the random 7B is. Once the 7B tests and the nightly runs are done
+their files are deleted (disk: 64 GiB) and 3 runs, beside the smoke test's tail if any.
 Writes OUT/gpu_check-<commit>.json (every phase: ok, seconds, counts, the nightly runs' step tables,
 the bench rows) beside the logs, and exits 1 if anything failed.
 
@@ -30,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +44,7 @@ sys.path.insert(0, str(REPO))  # vlmdet from this checkout
 sys.path.insert(0, str(REPO / "benchmarks"))
 PRESET = "qwen2-vl-7b-nutrition"
 BENCH_ROWS = "recipe,qlora,large"
+NIGHTLY_LAYERS = 4  # decoder layers of the nightly runs' random base (the 7B's shapes; tests/gpu has all 28)
 
 
 def commit_id(given: str | None) -> str:
@@ -199,44 +204,61 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     # the smoke task's test needs no 7B: it starts first, beside the 7B's build
+    ended: dict[str, float] = {}  # seconds from the check's start at which each pytest child ended
+
     def pytest(target: str, name: str, **env: str) -> tuple[subprocess.Popen, Path]:
         log = logs / f"{name}.log"
-        return start([sys.executable, "-m", "pytest", "-m", "gpu", target, "-q", "-p", "no:cacheprovider",
+        proc = start([sys.executable, "-m", "pytest", "-m", "gpu", target, "-q", "-p", "no:cacheprovider",
                       "--basetemp", str(work / name), "-o", "addopts=-ra", "--timeout", str(int(args.budget_s))],
-                     log, VLMDET_GPU_REPORT=str(args.out / f"{name}_report.json"), **env), log
+                     log, VLMDET_GPU_REPORT=str(args.out / f"{name}_report.json"), **env)
+        def watch() -> None:
+            proc.wait()
+            ended[name] = round(time.time() - t0, 1)
+
+        threading.Thread(target=watch, daemon=True).start()
+        return proc, log
 
     tests: list[tuple[subprocess.Popen, Path]] = []
     t_tests = time.time()
     if "tests" not in skip:
         tests.append(pytest("tests/gpu/test_smoke_qlora.py", "gpu_smoke"))
 
-    # the random 7B once, for the tests and both nightly runs (bench.py builds the recipe's own later)
-    base: Path | None = None
-    code = 0
-    if not args.tiny:
-        base = work / "random-qwen2-vl-7b"
+    # the nightly runs' small base first (seconds), then the runs in a thread while the random 7B is built
+    def build(path: Path, layers: int | None, phase: str) -> int:
         t = time.time()
-        from vlmdet.config import load_preset
-
         cfg = load_preset(PRESET).model
         code = subprocess.run([sys.executable, "-c", "import sys; from vlmdet.modeling.published import "
-                               "build_random_qwen2_vl_7b as b; b(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
-                               str(base), str(cfg.min_pixels), str(cfg.max_pixels)], cwd=REPO,
-                              env=child_env()).returncode
-        report["phases"]["base"] = {"ok": code == 0, "seconds": round(time.time() - t, 1)}
+                               "build_random_qwen2_vl_7b as b; b(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "
+                               "text_layers=int(sys.argv[4]) or None)", str(path), str(cfg.min_pixels),
+                               str(cfg.max_pixels), str(layers or 0)], cwd=REPO, env=child_env()).returncode
+        report["phases"][phase] = {"ok": code == 0, "seconds": round(time.time() - t, 1)}
         save()
-    middle = deadline - args.bench_reserve_s
+        return code
 
-    # 1 and 2 side by side
+    from vlmdet.config import load_preset
+
+    middle = deadline - args.bench_reserve_s
+    small = None if args.tiny else work / f"random-qwen2-vl-7b-{NIGHTLY_LAYERS}-layers"
+    nightly = None
+    if "nightly" not in skip and (small is None or build(small, NIGHTLY_LAYERS, "base_nightly") == 0):
+        def nightly_thread() -> None:
+            t = time.time()
+            report["phases"]["nightly"] = {**nightly_phase(work, logs, small, args, middle),
+                                           "seconds": round(time.time() - t, 1)}
+            save()
+
+        nightly = threading.Thread(target=nightly_thread)
+        nightly.start()
+    base = None if args.tiny else work / "random-qwen2-vl-7b"
+    code = 0
+    if "tests" not in skip and base is not None:
+        code = build(base, None, "base")
     if "tests" not in skip and code == 0:
         tests.append(pytest("tests/gpu/test_qwen2_vl_7b.py", "gpu_7b", VLMDET_RANDOM_7B=str(base or "")))
-    if "nightly" not in skip and code == 0:
-        t = time.time()
-        report["phases"]["nightly"] = nightly_phase(work, logs, base, args, middle)
-        report["phases"]["nightly"]["seconds"] = round(time.time() - t, 1)
-        save()
-    # the 7B's tests end before the bench; the smoke task's (a 3.8M model: light on the GPU, ~5 minutes of
-    # Python) may still run beside the bench, whose rows are compared with each other only
+    if nightly is not None:
+        nightly.join()
+    # the 7B's tests end before the bench; the smoke task's (a 3.8M model: light on the GPU, mostly Python)
+    # may still run beside the bench, whose rows are compared with each other only
     if len(tests) > 1:
         wait(tests[1][0], middle)
     for leftover in work.iterdir():  # the 7B, the merged models (~50 GB): the bench needs the disk
@@ -263,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         ran = counts.get("passed", 0) > 0 or (args.tiny and set(codes) <= {0, 5})  # --tiny: no CUDA, all skip
         report["phases"]["tests"] = {"ok": (set(codes) == {0} or args.tiny) and ran and not counts.get("failed"),
                                      "exit": codes, "counts": counts, "seconds": round(time.time() - t_tests, 1),
+                                     "files": {log.stem: {"exit": c, **pytest_counts(log), "seconds": ended.get(log.stem)}
+                                               for (_, log), c in zip(tests, codes)},
                                      "tail": [ln for (_, log), c in zip(tests, codes) if c for ln in tail(log, 30)]}
         save()
     if bench is not None:
