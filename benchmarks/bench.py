@@ -42,7 +42,9 @@ SEED_PRESET = "seed-recipe"  # the original design's settings, as a vlmdet prese
 T0 = time.time()
 # Rough seconds a row takes on an H100 (load + steps); a row that would end past --budget-s is skipped.
 ESTIMATE_S = {"recipe": 110, "qlora": 70, "large": 50, "eval": 200, "nightly-preset": 90, "qlora-b8-gc": 60,
-              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "large-cast": 50, "large-cast-redraw": 50, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
+              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "large-cast": 50, "large-cast-redraw": 50,
+              "large-liger": 50, "large-unfused": 50, "large-liger-redraw": 50, "qlora-liger": 70, "qlora-unfused": 70,
+              "qlora-liger-redraw": 70, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
 # vlmdet rows: (profile, extra settings, what the row shows)
 VLMDET_ROWS = {
     "qlora": ("qlora", {}, "the default profile"),
@@ -52,11 +54,22 @@ VLMDET_ROWS = {
     # qlora alternatives: which split of memory and speed meets 2x within 12 GiB
     "qlora-b8-gc": ("qlora", {"train.per_device_batch": 8, "train.grad_accum": 2}, "batch 8, checkpointing"),
     "large-b8": ("large", {"train.per_device_batch": 8, "train.grad_accum": 2}, "large at batch 8"),
-    # large with PEFT's cast of every LoRA input to fp32 left on (speed.adapter_inputs_uncast off)
-    "large-cast": ("large", {}, "large, LoRA inputs cast to the fp32 adapters' dtype (lever off)"),
+    # large with PEFT's cast of every LoRA input to fp32 left on (speed.adapter_inputs_uncast off); Liger off in
+    # all three, as when that lever was first measured (compare with large-unfused)
+    "large-cast": ("large", {"train.liger_kernels": False},
+                   "large, LoRA inputs cast to the fp32 adapters' dtype (lever off), Liger off"),
     # the noise that large vs large-cast is judged against: large-cast with other dropout masks only
     # (the CUDA generator reseeded when training starts; data order and LoRA init come from the CPU's)
-    "large-cast-redraw": ("large", {}, "large-cast with the GPU's dropout masks drawn from another seed"),
+    "large-cast-redraw": ("large", {"train.liger_kernels": False},
+                          "large-cast with the GPU's dropout masks drawn from another seed"),
+    # Liger Kernel's fused RMSNorm / SwiGLU / LayerNorm (train.liger_kernels) on and off, whatever the profile
+    # says, and the dropout-redraw noise its curve is judged against
+    "large-liger": ("large", {"train.liger_kernels": True}, "large with Liger's fused kernels"),
+    "large-unfused": ("large", {"train.liger_kernels": False}, "large without Liger's kernels"),
+    "large-liger-redraw": ("large", {"train.liger_kernels": True}, "large-liger, other dropout masks"),
+    "qlora-liger": ("qlora", {"train.liger_kernels": True}, "qlora with Liger's fused kernels"),
+    "qlora-unfused": ("qlora", {"train.liger_kernels": False}, "qlora without Liger's kernels"),
+    "qlora-liger-redraw": ("qlora", {"train.liger_kernels": True}, "qlora-liger, other dropout masks"),
     "qlora-b2-half": ("qlora", {"train.per_device_batch": 2, "train.grad_accum": 8, "train.checkpoint_every": 2},
                       "batch 2, checkpointing every 2nd layer"),
     "qlora-b1": ("qlora", {"train.per_device_batch": 1, "train.grad_accum": 16, "train.gradient_checkpointing": False},
@@ -431,6 +444,32 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
 
 # --- report -------------------------------------------------------------------------------------------------------
 
+# (lever on, lever off, the row that differs from one of them in its dropout masks only): a lever learns the
+# same when its curve lies no further from the curve without it than a dropout redraw's does
+SAME_LEARNING = (("large-liger", "large-unfused", "large-liger-redraw", "Liger kernels, large"),
+                 ("qlora-liger", "qlora-unfused", "qlora-liger-redraw", "Liger kernels, qlora"),
+                 ("large-unfused", "large-cast", "large-cast-redraw", "LoRA inputs uncast, large"))
+
+
+def curve_distance(a: list[float], b: list[float]) -> dict:
+    """Mean and largest |a - b| over the steps both curves have."""
+    d = [abs(x - y) for x, y in zip(a, b)]
+    return {"steps": len(d), "mean": round(sum(d) / len(d), 4) if d else None, "max": round(max(d), 4) if d else None}
+
+
+def same_learning(rows: dict) -> list[dict]:
+    out = []
+    for on, off, redraw, what in SAME_LEARNING:
+        curves = {n: rows.get(n, {}).get("losses") for n in (on, off, redraw)}
+        if not all(curves.values()):
+            continue
+        twin = on if redraw.startswith(on) else off  # the row the redraw repeats with other masks
+        lever, noise = curve_distance(curves[on], curves[off]), curve_distance(curves[twin], curves[redraw])
+        out.append({"lever": what, "on": on, "off": off, "redraw": redraw, "lever_distance": lever,
+                    "redraw_distance": noise, "within_redraw": lever["mean"] <= noise["mean"]})
+    return out
+
+
 def table(results: dict) -> str:
     rows = results["rows"]
     ref = rows.get("recipe", {}).get("samples_per_s")
@@ -445,6 +484,14 @@ def table(results: dict) -> str:
         settings = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in (r.get("settings") or {}).items() if k != "train.profile")
         lines.append(f"| {name} | {r['samples_per_s']} | {r['tokens_per_s']:,} | {r.get('peak_alloc_GiB', '-')} | {ratio} | "
                      f"{loss} | {r.get('adapter_dtype', '-')} | {settings or '-'} |")
+    pairs = same_learning(rows)
+    if pairs:
+        lines += ["", "| same learning | lever on vs off: mean (max) abs loss diff | dropout redraw: mean (max) | within? |",
+                  "| --- | --- | --- | --- |"]
+        for p in pairs:
+            a, b = p["lever_distance"], p["redraw_distance"]
+            lines.append(f"| {p['lever']} ({p['on']} vs {p['off']}, {a['steps']} steps) | {a['mean']} ({a['max']}) | "
+                         f"{b['mean']} ({b['max']}) | {'yes' if p['within_redraw'] else 'no'} |")
     ev = results.get("eval") or {}
     if ev.get("rows"):
         lines += ["", f"| detection ({ev['images']} images, 24 new tokens) | ms / image | peak GiB | same answers as thread@ (max score diff) |",
@@ -504,6 +551,7 @@ def _svg(series: dict, labels: dict, path: Path) -> Path:
 
 
 def report(res: Results, out: Path) -> str:
+    res.data["same_learning"] = same_learning(res.data["rows"])
     md = table(res.data)
     (out / "table.md").write_text(md + "\n")
     try:
@@ -565,8 +613,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in [r.strip() for r in a.rows.split(",") if r.strip()]:
         left = a.budget_s - (time.time() - T0)
-        if scale and ESTIMATE_S.get(name, 80) > left:
-            say(f"{name}: skipped, ~{ESTIMATE_S.get(name, 80)}s needed and {left:.0f}s of the budget left")
+        need = ESTIMATE_S.get(name, 80) * (a.steps + 3) / 8 if name != "eval" else ESTIMATE_S["eval"]  # per 5 steps
+        if scale and need > left:
+            say(f"{name}: skipped, ~{need:.0f}s needed and {left:.0f}s of the budget left")
             res.row(name, {"skipped": f"budget ({left:.0f}s left)"}) if name != "eval" else None
             continue
         say(f"{name}: start")
