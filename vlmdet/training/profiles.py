@@ -50,6 +50,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.group_by_length": True,
         "train.optim": "adamw_torch_fused",
         "train.pre_resize": True,
+        # Liger's fused RMSNorm/SwiGLU: 7.40 vs 7.22 samples/s (1.02x), the same 11.41 GiB, a loss curve as close
+        # to the one without as a dropout redraw's over 21 steps (one H200, 2026-12-03, bench-levers-fbf9503)
+        "train.liger_kernels": True,
     },
     "large": {
         "model.quantization": "none",
@@ -64,6 +67,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.group_by_length": True,
         "train.optim": "adamw_torch_fused",
         "train.pre_resize": True,
+        # Liger's fused kernels: 9.97 vs 8.63 samples/s (1.16x) and 43.4 vs 49.2 GiB peak, learning within a
+        # dropout redraw's distance over 21 steps (one H200, 2026-12-03, bench-levers-fbf9503)
+        "train.liger_kernels": True,
     },
 }
 
