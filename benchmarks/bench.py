@@ -333,7 +333,10 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
     prefill@B  one forward pass over a batch's prompts, no decoding: the prefill floor of generate
     before@B   the detection methods before the earlier levers (benchmarks/old_detect.py)
     static@B   the KV cache preallocated (rejected: benchmarks/rejected_detect.py)
+    compiled@B static cache with the decode steps compiled by transformers (benchmarks/compiled_detect.py):
+               the first pass, torch.compile's time included; compiled-again@B the same detector once more
     """
+    from compiled_detect import CompiledDetector
     from old_detect import OldDetector
     from rejected_detect import RejectedDetector
     from seed_recipe_train import synth
@@ -356,7 +359,9 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
     fmt = get_format(m.family, m.min_pixels, m.max_pixels)
     args = (processor, fmt, m.prompt, cfg.data.category, 24)
     det = {"thread": Detector(model, *args), "workers": RejectedDetector(model, *args, workers=workers),
-           "static": RejectedDetector(model, *args, cache="static", workers=workers), "before": OldDetector(model, *args)}
+           "static": RejectedDetector(model, *args, cache="static", workers=workers), "before": OldDetector(model, *args),
+           "compiled": CompiledDetector(model, *args)}
+    det["compiled-again"] = det["compiled"]
     W, H = (1024, 768) if not tiny else (224, 168)
     folder = work / f"eval-jpeg-{W}x{H}-{n}"
     if not (folder / f"im{n - 1:04d}.jpg").is_file():
@@ -409,7 +414,7 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
         for row in rows:
             label = f"{row}@{bs}"
             try:
-                if row in ("thread", "workers", "static"):
+                if row in ("thread", "workers", "static", "compiled", "compiled-again"):
                     timed(label, lambda: det[row].detect_all(items, n, bs, sizes=sizes))
                 elif row == "before":
                     timed(label, lambda: det["before"].detect_all(iter(items), n, bs))
@@ -573,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-images", type=int, default=256, help="JPEG files detected by every detection row")
     ap.add_argument("--eval-batches", default="16,64", help="batch sizes for the detection rows")
     ap.add_argument("--eval-rows", default=",".join(EVAL_ROWS), help="detection rows: thread, workers, generate, prefill, "
-                                                                     "before, static (see eval_rows)")
+                                                                     "before, static, compiled, compiled-again (see eval_rows)")
     ap.add_argument("--eval-workers", type=int, default=4, help="eval.workers of the workers@ rows")
     ap.add_argument("--budget-s", type=float, default=480, help="skip a row that would end after this many seconds")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))

@@ -1,0 +1,48 @@
+"""Issue 20's detection lever under measurement: decode steps compiled by transformers, not yet the library's.
+
+`generate(cache_implementation="static")` preallocates the KV cache, and on CUDA transformers then runs
+every decode step (not the prefill) through `torch.compile` with its default CompileConfig (inductor,
+"reduce-overhead": CUDA graphs), so a step is one graph launch instead of ~28 layers x dozens of kernels
+launched from Python. The library's score hooks (ChosenTokenLogProbs: a forward hook on the LM head, a
+pre-hook on the model) would run inside the compiled call, where CUDA graphs reuse their output buffers;
+here the same numbers come from a logits processor that runs in generate's own loop on the float copy of
+the raw last-position logits (GREEDY enables no other processor, so it sees them unprocessed).
+Everything else (prompt, batching, parsing, scores) is the library's Detector. bench.py's `compiled@B`
+rows measure it against `thread@B` (answers and scores compared).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from vlmdet.prediction.predict import GREEDY, Detector
+
+
+class ChosenLogProbs(LogitsProcessor):
+    """Log-probability of each token greedy decoding picks, from the raw logits generate hands its processors."""
+
+    def __init__(self):
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:  # input_ids[:, -1]: the token chosen from the previous step's logits
+            self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, sequences[:, -1:].to(self.pending.device)).squeeze(-1))
+        self.pending = None
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0)).float()
+
+
+class CompiledDetector(Detector):
+    def _generate(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.processor.tokenizer
+        chosen = ChosenLogProbs()
+        sequences = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **GREEDY,
+                                        pad_token_id=tok.pad_token_id, eos_token_id=sorted(self.stop_ids),
+                                        cache_implementation="static", logits_processor=LogitsProcessorList([chosen]))
+        return sequences, chosen.finish(sequences).cpu()
