@@ -358,6 +358,13 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     seq_static, lp_static = static._generate(static.inputs(images))
     assert torch.equal(seq_static, seq_lean)
     torch.testing.assert_close(lp_static, lp_lean, rtol=0, atol=1e-5)
+    # the compiled decoder under measurement (compiled_detect.py: static cache, compiled on CUDA, eager here):
+    # its logits processor reads the same log-probabilities as the library's hooks
+    compiled = _bench_module("compiled_detect").CompiledDetector(model, processor, fmt, "Detect the {category}.",
+                                                                 "nutrition table", max_new_tokens=10)
+    seq_compiled, lp_compiled = compiled._generate(compiled.inputs(images))
+    assert torch.equal(seq_compiled, seq_lean)
+    torch.testing.assert_close(lp_compiled, lp_lean, rtol=0, atol=1e-5)
     # batched largest first with the next batch prepared in a thread: same predictions, input order
     sorted_preds = lean.detect_all([(f, lambda im=im: im) for f, im in zip(files, images)], len(images), 2,
                                    sizes=[w * h for w, h in sizes])
@@ -388,14 +395,18 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     assert pids == [] and loaded_by == []  # neither loading nor the processor ran in this process
 
 
-def _rejected_detector():
+def _bench_module(name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rejected_detect.py"
-    spec = importlib.util.spec_from_file_location("rejected_detect", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.RejectedDetector
+    return module
+
+
+def _rejected_detector():
+    return _bench_module("rejected_detect").RejectedDetector
 
 
 # --- evaluation over several processes ------------------------------------------------------------------------
