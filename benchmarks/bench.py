@@ -42,9 +42,8 @@ SEED_PRESET = "seed-recipe"  # the original design's settings, as a vlmdet prese
 T0 = time.time()
 # Rough seconds a row takes on an H100 (load + steps); a row that would end past --budget-s is skipped.
 ESTIMATE_S = {"recipe": 110, "qlora": 70, "large": 50, "eval": 200, "nightly-preset": 90, "qlora-b8-gc": 60,
-              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "large-cast": 50, "large-cast-redraw": 50,
-              "large-liger": 50, "large-unfused": 50, "large-liger-redraw": 50, "qlora-liger": 70, "qlora-unfused": 70,
-              "qlora-liger-redraw": 70, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
+              "qlora-b2-half": 70, "qlora-b1": 75, "large-b8": 50, "seed-settings": 100, "seed-settings-no-tower-fix": 110}
+# a row not listed takes its profile's estimate (large-cast: large's)
 # vlmdet rows: (profile, extra settings, what the row shows)
 VLMDET_ROWS = {
     "qlora": ("qlora", {}, "the default profile"),
@@ -618,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in [r.strip() for r in a.rows.split(",") if r.strip()]:
         left = a.budget_s - (time.time() - T0)
-        need = ESTIMATE_S.get(name, 80) * (a.steps + 3) / 8 if name != "eval" else ESTIMATE_S["eval"]  # per 5 steps
+        need = ESTIMATE_S.get(name) or ESTIMATE_S.get(VLMDET_ROWS.get(name, ("",))[0], 80)
+        if name != "eval":
+            need *= (a.steps + 3) / 8  # the estimates are for 5 measured steps
         if scale and need > left:
             say(f"{name}: skipped, ~{need:.0f}s needed and {left:.0f}s of the budget left")
             res.row(name, {"skipped": f"budget ({left:.0f}s left)"}) if name != "eval" else None

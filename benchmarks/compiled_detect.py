@@ -15,27 +15,22 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vlmdet.prediction.predict import GREEDY, Detector
+from vlmdet.prediction.predict import GREEDY, ChosenTokenLogProbs, Detector
 
 
-class ChosenLogProbs(LogitsProcessor):
-    """Log-probability of each token greedy decoding picks, from the raw logits generate hands its processors."""
+class ChosenLogProbs(ChosenTokenLogProbs, LogitsProcessor):
+    """ChosenTokenLogProbs fed by generate's loop instead of hooks: the same bookkeeping (the previous step's
+    log-softmax, gathered at the token chosen from it) and the same finish()."""
 
     def __init__(self):
         self.pending: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
+        self.handles = []  # no hooks to remove
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.pending is not None:  # input_ids[:, -1]: the token chosen from the previous step's logits
-            self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        self._inputs(None, (), {"input_ids": input_ids})  # keeps the previous step's chosen token's log-prob
+        self._logits(None, (), scores.unsqueeze(1))  # this step's log-softmax ([batch, 1, vocab] as the head's)
         return scores
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        if self.pending is not None:
-            self.steps.append(self.pending.gather(-1, sequences[:, -1:].to(self.pending.device)).squeeze(-1))
-        self.pending = None
-        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0)).float()
 
 
 class CompiledDetector(Detector):

@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if "tests" not in skip:
         tests.append(pytest("tests/gpu/test_smoke_qlora.py", "gpu_smoke"))
 
+    from vlmdet.config import load_preset
+
     # the nightly runs' small base first (seconds), then the runs in a thread while the random 7B is built
     def build(path: Path, layers: int | None, phase: str) -> int:
         t = time.time()
@@ -234,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         report["phases"][phase] = {"ok": code == 0, "seconds": round(time.time() - t, 1)}
         save()
         return code
-
-    from vlmdet.config import load_preset
 
     middle = deadline - args.bench_reserve_s
     small = None if args.tiny else work / f"random-qwen2-vl-7b-{NIGHTLY_LAYERS}-layers"
