@@ -334,8 +334,9 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
     static@B   the KV cache preallocated (rejected: benchmarks/rejected_detect.py)
     compiled@B static cache with the decode steps compiled by transformers (benchmarks/compiled_detect.py):
                the first pass, torch.compile's time included; compiled-again@B the same detector once more
+    gpuprep@B  thread@B with the image processor on the model's device (benchmarks/compiled_detect.py)
     """
-    from compiled_detect import CompiledDetector
+    from compiled_detect import CompiledDetector, GpuPrepDetector
     from old_detect import OldDetector
     from rejected_detect import RejectedDetector
     from seed_recipe_train import synth
@@ -359,7 +360,7 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
     args = (processor, fmt, m.prompt, cfg.data.category, 24)
     det = {"thread": Detector(model, *args), "workers": RejectedDetector(model, *args, workers=workers),
            "static": RejectedDetector(model, *args, cache="static", workers=workers), "before": OldDetector(model, *args),
-           "compiled": CompiledDetector(model, *args)}
+           "compiled": CompiledDetector(model, *args), "gpuprep": GpuPrepDetector(model, *args)}
     det["compiled-again"] = det["compiled"]
     W, H = (1024, 768) if not tiny else (224, 168)
     folder = work / f"eval-jpeg-{W}x{H}-{n}"
@@ -413,7 +414,7 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
         for row in rows:
             label = f"{row}@{bs}"
             try:
-                if row in ("thread", "workers", "static", "compiled", "compiled-again"):
+                if row in ("thread", "workers", "static", "compiled", "compiled-again", "gpuprep"):
                     timed(label, lambda: det[row].detect_all(items, n, bs, sizes=sizes))
                 elif row == "before":
                     timed(label, lambda: det["before"].detect_all(iter(items), n, bs))
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-images", type=int, default=256, help="JPEG files detected by every detection row")
     ap.add_argument("--eval-batches", default="16,64", help="batch sizes for the detection rows")
     ap.add_argument("--eval-rows", default=",".join(EVAL_ROWS), help="detection rows: thread, workers, generate, prefill, "
-                                                                     "before, static, compiled, compiled-again (see eval_rows)")
+                                                                     "before, static, compiled, compiled-again, gpuprep (see eval_rows)")
     ap.add_argument("--eval-workers", type=int, default=4, help="eval.workers of the workers@ rows")
     ap.add_argument("--budget-s", type=float, default=480, help="skip a row that would end after this many seconds")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "vlmdet-bench"))

@@ -1,4 +1,5 @@
-"""Issue 20's detection lever under measurement: decode steps compiled by transformers, not yet the library's.
+"""Issue 20's detection levers under measurement, not yet the library's: decode steps compiled by transformers
+(CompiledDetector), and the image processor run on the GPU (GpuPrepDetector).
 
 `generate(cache_implementation="static")` preallocates the KV cache, and on CUDA transformers then runs
 every decode step (not the prefill) through `torch.compile` with its default CompileConfig (inductor,
@@ -41,3 +42,15 @@ class CompiledDetector(Detector):
                                         pad_token_id=tok.pad_token_id, eos_token_id=sorted(self.stop_ids),
                                         cache_implementation="static", logits_processor=LogitsProcessorList([chosen]))
         return sequences, chosen.finish(sequences).cpu()
+
+
+class GpuPrepDetector(Detector):
+    """The library's Detector with the processor's image work (resize, rescale, normalise, patches) on the
+    model's device: transformers' torchvision-based image processors take `device=`. detect_all still
+    prepares the next batch in its thread, which now queues a few GPU kernels instead of ~30 ms an image of
+    CPU work. The resize then runs in CUDA arithmetic, so pixel values may differ from the CPU's in the last
+    bit: bench.py's `gpuprep@B` rows count whether that changes any answer."""
+
+    def inputs(self, images: list):
+        return self.processor(text=[self.text] * len(images), images=images, return_tensors="pt", padding=True,
+                              padding_side="left", add_special_tokens=False, device=self.model.device)

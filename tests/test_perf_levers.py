@@ -365,6 +365,13 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     seq_compiled, lp_compiled = compiled._generate(compiled.inputs(images))
     assert torch.equal(seq_compiled, seq_lean)
     torch.testing.assert_close(lp_compiled, lp_lean, rtol=0, atol=1e-5)
+    # the processor on the model's device (gpuprep rows; the CPU here): the processor takes `device=` and,
+    # on the same device, makes the same tensors
+    gpuprep = _bench_module("compiled_detect").GpuPrepDetector(model, processor, fmt, "Detect the {category}.",
+                                                               "nutrition table", max_new_tokens=10)
+    on_device, on_cpu = gpuprep.inputs(images), lean.inputs(images)
+    assert on_device.keys() == on_cpu.keys() and all(torch.equal(on_device[k], on_cpu[k]) for k in on_cpu)
+    assert on_device["pixel_values"].device == model.device
     # batched largest first with the next batch prepared in a thread: same predictions, input order
     sorted_preds = lean.detect_all([(f, lambda im=im: im) for f, im in zip(files, images)], len(images), 2,
                                    sizes=[w * h for w, h in sizes])
