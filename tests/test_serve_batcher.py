@@ -3,7 +3,6 @@ queue answers Busy at once, and a place reserved before decoding counts once."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -96,70 +95,3 @@ def test_a_reserved_place_counts_until_released_or_submitted():
         return answer
 
     assert asyncio.run(main()) == ("boxes of first", "rev-1")
-
-
-def test_the_next_batch_is_prepared_while_the_gpu_generates_the_current_one():
-    """serve.prepare_ahead: batch 2's processor work overlaps batch 1's generate. Batch 1's run waits for
-    batch 2's prepare to start, so without the overlap it would time out (and the test fail)."""
-    second_prepared = threading.Event()
-    events: list[str] = []
-
-    def prepare(images):
-        events.append(f"prepare {images}")
-        if images == ["b"] * 3:
-            second_prepared.set()
-        return f"inputs of {images}"
-
-    def run(images, names, prepared):
-        events.append(f"run {names}")
-        assert prepared == f"inputs of {images}"  # its own batch's inputs, made in the other thread
-        if names[0] == "a0":
-            assert second_prepared.wait(10), "batch 2 was not prepared while batch 1 generated"
-        return [f"boxes of {n}" for n in names], "rev-1"
-
-    async def main():
-        b = Batcher(run, max_batch=4, max_wait_s=0.02, max_queue=100, prepare=prepare)
-        b.start()
-        first = [asyncio.ensure_future(b.submit("a", f"a{i}")) for i in range(4)]
-        while not any(e.startswith("run") for e in events):
-            await asyncio.sleep(0.005)  # batch 1 is generating now
-        second = [asyncio.ensure_future(b.submit("b", f"b{i}")) for i in range(3)]
-        results = await asyncio.gather(*first, *second)
-        await b.stop()
-        return results
-
-    results = asyncio.run(main())
-    assert results == [(f"boxes of a{i}", "rev-1") for i in range(4)] + [(f"boxes of b{i}", "rev-1") for i in range(3)]
-    assert events == ["prepare ['a', 'a', 'a', 'a']", "run ['a0', 'a1', 'a2', 'a3']", "prepare ['b', 'b', 'b']",
-                      "run ['b0', 'b1', 'b2']"]
-
-
-def test_an_image_the_processor_refuses_fails_only_its_own_request_when_prepared_ahead():
-    prepared_batches: list[list[str]] = []
-    runs: list[tuple[list[str], bool]] = []
-
-    def prepare(images):
-        prepared_batches.append(list(images))
-        if "bad" in images:
-            raise ValueError("the processor refused an image")
-        return list(images)
-
-    def run(images, names, prepared):
-        runs.append((list(names), prepared is not None))
-        if prepared is None:
-            prepare(images)  # as Engine.detect does: prepared here, in the GPU thread
-        return [f"boxes of {n}" for n in names], "rev-1"
-
-    async def main():
-        b = Batcher(run, max_batch=8, max_wait_s=0.05, max_queue=100, prepare=prepare)
-        b.start()
-        results = await asyncio.gather(*(b.submit("bad" if i == 1 else "img", f"r{i}") for i in range(3)),
-                                       return_exceptions=True)
-        await b.stop()
-        return results
-
-    results = asyncio.run(main())
-    assert isinstance(results[1], ValueError)
-    assert [results[0], results[2]] == [("boxes of r0", "rev-1"), ("boxes of r2", "rev-1")]
-    assert prepared_batches[0] == ["img", "bad", "img"]  # tried together first, ahead of the GPU
-    assert runs == [(["r0"], False), (["r1"], False), (["r2"], False)]  # then each alone

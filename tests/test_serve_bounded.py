@@ -46,10 +46,10 @@ def served():
     gate.set()
     detect = engine.detect
 
-    def held_detect(images, names, prepared=None):
+    def held_detect(images, names):
         started.set()
         assert gate.wait(120), "the test never released the model"
-        return detect(images, names, prepared)
+        return detect(images, names)
 
     engine.detect = held_detect
     port = _free_port()

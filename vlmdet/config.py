@@ -326,10 +326,6 @@ class ServeConfig(_Section):
     max_wait_ms: float = _f(5.0, "`vlmdet serve`: how long the first request of a batch waits for others to join it; "
                                  "a few ms costs a lone request little and lets a burst share one generate call.",
                             "execution", applies=("serve",))
-    prepare_ahead: bool = _f(True, "`vlmdet serve`: make the next batch's inputs (the processor's resize and patches, "
-                                   "~30 ms an image at 1024x768) in a second thread while the GPU generates the "
-                                   "current batch, instead of one thread doing both in turn; off only to measure it "
-                                   "(benchmarks/serve_load.py).", "execution", applies=("serve",))
     max_queue: int = _f(64, "`vlmdet serve`: images waiting beyond this are answered 503 (busy) at once instead of "
                             "queueing for minutes; each holds its decoded pixels (36 MB for a 12 MP photo).",
                         "execution", applies=("serve",))

@@ -41,7 +41,7 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
     """The app around a loaded engine. `token`: requests must send `Authorization: Bearer TOKEN`."""
     metrics = Metrics()
     batcher = Batcher(engine.detect, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
-                      on_batch=metrics.on_batch, prepare=engine.prepare if settings.prepare_ahead else None)
+                      on_batch=metrics.on_batch)
     reload_lock = asyncio.Lock()
 
     def model_info() -> dict:

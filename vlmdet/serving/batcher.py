@@ -5,11 +5,6 @@ to the model together in a single worker thread (the model is never called from 
 once). While a batch runs, new requests queue; the next batch starts from them at once. A batch
 that raises is retried one image at a time, so one bad image fails only its own request.
 
-With `prepare` (serve.prepare_ahead), a batch is made ready on the CPU (the processor's resize and
-patches, ~30 ms an image for a 7B's 1024x768) in a second thread while the GPU thread generates the
-batch before it: batch N+1 is gathered and prepared as soon as batch N starts, and waits, prepared,
-for the GPU. Without it one thread prepares and generates in turn and the GPU idles meanwhile.
-
 A request claims its place in the queue (`reserve`) before its image is decoded, so a full queue
 is answered at once without spending the memory of one more decoded image: `max_queue` bounds the
 images that are being decoded and waiting together.
@@ -52,20 +47,14 @@ class Ticket:
 
 
 class Batcher:
-    """run(images, names) -> (predictions, extra); with `prepare`, run(images, names, prepare(images)) where
-    `prepare` runs in its own thread, ahead of the GPU (`run` must accept None there: prepare it yourself)."""
-
-    def __init__(self, run: Callable[..., tuple[list, Any]], max_batch: int, max_wait_s: float,
-                 max_queue: int, on_batch: Callable[[int, float], None] = lambda n, s: None,
-                 prepare: Callable[[list], Any] | None = None):
+    def __init__(self, run: Callable[[list, list[str]], tuple[list, Any]], max_batch: int, max_wait_s: float,
+                 max_queue: int, on_batch: Callable[[int, float], None] = lambda n, s: None):
         self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
-        self.on_batch, self.prepare = on_batch, prepare
+        self.on_batch = on_batch
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="vlmdet-generate")
-        self.prep_executor = ThreadPoolExecutor(1, thread_name_prefix="vlmdet-prepare") if prepare else None
         self._task: asyncio.Task | None = None
         self._reserved = 0  # tickets out: requests decoding their image, not yet queued
-        self._staged = 0  # taken from the queue and being prepared, or prepared and waiting for the GPU
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -75,14 +64,11 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
-        if self.prep_executor:
-            self.prep_executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def depth(self) -> int:
-        """Requests holding a place: queued, decoding their image with a ticket, or in the next batch (being
-        prepared, or prepared and waiting for the GPU)."""
-        return self.queue.qsize() + self._reserved + self._staged
+        """Requests holding a place: queued, or decoding their image with a ticket."""
+        return self.queue.qsize() + self._reserved
 
     def _check(self) -> None:
         if self.depth >= self.max_queue:
@@ -117,57 +103,17 @@ class Batcher:
         return [j for j in batch if not j.future.done()]  # a client that went away cancelled its future
 
     async def _loop(self) -> None:
-        running: asyncio.Task | None = None  # the batch the GPU thread is generating (prepare_ahead only)
-        try:
-            while True:
-                batch = await self._gather()
-                if not batch:
-                    continue
-                if self.prepare is None:
-                    await self._run(batch)
-                    continue
-                self._staged = len(batch)
-                prepared = await self._prepare(batch)  # meanwhile the GPU generates `running`
-                if prepared is _FAILED:
-                    self._staged = 0
-                    continue  # its one request already has its error
-                if running is not None:
-                    await running  # never raises: _run answers every request itself
-                    running = None
-                self._staged = 0  # the GPU takes them now
-                if prepared is None:  # preparing them together failed: each alone, prepared in the GPU thread
-                    for j in batch:
-                        await self._run([j])
-                    continue
-                running = asyncio.create_task(self._run(batch, prepared))
-        finally:
-            if running is not None:
-                running.cancel()
+        while True:
+            batch = await self._gather()
+            if batch:
+                await self._run(batch)
 
-    async def _prepare(self, batch: list[_Job]) -> Any:
-        """The batch's prepared inputs; None when preparing it together failed (each image is then prepared
-        and run alone, so one bad image fails only itself); _FAILED when a lone image failed (answered)."""
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.prep_executor, self.prepare,
-                                                                    [j.image for j in batch])
-        except Exception as err:  # noqa: BLE001 - as in _run: the request gets the error, the server goes on
-            if len(batch) > 1:
-                log.warning("preparing a batch of %d failed (%s: %s); its images go one at a time", len(batch),
-                            type(err).__name__, err)
-                return None
-            log.exception("preparing %s failed", batch[0].name)
-            if not batch[0].future.done():
-                batch[0].future.set_exception(err)
-            return _FAILED
-
-    async def _run(self, batch: list[_Job], prepared: Any = None) -> None:
+    async def _run(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        args = ([j.image for j in batch], [j.name for j in batch])
-        if self.prepare is not None:
-            args += (prepared,)  # None: run prepares the images itself
         try:
-            preds, extra = await loop.run_in_executor(self.executor, self.run, *args)
+            preds, extra = await loop.run_in_executor(self.executor, self.run, [j.image for j in batch],
+                                                      [j.name for j in batch])
         except Exception as err:  # noqa: BLE001 - the server must go on; the request gets the error
             if len(batch) > 1:
                 log.warning("a batch of %d failed (%s: %s); running its images one at a time", len(batch),
@@ -183,6 +129,3 @@ class Batcher:
         for j, p in zip(batch, preds):
             if not j.future.done():
                 j.future.set_result((p, extra))
-
-
-_FAILED = object()

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -106,15 +105,7 @@ class Engine:
         factor, budget = self.config.serve.pixel_cap_factor, self.current.config.model.max_pixels
         return int(factor * budget), f"serve.pixel_cap_factor {factor:g} x the model's max_pixels {budget:,}"
 
-    def prepare(self, images: list) -> tuple[Loaded, Any]:
-        """The processor's inputs for a batch (CPU work, another thread than `detect`'s), with the model they
-        are for: a reload between `prepare` and `detect` still runs the batch on the model that prepared it."""
+    def detect(self, images: list, names: list[str]) -> tuple[list[Prediction], str]:
+        """Predictions for a batch, and the revision that made them."""
         loaded = self.current
-        return loaded, loaded.detector.inputs(images)
-
-    def detect(self, images: list, names: list[str], prepared: tuple[Loaded, Any] | None = None
-               ) -> tuple[list[Prediction], str]:
-        """Predictions for a batch, and the revision that made them (`prepared`: from `prepare`, or None to
-        prepare here)."""
-        loaded, inputs = prepared if prepared is not None else (self.current, None)
-        return loaded.detector.detect(images, names, inputs), loaded.revision
+        return loaded.detector.detect(images, names), loaded.revision
