@@ -44,13 +44,26 @@ class CompiledDetector(Detector):
         return sequences, chosen.finish(sequences).cpu()
 
 
-class GpuPrepDetector(Detector):
-    """The library's Detector with the processor's image work (resize, rescale, normalise, patches) on the
-    model's device: transformers' torchvision-based image processors take `device=`. detect_all still
-    prepares the next batch in its thread, which now queues a few GPU kernels instead of ~30 ms an image of
-    CPU work. The resize then runs in CUDA arithmetic, so pixel values may differ from the CPU's in the last
-    bit: bench.py's `gpuprep@B` rows count whether that changes any answer."""
+class _OnDevice:
+    """A processor whose calls make their tensors on `device` (transformers' torchvision-based image processors
+    take `device=`); everything else is the wrapped processor's."""
 
-    def inputs(self, images: list):
-        return self.processor(text=[self.text] * len(images), images=images, return_tensors="pt", padding=True,
-                              padding_side="left", add_special_tokens=False, device=self.model.device)
+    def __init__(self, processor, device):
+        self._processor, self._device = processor, device
+
+    def __call__(self, *args, **kwargs):
+        return self._processor(*args, device=self._device, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+
+class GpuPrepDetector(Detector):
+    """The library's Detector, its inputs() unchanged, with the processor's image work (resize, rescale,
+    normalise, patches) on the model's device. detect_all still prepares the next batch in its thread, which now
+    queues a few GPU kernels instead of ~30 ms an image of CPU work. The resize then runs in CUDA arithmetic, so
+    pixel values may differ from the CPU's in the last bit: bench.py's `gpuprep@B` rows count whether that
+    changes any answer."""
+
+    def __init__(self, model, processor, *args, **kwargs):
+        super().__init__(model, _OnDevice(processor, model.device), *args, **kwargs)

@@ -352,7 +352,7 @@ def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_mod
     torch.testing.assert_close(lp_lean, lp_full, rtol=0, atol=1e-6)
     # a static (preallocated) KV cache, measured slower and kept in the benchmark (rejected_detect.py):
     # the same tokens and log-probabilities, so bench.py's static rows compare like with like
-    RejectedDetector = _rejected_detector()
+    RejectedDetector = _bench_module("rejected_detect").RejectedDetector
     static = RejectedDetector(model, processor, fmt, "Detect the {category}.", "nutrition table", max_new_tokens=10,
                               cache="static")
     seq_static, lp_static = static._generate(static.inputs(images))
@@ -410,10 +410,6 @@ def _bench_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _rejected_detector():
-    return _bench_module("rejected_detect").RejectedDetector
 
 
 # --- evaluation over several processes ------------------------------------------------------------------------
