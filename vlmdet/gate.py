@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vlmdet.bootstrap import Matches, match, paired_bootstrap, per_image_ap
 from vlmdet.config import GateConfig
-from vlmdet.records import Champion, EvalReport, GateDecision
+from vlmdet.records import CONTENT, TRANSPORT, Champion, EvalReport, GateDecision
 
 __all__ = ["Champion", "Comparison", "compare", "decide", "clears_threshold", "decision_markdown",
            "disagreement_picture"]  # Champion lives in vlmdet.records; re-exported for older imports
@@ -80,7 +80,8 @@ def decide(report: EvalReport, cfg: GateConfig, champion: Champion | None,
                   champion_source=champion.source if champion else None,
                   # the publication is a compare-and-swap on exactly this (None: the target was empty)
                   champion_revision=(champion.revision or None) if champion else None,
-                  champion_unreadable=(champion.unreadable or None) if champion else None)
+                  champion_unreadable=(champion.unreadable or None) if champion else None,
+                  champion_fault=(champion.fault or TRANSPORT) if champion and champion.unreadable else None)
     if comparison is not None:
         fields.update(champion=comparison.champion, same_data=True, champion_evaluated=comparison.champion_evaluated,
                       p_better=comparison.p_better, ci_low=comparison.ci_low, ci_high=comparison.ci_high,
@@ -119,10 +120,18 @@ def decide(report: EvalReport, cfg: GateConfig, champion: Champion | None,
 def _unreadable(champion: Champion, cfg: GateConfig, above: str, fields: dict) -> GateDecision:
     """A model is at the target but cannot be read or measured: closed, unless replacing it is asked for.
 
-    Replacing needs the revision that was seen (the publication is a compare-and-swap on it); after a
-    401/403 or a network error nothing was seen, so even the setting cannot replace blindly.
+    Only a content fault can be replaced on purpose: the target answered and what it holds is not a
+    model this vlmdet can judge. A transport fault (5xx, timeout, dropped connection, 401/403, a folder
+    the worker may not list) says nothing about the model, which may be healthy: the setting never
+    applies to it. Replacing also needs the revision that was seen (the publication is a
+    compare-and-swap on it).
     """
     where = f"the model at {champion.source or champion.location} cannot be read: {champion.unreadable}"
+    if champion.fault != CONTENT:  # "" with a reason counts as transport: fail closed
+        return GateDecision(passed=False, reason=f"{above}, but {where}. The target could not be read, which says "
+                            "nothing about the model there; nothing was replaced (gate.replace_unreadable_champion "
+                            "applies only to a champion that was read and cannot be judged). Run again when the "
+                            "target answers, or fix the token or permission.", **fields)
     if not cfg.replace_unreadable_champion:
         return GateDecision(passed=False, reason=f"{above}, but {where}. Nothing was replaced. Fix the target, or set "
                             "gate.replace_unreadable_champion=true to replace it on purpose.", **fields)

@@ -117,6 +117,10 @@ class EvalReport(Record):
         return {"map": self.map, "map50": self.map50, "map75": self.map75}
 
 
+CONTENT = "content"
+TRANSPORT = "transport"
+
+
 @dataclass
 class Champion:
     """What the target holds now, as the gate read it: one home for the champion.
@@ -142,6 +146,11 @@ class Champion:
     revision: str = ""
     config: dict = field(default_factory=dict)  # the champion's run configuration (vlmdet.json), if published
     unreadable: str = ""  # why the model at the target cannot be read or measured, and what to do ("" = readable)
+    # Which kind of "unreadable" (set where the fault happened, never guessed later): CONTENT = the target
+    # answered and what it holds cannot be judged (gate.replace_unreadable_champion may replace it);
+    # anything else (TRANSPORT, or "" with a reason) = it could not be read at all: a server error, a
+    # timeout, a refused token or folder permission. Nothing replaces a model nobody could look at.
+    fault: str = ""
 
     def measured_on(self, report: EvalReport) -> bool:
         """True when the card's numbers were measured on the same split of the same prepared data."""
@@ -176,6 +185,7 @@ class GateDecision(Record):
     # missing or empty; else the Champion.revision the gate read (a Hub commit sha, a local run id or file-list hash).
     champion_revision: str | None = None
     champion_unreadable: str | None = None  # why the champion at the target could not be read (None = it could)
+    champion_fault: str | None = None  # Champion.fault of an unreadable champion: "content" or "transport"
     replaced_unreadable: bool = False  # passed over an unreadable champion because gate.replace_unreadable_champion
 
 

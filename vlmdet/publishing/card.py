@@ -24,7 +24,7 @@ from vlmdet.config import RunConfig
 from vlmdet.formats.base import format_class
 from vlmdet.gate import decision_markdown
 from vlmdet.keys import REPO_ID
-from vlmdet.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
+from vlmdet.records import CONTENT, AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
         split = split or ev.get("split", "")
         run_id = meta.get("run_id", "")
     return Champion(metrics=metrics, data_fingerprint=fingerprint, split=split, source=source, run_id=run_id,
-                    config=config, unreadable=_why_unreadable(card_text, meta, metrics, config, files))
+                    config=config, unreadable=_why_unreadable(card_text, meta, metrics, config, files), fault=CONTENT)
 
 
 def _why_unreadable(card_text: str | None, meta: dict | None, metrics: dict, config: dict,

@@ -42,7 +42,7 @@ from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import (PermanentPublishError, PublishError, TargetChangedError,
                                       TransientPublishError, scrub)
 from vlmdet.publishing.files import KEEP, Source
-from vlmdet.records import Champion, Publication
+from vlmdet.records import TRANSPORT, Champion, Publication
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -233,7 +233,7 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
     try:
         seen = with_retries(head, "read champion", repo_id, token, policy, sleep)
     except Exception as err:  # noqa: BLE001 - whatever it was, the target was not read: fail closed
-        return Champion(metrics={}, source=where, unreadable=_read_failure(err, repo_id, token))
+        return Champion(metrics={}, source=where, unreadable=_read_failure(err, repo_id, token), fault=TRANSPORT)
     if seen is None:
         return None
     sha, files = seen
@@ -254,7 +254,7 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
                                  sleep)
     except Exception as err:  # noqa: BLE001
         return Champion(metrics={}, source=source, kind="hub", location=repo_id,
-                        unreadable=_read_failure(err, repo_id, token))
+                        unreadable=_read_failure(err, repo_id, token), fault=TRANSPORT)
     meta = None
     if meta_text:
         try:

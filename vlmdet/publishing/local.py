@@ -23,7 +23,7 @@ from typing import Iterator
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import TargetChangedError
 from vlmdet.publishing.files import KEEP, Source
-from vlmdet.records import Champion, Publication
+from vlmdet.records import CONTENT, Champion, Publication
 
 
 def publish_folder(dest: Path, files: dict[str, Source], run_id: str, expected: str | None = None) -> Publication:
@@ -125,7 +125,7 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
         with _locked(folder):  # not in the middle of someone's swap
             recover(folder)
     if folder.exists() and not folder.is_dir():
-        return Champion(metrics={}, source=str(folder), unreadable=(
+        return Champion(metrics={}, source=str(folder), fault=CONTENT, unreadable=(
             f"publish.target points at a file, not a folder ({folder}); point it at a folder or move the file"))
     revision = folder_revision(folder)
     if revision is None:
