@@ -83,10 +83,10 @@ def test_champion_reads_back_with_where_to_fetch_it_and_its_predictions(tmp_path
 
 
 def test_republishing_replaces_the_whole_folder(tmp_path, merged_dir):
-    first = publishing.publish(*records(tmp_path, merged_dir, map50=0.7), _cfg(), tmp_path)
+    publishing.publish(*records(tmp_path, merged_dir, map50=0.7), _cfg(), tmp_path)
     (tmp_path / "published" / "stale.bin").write_bytes(b"old")
-    pub = publishing.publish(*records(tmp_path, merged_dir, map50=0.9, champion_revision=first.run_id), _cfg(),
-                             tmp_path)
+    seen = publishing.read_champion(_cfg(), tmp_path).revision  # what the next gate reads, stale file included
+    pub = publishing.publish(*records(tmp_path, merged_dir, map50=0.9, champion_revision=seen), _cfg(), tmp_path)
     assert not (tmp_path / "published" / "stale.bin").exists()
     assert json.loads((tmp_path / "published" / "vlmdet.json").read_text())["metrics"]["map50"] == 0.9
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".published")] == []

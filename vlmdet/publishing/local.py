@@ -5,45 +5,89 @@ in with renames, so a reader (or the next run's gate) sees the old model or the 
 of each. Weights are copied, not hard-linked: a later merge writing into the same workdir truncates
 its files in place, which would silently corrupt a hard-linked published copy.
 
-The swap is a compare-and-swap: under a lock on the parent folder, the folder must still hold the
-revision the gate read (its champion's run id, or nothing), else the publication stops with a
-TargetChangedError. A crash between the two renames leaves the champion in `.NAME.old-RUN`;
-`recover` puts it back, and runs before the gate reads the folder as well as before a publish.
+The swap is a compare-and-swap: under a lock on the parent folder (flock; one writer per target on
+one machine), the folder must still hold the revision the gate read, else the publication stops with
+a TargetChangedError. A local revision is the content as it stands: a hash over every file's name,
+size and modification time and the bytes of the small files (card, vlmdet.json with its run id,
+config), so any edit, in place or not, moves it.
+
+Durability, what a crash or a power loss at any instant leaves:
+- every staged file and folder is fsynced before the first rename, and the parent folder after each
+  rename, so the published name never points at files whose bytes are not on disk;
+- the champion is moved aside to `.NAME.old-RUN`, the new model renamed in, and the backup renamed to
+  `.NAME.trash-RUN` before it is deleted: an `.old-*` folder is always a whole model, and the only
+  thing `recover` restores (when the published name is missing); staging and trash leftovers are
+  deleted by the next publish. `recover` runs under the lock before the gate reads the folder as
+  well as before a publish, so the next run finds the old model or the new one, whole.
+
+Errors are errors: anything in the folder that cannot be listed or read (a permission, an I/O error)
+makes the champion unreadable with a transport fault (the gate stays closed whatever the override),
+and makes a publish fail before it moves anything. Never "no champion".
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
+import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vlmdet.publishing import card as cardlib
-from vlmdet.publishing.errors import TargetChangedError
+from vlmdet.publishing.errors import PermanentPublishError, TargetChangedError
 from vlmdet.publishing.files import KEEP, Source
-from vlmdet.records import CONTENT, Champion, Publication
+from vlmdet.records import CONTENT, TRANSPORT, Champion, Publication
+
+# Files up to this size are hashed by content into the revision (the card, vlmdet.json, config.json,
+# processor files, predictions); larger ones (weights) by size and modification time only.
+SMALL_FILE = 1 << 20
+_READ_WHOLE = {cardlib.CARD_FILE, cardlib.META_FILE, "config.json"}  # read whatever their size
 
 
-def publish_folder(dest: Path, files: dict[str, Source], run_id: str, expected: str | None = None) -> Publication:
-    """Swap `files` in at `dest` if it still holds revision `expected` (None: missing or empty)."""
+def publish_folder(dest: Path, files: dict[str, Source], run_id: str, expected: str | None = None,
+                   check: Callable[[Path], None] | None = None) -> Publication:
+    """Swap `files` in at `dest` if it still holds revision `expected` (None: missing or empty).
+
+    check(staging): called on the staged copy before anything moves (files.check_staged: the bytes renamed
+    into place are the ones the gate judged); raising stops the publication and removes the copy.
+
+    A target that cannot be listed, locked or read raises PermanentPublishError before anything moves.
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.staging-{run_id}")
     old = dest.with_name(f".{dest.name}.old-{run_id}")
-    with _locked(dest):
-        recover(dest, old)
-        now = folder_revision(dest)
-        if now == run_id and now != expected:  # an earlier attempt of this run swapped in, then died
-            return _publication(dest, files, run_id, reused=True)
-        if now != expected:
-            raise TargetChangedError(str(dest), expected, now)
-        # Under the lock nobody else is mid-publish: every staging or backup sibling is a crashed
+    trash = dest.with_name(f".{dest.name}.trash-{run_id}")
+    with contextlib.ExitStack() as stack:
+        try:
+            if not dest.parent.is_dir():
+                dest.parent.mkdir(parents=True)
+                _sync_dir(dest.parent.parent)
+            stack.enter_context(_locked(dest))
+            recover(dest, old)
+            now = _scan(dest)
+        except OSError as err:
+            raise PermanentPublishError(f"not publishing to {dest}: {_why(dest, err)} Nothing was moved.") from err
+        if now.revision != expected and now.revision is not None and now.run_id == run_id:
+            return _publication(dest, files, run_id, now.revision, reused=True)  # this run swapped in, then died
+        if now.revision != expected:
+            raise TargetChangedError(str(dest), expected, now.revision)
+        # Under the lock nobody else is mid-publish: every staging, backup or trash sibling is a crashed
         # attempt's (this run's or another's), and the champion is back in place.
-        for leftover in [*dest.parent.glob(f".{dest.name}.staging-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
+        leftovers = [(p, *p.name[len(dest.name) + 2:].partition("-")[::2])  # (path, kind, run)
+                     for p in dest.parent.glob(f".{dest.name}.*-*")]
+        for path, kind, _ in leftovers:
+            if kind in ("staging", "trash"):
+                _remove(path)
+        for path, kind, run in leftovers:
+            if kind == "old":  # out of the `.old-*` name first: only whole copies ever carry it
+                path = path.rename(dest.with_name(f".{dest.name}.trash-{run}"))
+                _sync_dir(dest.parent)
+                _remove(path)
+        staging.mkdir()
         for rel, src in files.items():
             out = staging / rel
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -51,16 +95,30 @@ def publish_folder(dest: Path, files: dict[str, Source], run_id: str, expected: 
                 out.write_bytes(src)
             else:
                 shutil.copy2(src, out)
-        if dest.exists():
+        if check is not None:
+            try:
+                check(staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        _sync_tree(staging)
+        _sync_dir(dest.parent)  # the staging folder's own name
+        revision = _scan(staging).revision  # what dest holds after the rename (names relative, times kept)
+        if dest.exists() or dest.is_symlink():
             dest.rename(old)
+            _sync_dir(dest.parent)
         staging.rename(dest)
-        if old.exists():
-            shutil.rmtree(old)
-    return _publication(dest, files, run_id)
+        _sync_dir(dest.parent)
+        if old.exists() or old.is_symlink():
+            old.rename(trash)
+            _sync_dir(dest.parent)  # the backup is gone from `.old-*` on disk before any of it is deleted
+            _remove(trash)
+    return _publication(dest, files, run_id, revision)
 
 
-def _publication(dest: Path, files: dict[str, Source], run_id: str, reused: bool = False) -> Publication:
-    return Publication(target=str(dest), kind="local", revision=run_id, url=dest.resolve().as_uri(),
+def _publication(dest: Path, files: dict[str, Source], run_id: str, revision: str | None,
+                 reused: bool = False) -> Publication:
+    return Publication(target=str(dest), kind="local", revision=revision or "", url=dest.resolve().as_uri(),
                        files=sorted(files), tag=f"run-{run_id}", run_id=run_id, reused=reused)
 
 
@@ -79,12 +137,13 @@ def _locked(dest: Path) -> Iterator[None]:
 def recover(dest: Path, old: Path | None = None) -> bool:
     """Put the published model back if a publication crashed between its two renames; True if it did.
 
-    Then dest is missing and `.NAME.old-RUN` holds the only copy of the champion: without this the
-    gate would read "no champion" and the leftover cleanup of the next publish would delete it.
-    Prefer this run's own backup (`old`), else the newest one any run left behind.
+    Then dest is missing and `.NAME.old-RUN` holds the only copy of the champion, whole (a backup is
+    renamed out of that name before it is deleted): without this the gate would read "no champion"
+    and the leftover cleanup of the next publish would delete it. Prefer this run's own backup
+    (`old`), else the newest one any run left behind. Raises OSError if the folder cannot be read.
     """
     dest = Path(dest)
-    if dest.exists():
+    if dest.exists() or dest.is_symlink():
         return False
     if old is not None and old.is_dir():
         backups = [old]
@@ -94,48 +153,144 @@ def recover(dest: Path, old: Path | None = None) -> bool:
     if not backups:
         return False
     backups[-1].rename(dest)
+    _sync_dir(dest.parent)
     return True
 
 
-def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+@dataclass
+class _Scan:
+    """One read of a folder: its files, the bytes of its small ones, and the revision they make."""
+
+    files: list[str]  # relative names, sorted
+    small: dict[str, bytes]
+    revision: str | None  # None: missing, or nothing but keepers
+
+    @property
+    def run_id(self) -> str:
+        meta = _meta(self.small.get(cardlib.META_FILE))
+        return meta.get("run_id", "") if meta else ""
+
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
+def _scan(folder: Path) -> _Scan:
+    """List and read `folder`, raising OSError (naming the path) on anything that cannot be read:
+    a folder this user may not list is never an empty one."""
+    folder = Path(folder)
+    if not folder.exists():
+        return _Scan([], {}, None)
+    if not folder.is_dir():
+        return _Scan([], {}, f"not-a-folder:{folder.stat().st_mtime_ns}")
+    names: list[str] = []
+    for root, dirs, filenames in os.walk(folder, onerror=_raise):
+        names += [Path(root, f).relative_to(folder).as_posix() for f in filenames]
+    names.sort()
+    digest, small = hashlib.sha256(), {}
+    for name in names:
+        # O_NONBLOCK: a fifo left in the folder must not hang the gate; opening proves it readable
+        fd = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            digest.update(f"{name}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            if stat.S_ISREG(st.st_mode) and (st.st_size <= SMALL_FILE or name in _READ_WHOLE):
+                small[name] = fh.read()
+                digest.update(hashlib.sha256(small[name]).digest())
+    if not [n for n in names if n not in KEEP]:
+        return _Scan(names, small, None)
+    return _Scan(names, small, "content-" + digest.hexdigest()[:16])
+
+
+def _meta(data: bytes | None) -> dict | None:
+    """vlmdet.json's object, or None where it is missing or not a JSON object (the champion then says why)."""
+    if data is None:
+        return None
+    try:
+        meta = json.loads(data)
+    except ValueError as err:
+        cardlib.log.warning("%s cannot be parsed (%s); ignored", cardlib.META_FILE, err)
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def folder_revision(folder: Path) -> str | None:
-    """The published model's stable id: its run id from vlmdet.json, else a hash of its file list
-    (names, sizes, times); None when the folder is missing or holds nothing but keepers."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None if not folder.exists() else f"not-a-folder:{folder.stat().st_mtime_ns}"
-    names = [n for n in _files(folder) if n not in KEEP]
-    if not names:
-        return None
-    run_id = (cardlib.read_meta(folder) or {}).get("run_id")
-    if isinstance(run_id, str) and run_id:
-        return run_id
-    stats = [(n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns) for n in names]
-    return "files-" + hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
+    """The folder's content id: a hash of every file's name, size and modification time and the bytes of
+    the small ones; None when the folder is missing or holds nothing but keepers. Raises OSError on
+    anything that cannot be listed or read."""
+    return _scan(Path(folder)).revision
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file, then every folder bottom-up, `root` last: its bytes and names are on disk."""
+    for folder, _, filenames in os.walk(root, topdown=False, onerror=_raise):
+        for name in filenames:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(folder))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _why(folder: Path, err: OSError) -> str:
+    """What could not be read, as an operator can check it: the path, the error, who asked, the fix."""
+    path = Path(err.filename) if err.filename else folder
+    who = f"user id {os.geteuid()}"
+    try:
+        st = os.stat(path)
+        who += f"; {path.name} is {stat.filemode(st.st_mode)}, owner id {st.st_uid}"
+    except OSError:
+        pass
+    what = f"{path} cannot be read ({err.strerror or err}; {who})."
+    if isinstance(err, PermissionError):
+        return (f"{what} Every folder of the target must be readable and searchable (r-x) and every file readable "
+                f"by the user running the flow: fix the permissions (e.g. chmod -R u+rwX,go+rX {folder}, or chown "
+                "it to that user) or run the flow as the owner, then run again.")
+    return f"{what} Check the disk or mount holding {folder}, then run again."
 
 
 def read_champion_folder(folder: str | Path) -> Champion | None:
     """The champion in a local target folder: None only when the folder is missing or empty (after
-    recovering an interrupted swap); otherwise a Champion, marked unreadable when it cannot be judged."""
+    recovering an interrupted swap); otherwise a Champion, marked unreadable when it cannot be read
+    (fault TRANSPORT: a permission or I/O error, never replaced) or judged (fault CONTENT)."""
     folder = Path(folder)
-    if folder.parent.is_dir():
-        with _locked(folder):  # not in the middle of someone's swap
+    try:
+        if not folder.parent.is_dir():
+            return None
+        with _locked(folder):  # not in the middle of someone's swap; the revision and content are one read
             recover(folder)
-    if folder.exists() and not folder.is_dir():
+            scan = _scan(folder)
+    except OSError as err:
+        return Champion(metrics={}, source=str(folder), fault=TRANSPORT,
+                        unreadable=f"the target folder could not be read: {_why(folder, err)}")
+    if scan.revision is None:
+        return None
+    if scan.revision.startswith("not-a-folder:"):
         return Champion(metrics={}, source=str(folder), fault=CONTENT, unreadable=(
             f"publish.target points at a file, not a folder ({folder}); point it at a folder or move the file"))
-    revision = folder_revision(folder)
-    if revision is None:
-        return None
-    card = folder / cardlib.CARD_FILE
-    try:
-        card_text = card.read_text() if card.is_file() else None
-    except (OSError, UnicodeDecodeError) as err:
-        card_text = None
-        cardlib.log.warning("%s cannot be read (%s)", card, err)
-    champion = cardlib.champion_from_card(card_text, cardlib.read_meta(folder), str(folder), files=_files(folder))
-    champion.revision = revision
+    card_text = None
+    if cardlib.CARD_FILE in scan.small:
+        try:
+            card_text = scan.small[cardlib.CARD_FILE].decode()
+        except UnicodeDecodeError as err:
+            cardlib.log.warning("%s cannot be read (%s)", folder / cardlib.CARD_FILE, err)
+    champion = cardlib.champion_from_card(card_text, _meta(scan.small.get(cardlib.META_FILE)), str(folder),
+                                          files=scan.files)
+    champion.revision = scan.revision
     return champion
