@@ -2,7 +2,9 @@
 allowed values checked generically before anything runs, presets that extend a base."""
 from __future__ import annotations
 
+import json
 import sys
+import typing
 
 import pytest
 
@@ -80,18 +82,29 @@ def derived() -> dict[str, set[str]]:
     }
 
 
-def _other(key: str):
-    """A valid value of `key` other than its default."""
+# where the first other allowed value cannot stand in a built run: train.profile=auto is resolved before
+# any step or key sees it (vlmdet.pipeline.resolve)
+NO_GENERIC_FLIP = {"train.profile": "qlora"}
+
+
+def _other(key: str, config: RunConfig | None = None):
+    """A valid value of `key` other than its value in `config` (the defaults when None), built from the
+    setting's declared allowed values, else its type."""
+    section, name = key.split(".")
+    current = getattr(getattr(config or RunConfig(), section), name)
+    if key in NO_GENERIC_FLIP:
+        return NO_GENERIC_FLIP[key]
     s = settings()[key]
     if s.choices:
-        return next(c for c in s.choices if c != s.default)
-    if isinstance(s.default, bool):
-        return not s.default
-    if isinstance(s.default, list):
-        return s.default + ["x"]
-    if isinstance(s.default, float):
-        return s.default / 2 if s.default else 0.5  # stays a probability, a fraction, a rate
-    return s.default + 2 if isinstance(s.default, int) else s.default + "x"  # -1 + 2: max_steps stays valid
+        return next(c for c in s.choices if c != current)
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, list):
+        (inner,) = typing.get_args(C._field_types(type(getattr(RunConfig(), section)))[name])
+        return current + [{int: 1, str: "x"}[inner]]
+    if isinstance(current, float):
+        return current / 2 if current else 0.5  # stays a probability, a fraction, a rate
+    return current + 2 if isinstance(current, int) else current + "x"  # -1 + 2: max_steps stays valid
 
 
 def test_every_setting_declares_a_role_and_where_it_applies():
@@ -109,26 +122,164 @@ def test_the_derived_lists_equal_the_hand_written_ones_but_for_the_named_fixes()
         assert _baseline(name, got[name]) == (before | fix) - REMOVED.get(name, set()), name
 
 
-def test_a_setting_of_another_role_changes_the_key_it_should():
-    """What the roles promise, on the keys: learned settings change the training key, measured ones the
-    evaluation key only, decided ones neither, execution ones nothing."""
-    from vlmdet.keys import decision_settings, evaluation_key, training_key
+# --- what flipping each setting moves: the product's own cache keys, against an independent statement ----------
+# What each setting is for, written here independently of its declaration in vlmdet/config.py (the keys are
+# derived from that declaration, so comparing them with it alone could never fail): the role of its section,
+# and the settings that differ from their section, each with why. A setting added to config.py takes its
+# section's role here; one that differs must be named below too, where a reviewer sees it.
+SECTION_ROLE = {"data": "learned", "model": "learned", "lora": "learned", "train": "learned", "eval": "measured",
+                "gate": "decided", "publish": "decided", "serve": "execution"}
+NOT_THEIR_SECTIONS = {
+    "train.logging_steps": "execution",  # how often the loss is logged
+    "train.num_processes": "execution",  # the effective batch is kept on any number of GPUs
+    "train.timeout_s": "execution",
+    "train.dataloader_workers": "execution",  # where images are decoded
+    "train.profile": "execution",  # what a profile sets is in the fields it sets
+    "train.ddp_find_unused": "execution",  # a graph walk; every trainable weight gets a gradient either way
+    "train.report_to": "execution",  # which tracker shows the loss, not what is learned
+    "eval.preview_images": "output",  # a picture beside the numbers
+    "eval.timeout_s": "execution",
+    "eval.num_processes": "execution",  # each process detects every Nth image: the same answers
+    "eval.val_max_images": "learned",  # validation picks the checkpoint that becomes the adapter
+    "publish.merge_timeout_s": "execution",
+}
+# measured, and also the validation that picks the checkpoint (vlmdet.training.select): the training key too
+ALSO_PICKS_THE_CHECKPOINT = {"eval.batch_size", "eval.max_new_tokens"}
 
-    base = RunConfig()
+
+def expected_role(key: str) -> str:
+    return NOT_THEIR_SECTIONS.get(key, SECTION_ROLE[key.split(".")[0]])
+
+
+FP = "fingerprint-of-the-prepared-data"
+
+
+def step_keys(config: RunConfig, root) -> dict[str, object]:
+    """Every cache key a run is looked up by (tasks/*.py cache_key_fn, the markers of vlmdet.runsteps, and
+    the two halves of the pipeline's "nothing new since" check), for one configuration."""
+    from vlmdet.keys import decision_settings, evaluation_key
+    from vlmdet.layout import RunLayout
+    from vlmdet.records import AdapterRef, DatasetRef
+
+    layout = RunLayout.at(root)
+    data = DatasetRef(fingerprint=FP, root=str(root), splits={}, counts={})
+    # a fixed adapter folder: that training changed reaches the evaluate and merge keys through the
+    # folder's files (keys.path_stamp), which this comparison holds still
+    adapter = AdapterRef(path=str(root / "adapter"), base_model=config.model.base, family=config.model.family,
+                         global_step=1)
+    return {"prepare": layout.prepare_key(config, config.data.dataset),
+            "train": layout.train_key(data, config),
+            "evaluate": layout.eval_key(adapter.path, data, config, "adapter"),
+            "merge": layout.merge_key(adapter, data, config),
+            "run": evaluation_key(config, FP),
+            "decide": decision_settings(config)}
+
+
+# A run configuration the layout accepts (train.profile=auto is resolved before any key is made).
+def _base() -> RunConfig:
+    return RunConfig().override({"train.profile": "preset"})
+
+
+def _moved(key: str, root) -> set[str]:
+    base = _base()
+    before, after = step_keys(base, root), step_keys(base.override({key: _other(key, base)}), root)
+    return {step for step in before if before[step] != after[step]}
+
+
+@pytest.fixture
+def families_listed_once(monkeypatch):
+    """Every configuration built checks model.family against the installed families, an entry-point scan
+    (~0.1 s); these tests build a few hundred with the same packages installed."""
+    from vlmdet.formats import base
+
+    monkeypatch.setattr(base, "families", lambda known=base.families(): dict(known))
+
+
+def test_each_settings_flip_moves_the_keys_its_role_promises(tmp_path, families_listed_once):
+    """Flip every setting to another valid value and watch which of the product's cache keys move: learned
+    ones retrain (the prepare key for data, the training key otherwise), measured ones evaluate again
+    without retraining, decided ones decide again on the saved results and nothing else, output ones
+    touch no result, execution ones no key at all. A setting declared with a role its effect does not
+    have (a decided one declared execution: changing it would skip the run as "nothing new") fails here."""
+    wrong = {}
     for key, s in settings().items():
-        if key.startswith(("serve.", "data.")) or key in ("train.per_device_batch", "train.grad_accum"):
-            continue  # serve: no run key; data: through the fingerprint; the batch split: as its product
-        other = base.override({key: _other(key)})
-        train_moved = training_key(other, "fp") != training_key(base, "fp")
-        eval_moved = evaluation_key(other, "fp") != evaluation_key(base, "fp")
-        decided_moved = decision_settings(other) != decision_settings(base)
-        expected = {"learned": (True, True, False), "measured": (False, True, False),
-                    "decided": (False, False, True), "output": (False, False, False),
-                    "execution": (False, False, False)}[s.role]
-        # batch size and answer length also measure the validation that picks the checkpoint
-        if key in ("eval.batch_size", "eval.max_new_tokens"):
-            expected = (True, True, False)
-        assert (train_moved, eval_moved, decided_moved) == expected, key
+        role, moved = expected_role(key), _moved(key, tmp_path)
+        if role == "learned":
+            ok = ("prepare" if key.startswith("data.") else "train") in moved and "decide" not in moved
+        elif role == "measured":
+            ok = {"evaluate", "run"} <= moved and "decide" not in moved \
+                and ("train" in moved) == (key in ALSO_PICKS_THE_CHECKPOINT)
+        elif role == "decided":
+            ok = moved == {"decide"}
+        elif role == "output":
+            ok = not moved & {"prepare", "train", "run", "decide"}
+        else:
+            ok = moved == set()
+        if not ok or s.role != role:
+            wrong[key] = f"declared {s.role}, is {role}; flipping it moved {sorted(moved) or 'no key'}"
+    assert not wrong, wrong
+
+
+def test_the_batch_split_is_execution_and_the_effective_batch_learned(tmp_path, families_listed_once):
+    base = _base()
+    same = base.override({"train.per_device_batch": base.train.per_device_batch * 2,
+                          "train.grad_accum": base.train.grad_accum // 2})
+    assert step_keys(same, tmp_path) == step_keys(base, tmp_path)
+    assert {"train", "run"} <= _moved("train.grad_accum", tmp_path)
+
+
+def _gate_scenarios(tmp_path):
+    """The gate's inputs in each of its branches: no champion, a champion that cannot be judged (content,
+    with the revision seen), and a readable one scored on the same images with the paired bootstrap."""
+    from PIL import Image
+
+    from vlmdet.records import CONTENT, Champion, EvalReport
+
+    images, anns = [], []
+    for i in range(1, 9):
+        Image.new("RGB", (100, 80)).save(tmp_path / f"im{i}.png")
+        images.append({"id": i, "file_name": f"im{i}.png", "width": 100, "height": 80})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0})
+    gt = tmp_path / "test.json"
+    gt.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "t"}]}))
+
+    def report(name: str, hits: set[int]) -> EvalReport:
+        preds = [{"image_id": i, "category_id": 1, "bbox": [10 if i in hits else 50, 10, 40, 30], "score": 0.5 + i / 100}
+                 for i in range(1, 9)]
+        (tmp_path / f"{name}.json").write_text(json.dumps(preds))
+        share = len(hits) / 8
+        return EvalReport(map=share / 2, map50=share, map75=share / 3, split="test", num_images=8, parse_failures=0,
+                          predictions=str(tmp_path / f"{name}.json"))
+
+    new, old = report("new", {1, 2, 3, 4, 5, 6}), report("old", {1, 2, 3, 7})
+    unreadable = Champion(metrics={}, source="local:published", revision="r1", unreadable="no vlmdet.json",
+                          fault=CONTENT)
+    readable = Champion(metrics={"map50": 0.5}, source="local:published", revision="r1")
+    return str(gt), new, old, unreadable, readable
+
+
+def _decisions(config: RunConfig, scenarios) -> list[dict]:
+    from vlmdet.gate import compare, decide
+
+    gt, new, old, unreadable, readable = scenarios
+    comparison, _, _ = compare(new, old, gt, config.gate)
+    return [decide(new, config.gate, None).to_dict(), decide(new, config.gate, unreadable).to_dict(),
+            decide(new, config.gate, readable, comparison).to_dict()]
+
+
+def test_every_gate_setting_changes_a_decision_and_so_the_decision_key(tmp_path, families_listed_once):
+    """Independent of any declaration: the real gate (vlmdet.gate.compare and decide) is run in each branch
+    with each gate setting flipped; a setting that changes a decision must move the key the pipeline
+    decides again on, or a run with it changed would be skipped as already decided."""
+    base, scenarios = _base().override({"gate.resamples": 200}), _gate_scenarios(tmp_path)
+    before = _decisions(base, scenarios)
+    unmoved = {}
+    for key in keys_where(section="gate"):
+        changed = _decisions(base.override({key: _other(key, base)}), scenarios) != before
+        moves = "decide" in _moved(key, tmp_path)
+        if not (changed and moves):
+            unmoved[key] = f"changes a decision: {changed}; moves the decision key: {moves}"
+    assert not unmoved, unmoved
 
 
 @pytest.mark.parametrize("key,value", [("model.family", "qwen9_vl"), ("train.scheduler", "cosin"),
