@@ -9,35 +9,41 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from vlmdet.config import ConfigError, RunConfig
 from vlmdet.records import AdapterRef, DatasetRef, write_json
+from vlmdet.timeline import phase, take
 
 
 def _train(req: dict[str, Any]) -> dict[str, Any]:
-    from vlmdet.training.train import train
+    with phase("imports"):  # torch, transformers, TRL, PEFT: seconds before any work
+        from vlmdet.training.train import train
 
     return train(DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"]), req["out"]).to_dict()
 
 
 def _evaluate(req: dict[str, Any]) -> dict[str, Any]:
-    from vlmdet.evaluation import evaluate
+    with phase("imports"):
+        from vlmdet.evaluation import evaluate
 
     return evaluate(req["model"], DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"]),
                     req["out"], split=req.get("split")).to_dict()
 
 
 def _merge(req: dict[str, Any]) -> dict[str, Any]:
-    from vlmdet.data.images import open_image
-    from vlmdet.merging import merge
-    from vlmdet.samples import load_split
+    with phase("imports"):
+        from vlmdet.data.images import open_image
+        from vlmdet.merging import merge
+        from vlmdet.samples import load_split
 
     dataset = DatasetRef.from_dict(req["dataset"])
-    samples, _ = load_split(dataset.splits[req.get("split", "test")])
-    images = [open_image(s.file) for s in samples[: req.get("check_images", 2)]]
+    with phase("decode images"):  # the few the merge checks its logits on
+        samples, _ = load_split(dataset.splits[req.get("split", "test")])
+        images = [open_image(s.file) for s in samples[: req.get("check_images", 2)]]
     return merge(AdapterRef.from_dict(req["adapter"]), RunConfig.from_dict(req["config"]), req["out"], images).to_dict()
 
 
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         code = 1
     if rank0:
-        write_json(result, out, indent=1)
+        # where the step's seconds went (vlmdet.timeline); the parent adds start-up and exit
+        write_json(result, {**out, "timeline": take(), "written": time.time()}, indent=1)
     return code
 
 
