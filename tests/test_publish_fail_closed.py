@@ -134,9 +134,9 @@ def test_local_a_publish_landing_between_gate_and_swap_is_not_overwritten(tmp_pa
     cfg = _local_cfg()
     first = _publish(cfg, tmp_path, single, 0.70) if gate_saw == "champion" else None
     seen = _read(cfg, tmp_path)
-    assert (seen.revision == first.run_id) if first else seen is None
-    other = _publish(cfg, tmp_path, sharded, 0.75, champion_revision=first.run_id if first else None)
-    with pytest.raises(TargetChangedError, match=f"was {first.run_id if first else 'empty'}, now {other.run_id}"):
+    assert (seen.revision == first.revision) if first else seen is None
+    other = _publish(cfg, tmp_path, sharded, 0.75, champion_revision=first.revision if first else None)
+    with pytest.raises(TargetChangedError, match=f"was {first.revision if first else 'empty'}, now {other.revision}"):
         _publish(cfg, tmp_path, single, 0.80, champion_revision=seen.revision if seen else None)
     target = tmp_path / "published"
     assert json.loads((target / "vlmdet.json").read_text())["run_id"] == other.run_id
@@ -203,9 +203,10 @@ def test_hub_errors_while_reading_the_champion_close_the_gate(hub, tmp_path, mod
     _, report, *_ = _records(tmp_path, single, 0.90)
     decision = decide(report, cfg.gate, champ)
     assert not decision.passed and "no champion" not in decision.reason and champ.unreadable in decision.reason
-    # even replacing on purpose needs a revision that was seen: nothing to compare-and-swap on
+    # a target that could not be read says nothing about its model: replacing on purpose never applies
     forced = decide(report, _hub_cfg(hub, **REPLACE).gate, champ)
-    assert not forced.passed and "no revision" in forced.reason
+    assert not forced.passed and forced.champion_fault == "transport" and not forced.replaced_unreadable
+    assert "applies only to a champion that was read" in forced.reason
     assert hub.state.repos[REPO].head.oid == first.revision
 
 
@@ -303,19 +304,19 @@ def test_local_a_crash_between_the_renames_then_a_new_run_recovers_and_compares_
 
     monkeypatch.setattr(Path, "rename", crash_on_swap_in)
     with pytest.raises(KeyboardInterrupt):
-        _publish(cfg, tmp_path, sharded, 0.75, champion_revision=first.run_id)
+        _publish(cfg, tmp_path, sharded, 0.75, champion_revision=first.revision)
     monkeypatch.setattr(Path, "rename", real_rename)
     assert not target.exists()
 
     # the next run: its gate finds the champion back in place and compares against it
     merged, report, dataset, adapter, _ = _records(tmp_path, single, 0.90, predictions=_preds({1, 2, 3, 4, 5, 6}))
     champ = _read(cfg, tmp_path)
-    assert champ is not None and not champ.unreadable and champ.revision == first.run_id
+    assert champ is not None and not champ.unreadable and champ.revision == first.revision
     assert champ.measured_on(report)
     champion_report = reuse_report(champ, report, published_predictions(champ, tmp_path))
     comparison, _, _ = compare(report, champion_report, gt, cfg.gate, champion_evaluated=False)
     decision = decide(report, cfg.gate, champ, comparison)
-    assert decision.passed and decision.images == 6 and decision.champion_revision == first.run_id
+    assert decision.passed and decision.images == 6 and decision.champion_revision == first.revision
     pub = publishing.publish(merged, report, dataset, adapter, decision, cfg, tmp_path)
     assert json.loads((target / "vlmdet.json").read_text())["run_id"] == pub.run_id
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".published")] == []
@@ -364,13 +365,15 @@ def test_hub_everything_read_from_the_champion_comes_from_one_commit(hub, tmp_pa
 # --- 5. no local paths in published files ---------------------------------------------------------------
 
 def test_no_local_path_in_any_published_file(tmp_path, models):
-    """Fails on main: vlmdet.json and README carried coco:/abs/path, the target folder and the gate picture path."""
+    """Fails on main: vlmdet.json and README carried coco:/abs/path, the target folder and the gate picture path.
+    Fails on a9dd703: a `file://` URL was left whole, and a path with a space (`/home/John Smith/x`) kept the
+    part after the space (issue 26)."""
     single, sharded = models
     target = tmp_path / "target"
-    data = tmp_path / "data"
+    data = tmp_path / "John Smith" / "data"  # a user name with a space in the path
     cfg = RunConfig(name="smoke").override({"publish.target": f"local:{target}", "data.dataset": f"coco:{data}",
                                             "model.base": str(single)})
-    needles = {str(tmp_path), str(single.parent), str(data)}
+    needles = {str(tmp_path), str(single.parent), str(data), "John Smith", "Smith/"}
     home = str(Path.home())
     if home not in ("/", ""):
         needles.add(home)
@@ -380,7 +383,8 @@ def test_no_local_path_in_any_published_file(tmp_path, models):
     def run(cfg: RunConfig, model: Path, map50: float, comparison: Comparison | None = None) -> None:
         merged, report, dataset, adapter, _ = _records(tmp_path, model, map50)
         dataset.source, dataset.root = f"coco:{data}", str(data)
-        adapter.validation = {"checkpoints": [{"path": str(tmp_path / "adapter" / "checkpoint-5"), "map50": 0.5}]}
+        adapter.validation = {"checkpoints": [{"path": str(tmp_path / "adapter" / "checkpoint-5"), "map50": 0.5},
+                                              {"path": (tmp_path / "adapter" / "checkpoint-9").as_uri(), "map50": 0.6}]}
         decision = decide(report, cfg.gate, _read(cfg, tmp_path), comparison)
         assert decision.passed, decision.reason
         publishing.publish(merged, report, dataset, adapter, decision, cfg, tmp_path)
