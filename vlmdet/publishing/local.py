@@ -16,9 +16,12 @@ Durability, what a crash or a power loss at any instant leaves:
   rename, so the published name never points at files whose bytes are not on disk;
 - the champion is moved aside to `.NAME.old-RUN`, the new model renamed in, and the backup renamed to
   `.NAME.trash-RUN` before it is deleted: an `.old-*` folder is always a whole model, and the only
-  thing `recover` restores (when the published name is missing); staging and trash leftovers are
-  deleted by the next publish. `recover` runs under the lock before the gate reads the folder as
-  well as before a publish, so the next run finds the old model or the new one, whole.
+  thing `recover` restores (when the published name is missing). The next publish deletes staging
+  and trash leftovers, and a leftover backup (the new model is in place) after renaming it to trash.
+  `recover` runs under the lock before the gate reads the folder as well as before a publish, so the
+  next run finds the old model or the new one, whole.
+Not covered: a filesystem that reorders or drops fsynced writes (some network mounts), and two
+machines writing one folder over a network filesystem (flock may not reach across them).
 
 Errors are errors: anything in the folder that cannot be listed or read (a permission, an I/O error)
 makes the champion unreadable with a transport fault (the gate stays closed whatever the override),
