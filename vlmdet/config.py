@@ -15,6 +15,7 @@ Adding a setting is one `_f(...)` line.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import types
@@ -53,6 +54,15 @@ APPLIES = {
 # transformers SchedulerType values that need no lr_scheduler_kwargs (others need settings we do not have)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
+# train.report_to: transformers' reporting integrations vlmdet supports, each named like the module it needs
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
+def _installed(module: str) -> bool:
+    """A real package, not a folder of that name in the working directory (wandb writes ./wandb), which
+    Python would import as an empty namespace package."""
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin not in (None, "namespace")
 
 
 # Settings that are gone, accepted (and ignored) with a one-line warning so old presets, deployments and
@@ -201,6 +211,12 @@ class TrainConfig(_Section):
     save_steps: int = _f(50, "Checkpoint every N steps; a crashed or killed run resumes from the last one.", "learned")
     save_total_limit: int = _f(2, "Keep this many checkpoints.", "learned")
     logging_steps: int = _f(1, "Log the loss every N steps.", "execution")
+    report_to: str = _f("tensorboard", "Experiment tracker the trainer logs to (TRL's report_to), and the run's mAP, "
+                                       "gate decision, publication and Prefect flow run after it (vlmdet/tracking.py): "
+                                       "tensorboard (event files in the run folder, train/<key>/tensorboard), mlflow "
+                                       "(MLFLOW_TRACKING_URI, else WORKDIR/mlflow.db), wandb, trackio, or none. All "
+                                       "but tensorboard are extras: pip install vlmdet[mlflow].", "execution",
+                        choices=TRACKERS + ("none",))
     seed: int = _f(0, "Training seed.", "learned")
     num_processes: int = _f(0, "Training processes, one per GPU: 0 = every GPU this worker can see (CUDA_VISIBLE_DEVICES "
                                "respected; >1 launches the child with `accelerate launch`); N pins the first N GPUs. "
@@ -244,6 +260,11 @@ class TrainConfig(_Section):
             raise ConfigError(f"train.num_processes={self.num_processes}: use 0 (every visible GPU) or a count >= 1.")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise ConfigError(f"train.max_steps={self.max_steps}, train.epochs={self.epochs}: set max_steps > 0 or epochs > 0.")
+        # checked here, where the configuration is built, so a missing tracker fails before any data or training
+        if self.report_to in TRACKERS and not _installed(self.report_to):
+            fix = "pip install tensorboard" if self.report_to == "tensorboard" else f"pip install vlmdet[{self.report_to}]"
+            raise ConfigError(f"train.report_to={self.report_to!r} but {self.report_to} is not installed; install it "
+                              f"({fix}) or choose another tracker (train.report_to=tensorboard or none).")
 
 
 @dataclass

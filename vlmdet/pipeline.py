@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from vlmdet import tracking
 from vlmdet.config import RunConfig, guard_check_run, load_preset
 from vlmdet.gate import Champion, clears_threshold
 from vlmdet.keys import decision_settings, evaluation_key
@@ -135,6 +136,7 @@ class RunSummary(Record):
     retrained: bool = True
     from_cache: bool = False
     skip_reason: str | None = None
+    tracker: dict[str, Any] = field(default_factory=dict)  # where the run is in train.report_to's tracker
 
     @classmethod
     def build(cls, config: RunConfig, data: DatasetRef, adapter: AdapterRef, report: EvalReport,
@@ -238,6 +240,7 @@ def run(resolved: Resolved, layout: RunLayout, steps: Steps, force: bool = False
                                merged_report=merged_report, champion_report=champion_report, published=published,
                                check_run=resolved.check_run, run_key=key, seconds=round(time.time() - started, 1),
                                retrained=retrained, from_cache=from_cache)
+    summary.tracker = tracking.log_run(summary, config)  # the mAP, gate and publication beside the loss curve
     write_json(layout.summary_file, summary.to_dict())
     write_json(layout.last_success_file, {"run_key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                           "summary": summary.to_dict(), "decision_settings": decision_settings(config)})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from vlmdet import tracking
 from vlmdet.config import RunConfig
 from vlmdet.formats import get_format
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base, torch_dtype
@@ -87,16 +88,21 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         bf16=mixed,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs=({"use_reentrant": False} | ({"every_n_layers": t.checkpoint_every}
-                                       if t.checkpoint_every > 1 else {})) if t.gradient_checkpointing else None,
+        # transformers 5's names; the old gradient_checkpointing* (TRL's default sets it) are deprecated aliases
+        # that warn whenever the new name is unset
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs=({"use_reentrant": False} | ({"every_n_layers": t.checkpoint_every}
+                                         if t.checkpoint_every > 1 else {})) if t.gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
-        report_to="none",
+        # the trainer's own integration logs the loss, learning rate and val loss per step (vlmdet.tracking)
+        report_to=tracking.report_to(config),
+        run_name=f"{config.name} {out.name}",  # the tracker run: the preset and the training folder (its key)
+        project="vlmdet",  # trackio's project
         remove_unused_columns=False,  # the collator needs the raw images column
         max_length=None,  # never truncate: a cut answer teaches a broken box
         dataloader_num_workers=t.dataloader_workers,
@@ -134,9 +140,10 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
         # TRL 1.16 calls use_liger_kernel deprecated for the Hub's kernels, which download at every start (an
         # offline worker cannot); the layer kernels it applies are Liger's either way
         warnings.filterwarnings("ignore", message=".*use_liger_kernel=True. is deprecated", category=FutureWarning)
-        trainer = Trainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
-                          train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
+        with tracking.trainer_env(config, out):  # the TensorBoard callback reads its folder when built
+            trainer = Trainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
+                              train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
     set_adapter_dtype(trainer.model, config.train.adapter_dtype)
     trainer.add_callback(speed.FrozenTowersOutOfBackward(trainer.model))
     if trainer.args.world_size > 1 and not config.train.ddp_find_unused:
@@ -159,9 +166,11 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
         log.info("resuming from %s", resume)
     counter = StepCounter()
     trainer.add_callback(counter)
+    trainer.add_callback(TrackerRecord(config, out))
     # under bf16 autocast (Accelerate wraps the forward in it for mixed precision): fp32 LoRA weights, bf16 inputs
     amp = trainer.accelerator
-    with speed.adapter_inputs_uncast(trainer.model, autocast=amp.native_amp and amp.mixed_precision == "bf16"):
+    with speed.adapter_inputs_uncast(trainer.model, autocast=amp.native_amp and amp.mixed_precision == "bf16"), \
+            tracking.trainer_env(config, out, resume=bool(resume)):  # MLflow reads its settings here
         trainer.train(resume_from_checkpoint=resume)
     selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
                                                     trainer.state.log_history, validation_split(dataset))
@@ -242,3 +251,15 @@ class StepCounter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps += 1
+
+
+class TrackerRecord(TrainerCallback):
+    """Records where the trainer's tracker integration logs (vlmdet.tracking.record_location) once training
+    begins: added after the trainer's report_to callbacks, it runs after they started their run."""
+
+    def __init__(self, config: RunConfig, out: Path) -> None:
+        self.config, self.out = config, out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            tracking.record_location(self.config, self.out)
