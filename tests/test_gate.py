@@ -173,12 +173,14 @@ def test_the_card_of_a_replacement_shows_the_comparison_and_its_picture(tmp_path
 def test_the_champion_is_evaluated_with_its_own_answer_settings_on_todays_eval_settings():
     from vlmdet.champion import champion_config
 
-    today = load_preset("smoke", {"eval.max_new_tokens": 99})
+    today = load_preset("smoke", {"eval.batch_size": 3})
     theirs = load_preset("qwen2.5-vl-7b-nutrition").to_dict()
     cfg = champion_config(Champion(metrics={"map50": 0.9}, config=theirs), today)
     assert cfg.model.family == "qwen2_5_vl" and cfg.model.max_pixels == theirs["model"]["max_pixels"]
     assert cfg.model.prompt == theirs["model"]["prompt"]
-    assert cfg.eval.max_new_tokens == 99 and cfg.data == today.data and cfg.model.base == today.model.base
+    # its answer length (an answer setting) too; how today's run batches and where its data is stay today's
+    assert cfg.eval.max_new_tokens == theirs["eval"]["max_new_tokens"] == 160 != today.eval.max_new_tokens
+    assert cfg.eval.batch_size == 3 and cfg.data.dataset == today.data.dataset and cfg.model.base == today.model.base
     # No vlmdet.json: never today's settings (after a family or prompt change it would score ~0 and be replaced)
     with pytest.raises(ValueError, match="no model settings.*gate.replace_unreadable_champion"):
         champion_config(Champion(metrics={"map50": 0.9}, source="hub:org/m@abc"), today)

@@ -3,8 +3,9 @@ vlmdet.json) says about how it must be run, laid over a configuration.
 
 - `trained_with`: an adapter's base-loading settings (vlmdet_trained_with.json; a speed profile may
   have loaded the base otherwise than the preset says): its evaluation loads the base alike;
-- `answer_settings`: a published model's answer settings (family, pixel budget, prompt, ...) from its
-  run configuration: the champion is evaluated with its own, as it answers in production;
+- `answer_settings`: a published model's answer settings (family, pixel budget, prompt, category,
+  answer length, ...) from its run configuration, every one of them: the champion is evaluated with
+  its own, as it answers in production;
 - `config_for_model`: what `vlmdet predict` and `vlmdet serve` detect with: family and pixel budget
   from the folder, prompt and category from its vlmdet.json, unless given explicitly.
 
@@ -37,10 +38,32 @@ def trained_with(model_path: str, config: RunConfig) -> RunConfig:
                             if k in trained})
 
 
+# How a merged model answers (family, pixel budget, prompt, category, answer length, ...; declared with
+# each field, vlmdet/config.py applies=("answer",)): a champion is evaluated with its own, all of them.
+ANSWER_SETTINGS = keys_where(applies="answer")
+
+
+def held_answer_settings(run_config: dict[str, Any] | None) -> dict[str, Any]:
+    """{dotted key: value} of the ANSWER_SETTINGS that another run's configuration (a vlmdet.json `config`) holds."""
+    held = {}
+    for key in ANSWER_SETTINGS:
+        section, name = key.split(".", 1)
+        part = run_config.get(section) if isinstance(run_config, dict) else None
+        if isinstance(part, dict) and name in part:
+            held[key] = part[name]
+    return held
+
+
 def answer_settings(run_config: dict[str, Any] | None, config: RunConfig) -> RunConfig:
-    """config with the answer settings of another run's configuration (a champion's vlmdet.json `config`)."""
-    theirs = (run_config or {}).get("model") or {}
-    return config.override({f"model.{k}": theirs[k] for k in names_where("model", applies="answer") if k in theirs})
+    """config with every answer setting of another run's configuration (a champion's vlmdet.json `config`).
+
+    All or nothing: one left at today's value (a prompt, a category, a pixel budget) would judge the model by
+    an answer it was not trained to give. ValueError naming the missing ones."""
+    held = held_answer_settings(run_config)
+    missing = [key for key in ANSWER_SETTINGS if key not in held]
+    if missing:
+        raise ValueError(f"answer settings {', '.join(missing)} are missing from the run configuration")
+    return config.override(held)
 
 
 # What a published model was trained to answer: the publish step writes them into its vlmdet.json

@@ -4,17 +4,17 @@ The gate compares both models on the same images. A published model carries its 
 predictions (`eval/predictions.json`); when its card says they were measured on today's split of
 the same prepared data they are reused as they are. Otherwise the model itself is fetched (the
 local target folder, or the Hub repo at the exact commit its card was read from) and evaluated
-again, with its own model settings (family, pixel budget, prompt) from its `vlmdet.json`, since
-that is how it answers in production. A champion without them is never evaluated with today's
-settings (after a family or prompt change it would score ~0 and be replaced): it is unreadable,
-and `needs_measuring` says so before anything is fetched.
+again, with its own answer settings (family, pixel budget, prompt, category, answer length) from its
+`vlmdet.json`, every one of them, since that is how it answers in production. A champion lacking
+one is never evaluated with today's (after a family or prompt change it would score ~0 and be
+replaced): it is unreadable, and `needs_measuring` says so before anything is fetched.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from vlmdet.carried import answer_settings
+from vlmdet.carried import ANSWER_SETTINGS, answer_settings, held_answer_settings
 from vlmdet.config import RunConfig
 from vlmdet.publishing.card import PREDICTIONS
 from vlmdet.records import Champion, EvalReport
@@ -26,13 +26,15 @@ def needs_measuring(champion: Champion | None) -> bool:
 
 
 def champion_config(champion: Champion, config: RunConfig) -> RunConfig:
-    """Today's configuration with the champion's own answer settings (vlmdet.carried), to evaluate it.
-    A champion that carries none is not judged in today's format (it would score ~0 after a change)."""
-    theirs = (champion.config or {}).get("model") or {}
-    if not theirs.get("family"):
-        raise ValueError(f"the champion at {champion.source} has no model settings (no vlmdet.json, or one without "
-                         "config.model); evaluating it with today's settings would judge it in another format. Set "
-                         "gate.replace_unreadable_champion=true to replace it on purpose.")
+    """Today's configuration with every one of the champion's own answer settings (vlmdet.carried:
+    family, pixel budget, prompt, category, answer length, ...), to evaluate it. A champion lacking one
+    is not judged by today's (after a family, prompt or category change it would score ~0 and be
+    replaced); reading it already marked it unreadable (publishing.card), so this only guards the call."""
+    missing = [key for key in ANSWER_SETTINGS if key not in held_answer_settings(champion.config)]
+    if missing:
+        raise ValueError(f"the champion at {champion.source} has no model settings {', '.join(missing)} in its "
+                         "vlmdet.json (or no vlmdet.json); evaluating it with today's would judge it by an answer it "
+                         "was not trained to give. Set gate.replace_unreadable_champion=true to replace it on purpose.")
     return answer_settings(champion.config, config)
 
 

@@ -46,7 +46,8 @@ ROLES = {
 APPLIES = {
     "inference": "read by the commands that run a trained model (`vlmdet predict`, `vlmdet serve`)",
     "serve": "read by `vlmdet serve` only (with the inference settings)",
-    "answer": "how a merged model answers: a champion is evaluated with its own (from its vlmdet.json)",
+    "answer": "how a merged model answers: a champion is evaluated with its own, every one from its vlmdet.json "
+              "(one missing there makes it unreadable)",
     "trained_with": "how the base was loaded for training (a speed profile may change it): evaluation of "
                     "the adapter loads it the same way (the adapter's vlmdet_trained_with.json)",
     "published": "what a published model was trained to answer: predict/serve read it from its vlmdet.json",
@@ -135,7 +136,7 @@ class DataConfig(_Section):
     val_fraction: float = _f(0.1, "Share of images held out for validation (training-time eval).", "learned")
     test_fraction: float = _f(0.15, "Share of images held out for the reported mAP; never trained on.", "learned")
     category: str = _f("nutrition-table", "The category to detect; the label written in answers.", "learned",
-                       applies=("inference", "published"))
+                       applies=("inference", "answer", "published"))
     image_size: list[int] = _f([320, 240], "Synthetic images only: width, height in pixels.", "learned")
     max_images: int = _f(0, "Use at most this many images after validation (0 = all): quick checks.", "learned")
 
@@ -272,7 +273,7 @@ class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
     batch_size: int = _f(8, "Images per generate call.", "measured", applies=("inference",))
     max_new_tokens: int = _f(128, "Longest answer; a one-box Qwen2-VL answer is ~24 tokens.", "measured",
-                             applies=("inference",))
+                             applies=("inference", "answer"))
     split: str = _f("test", "Split the reported mAP is measured on.", "measured")
     eval_base: bool = _f(False, "Also measure the base model (no adapter) on the same split, for comparison.", "measured")
     preview_images: int = _f(8, "Draw predictions on this many images into a preview picture.", "output")

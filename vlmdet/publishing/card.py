@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCardData
 from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_results
 
 from vlmdet.config import RunConfig
@@ -58,8 +58,12 @@ def dataset_label(source: str) -> str:
 
 
 # An absolute local path inside a value: `/...` (not `//`, not after a word, `.`, `-` or `/`, so URLs, Hub
-# ids and relative paths stay) or `~/...`; up to whitespace, quotes or brackets.
-_LOCAL_PATH = re.compile(r"(?<![\w.~/-])(?:~/|/(?![/\s]))[^\s'\"`,;()\[\]{}<>|]*")
+# ids and relative paths stay) or `~/...`, or a `file:` URL (`file:///home/...`, `file://host/...`); up to
+# whitespace, quotes or brackets. A space belongs to the path when the word after it runs on into
+# another `/` (`/home/John Smith/x`): a folder name with spaces would otherwise leak its second half.
+_PATH_CHAR = r"[^\s'\"`,;()\[\]{}<>|]"
+_LOCAL_PATH = re.compile(r"(?:\bfile:(?://[^/\s'\"`]*)?(?=/)|(?<![\w.~/-]))(?:~/|/(?![/\s]))"
+                         rf"(?:{_PATH_CHAR}|[ \t]+(?=[^\s'\"`,;()\[\]{{}}<>|/]+/))*")
 
 
 def public_text(text: str) -> str:
@@ -93,7 +97,9 @@ def build_metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterR
     gate["picture"] = GATE_PICTURE if decision.picture else None
     meta = public(_metadata(report=report, dataset=dataset, adapter=adapter, gate=gate, config=config,
                             run_id=run_id, model_name=model_name))
-    meta["config"]["model"]["prompt"] = config.model.prompt  # the model's contract, text and never a path
+    # the model's contract (what it was trained to answer), text and never a path: kept as written
+    meta["config"]["model"]["prompt"] = config.model.prompt
+    meta["config"]["data"]["category"] = config.data.category
     return meta
 
 
@@ -251,46 +257,145 @@ def champion_from_card(card_text: str | None, meta: dict[str, Any] | None, sourc
                        files: list[str] | None = None) -> Champion:
     """The champion's metrics from a card's model-index (preferred) or vlmdet.json, with its settings.
 
-    Always a Champion: one that cannot be judged (no numbers, no settings to evaluate it with, a
-    family this vlmdet cannot parse, no weights among `files`) is marked `unreadable` with the reason,
-    never turned into "no champion". `files`: the target's file list, None where not known.
+    Always a Champion, never a crash: one that cannot be judged (a card or vlmdet.json of the wrong
+    shape, no numbers, an answer setting missing, a family this vlmdet cannot parse, no loadable model
+    among `files`) is marked `unreadable` with a reason naming the file and the field, fault CONTENT
+    (the target answered; what it holds cannot be judged), never turned into "no champion".
+    `files`: the target's file list (paths in the repo or folder), None where not known.
     """
     metrics: dict[str, float] = {}
-    fingerprint = split = ""
-    if card_text:
-        card = ModelCard(card_text, ignore_metadata_errors=True)
-        index = card.data.to_dict().get("model-index")
-        if index:
-            try:
-                _, results = model_index_to_eval_results(index)
-            except (KeyError, TypeError, ValueError):
-                results = []  # a hand-edited, malformed model-index: fall back to vlmdet.json
-            for r in results:
-                key = str(r.metric_type).lower().replace("@", "").replace(".", "")
-                if key in METRIC_NAMES and isinstance(r.metric_value, (int, float)):
-                    metrics[key] = float(r.metric_value)
-                    fingerprint = fingerprint or _card_fingerprint(r)
-                    split = split or (r.dataset_split or "")
-    run_id = ""
+    fingerprint = split = run_id = ""
     config: dict = {}
-    if meta:
-        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        for k, v in (meta.get("metrics") or {}).items():
-            if k in METRIC_NAMES and isinstance(v, (int, float)):
+    front, problem = _front_matter(card_text)
+    if not problem:
+        problem, results = _card_results(front)
+        for r in results:
+            key = str(r.metric_type).lower().replace("@", "").replace(".", "")
+            if key in METRIC_NAMES and _is_number(r.metric_value):
+                metrics[key] = float(r.metric_value)
+                fingerprint = fingerprint or _card_fingerprint(r)
+                split = split or (r.dataset_split or "")
+    problem = problem or _meta_problem(meta)
+    if meta and not problem:  # every field read here has the type it is read as
+        config = meta.get("config", {})
+        for k, v in meta.get("metrics", {}).items():
+            if k in METRIC_NAMES:
                 metrics.setdefault(k, float(v))
-        ev = meta.get("eval") or {}
+        ev = meta.get("eval", {})
         fingerprint = fingerprint or ev.get("data_fingerprint", "")
         split = split or ev.get("split", "")
         run_id = meta.get("run_id", "")
+    unreadable = problem or _why_unreadable(card_text, meta, metrics, config, files)
     return Champion(metrics=metrics, data_fingerprint=fingerprint, split=split, source=source, run_id=run_id,
-                    config=config, unreadable=_why_unreadable(card_text, meta, metrics, config, files), fault=CONTENT)
+                    config=config, unreadable=unreadable, fault=CONTENT)
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON/YAML type, as a reason says it ("a string", "a mapping")."""
+    if value is None:
+        return "null"
+    name = {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
+        type(value), type(value).__name__)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _a(value: Any) -> str:
+    """How a wrong value reads in a reason: its type and (shortened) the value itself."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return "null" if value is None else f"{_kind(value)} ({shown})"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _front_matter(card_text: str | None) -> tuple[dict, str]:
+    """(the card's YAML front matter, "") or ({}, why it cannot be read). No front matter is {}: a card
+    without numbers, judged by vlmdet.json."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK  # the Hub's own rule for where the block is
+
+    match = REGEX_YAML_BLOCK.search(card_text or "")
+    if not match:
+        return {}, ""
+    try:
+        data = yaml.safe_load(match.group(2))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {card_text[:match.start(2)].count(chr(10)) + mark.line + 1}" if mark else ""
+        return {}, (f"{CARD_FILE}: its front matter (between the two `---` lines) is not valid YAML{line}: "
+                    f"{getattr(err, 'problem', None) or type(err).__name__}")
+    if data is None:
+        return {}, ""
+    if not isinstance(data, dict):
+        return {}, f"{CARD_FILE}: its front matter is {_a(data)}, expected a mapping (`key: value` lines)"
+    return data, ""
+
+
+_MODEL_INDEX_SHAPE = "a list of {name, results: [{task, dataset, metrics: [{type, value}]}]}"
+
+
+def _card_results(front: dict) -> tuple[str, list[EvalResult]]:
+    """("", the eval results of the front matter's model-index) or (why it is not the Hub's shape, [])."""
+    index = front.get("model-index")
+    if index is None:
+        return "", []
+    where = f"{CARD_FILE}: its front matter's"
+
+    def wrong(field: str, value: Any, expected: str) -> tuple[str, list]:
+        return f"{where} `{field}` is {_a(value)}, expected {expected} ({_MODEL_INDEX_SHAPE})", []
+
+    if not isinstance(index, list) or not index:
+        return wrong("model-index", index, "a non-empty list")
+    for i, model in enumerate(index):
+        if not isinstance(model, dict):
+            return wrong(f"model-index[{i}]", model, "a mapping")
+        results = model.get("results")
+        if not isinstance(results, list):
+            return wrong(f"model-index[{i}].results", results, "a list")
+        for j, result in enumerate(results):
+            field = f"model-index[{i}].results[{j}]"
+            if not isinstance(result, dict):
+                return wrong(field, result, "a mapping")
+            for part in ("task", "dataset"):
+                if not isinstance(result.get(part), dict):
+                    return wrong(f"{field}.{part}", result.get(part), "a mapping")
+            entries = result.get("metrics")
+            if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+                return wrong(f"{field}.metrics", entries, "a list of mappings")
+    try:
+        _, results = model_index_to_eval_results(index)
+    except (KeyError, TypeError, ValueError) as err:  # a required key missing deeper down
+        return f"{where} `model-index` is not the Hub's shape ({_MODEL_INDEX_SHAPE}): {type(err).__name__} {err}", []
+    return "", results
+
+
+# The fields of vlmdet.json a champion is read by, and the type each is read as (missing is allowed:
+# no run id, no numbers of its own, or no record of the data it was measured on, which means evaluating it again).
+_META_FIELDS = {"run_id": (str, "a string"), "metrics": (dict, "a mapping"), "eval": (dict, "a mapping"),
+                "config": (dict, "a mapping")}
+_EVAL_FIELDS = ("split", "data_fingerprint")
+
+
+def _meta_problem(meta: dict | None) -> str:
+    """Why vlmdet.json cannot be read as what vlmdet wrote ("" when it can): the first field of the wrong type."""
+    if meta is None:
+        return ""
+    for name, (typ, expected) in _META_FIELDS.items():
+        if name in meta and not isinstance(meta[name], typ):
+            return f"{META_FILE}: `{name}` is {_a(meta[name])}, expected {expected}"
+    for key, value in meta.get("metrics", {}).items():
+        if key in METRIC_NAMES and not _is_number(value):
+            return f"{META_FILE}: `metrics.{key}` is {_a(value)}, expected a number"
+    for name in _EVAL_FIELDS:
+        value = meta.get("eval", {}).get(name, "")
+        if not isinstance(value, str):
+            return f"{META_FILE}: `eval.{name}` is {_a(value)}, expected a string"
+    return ""
 
 
 def _why_unreadable(card_text: str | None, meta: dict | None, metrics: dict, config: dict,
                     files: list[str] | None) -> str:
     """Why a champion cannot be judged ("" when it can), each with the fact an operator can check."""
-    from vlmdet.formats import REGISTRY
-
     if card_text is None and meta is None:
         return (f"it has neither a model card ({CARD_FILE}) nor {META_FILE}, so its numbers and settings are unknown "
                 "(not published by vlmdet, or hand-edited)")
@@ -300,13 +405,83 @@ def _why_unreadable(card_text: str | None, meta: dict | None, metrics: dict, con
     if meta is None:
         return (f"it has no readable {META_FILE}, so its answer settings (family, prompt, pixel budget) are unknown; "
                 "evaluating it with today's settings would score a model of another format near 0")
-    family = (config.get("model") or {}).get("family") if isinstance(config.get("model"), dict) else None
+    if "config" not in meta:
+        return (f"{META_FILE}: `config` is missing, so its answer settings (family, prompt, category, pixel budget, "
+                "answer length) are unknown")
+    return _answer_problem(config) or _files_problem(files)
+
+
+def _answer_problem(config: dict) -> str:
+    """Why the champion's answer settings (vlmdet/config.py, applies "answer") cannot all be taken from its
+    vlmdet.json `config` ("" when they can): it is evaluated with its own, every one of them, or not at all."""
+    from vlmdet.carried import ANSWER_SETTINGS
+    from vlmdet.config import ConfigError, settings
+    from vlmdet.formats import REGISTRY
+
+    declared, theirs = settings(), {}
+    for key in ANSWER_SETTINGS:
+        section, name = key.split(".", 1)
+        part = config.get(section, {})
+        if not isinstance(part, dict):
+            return f"{META_FILE}: `config.{section}` is {_a(part)}, expected a mapping"
+        if name not in part:
+            return (f"{META_FILE}: `config.{key}` is missing; a champion is evaluated with every one of its own "
+                    f"answer settings ({', '.join(ANSWER_SETTINGS)}), never today's {key}, which may not be what it was trained "
+                    "to answer")
+        value, default = part[name], declared[key].default
+        if not _same_type(value, default):
+            return f"{META_FILE}: `config.{key}` is {_a(value)}, expected {_kind(default)}"
+        theirs[key] = value
+    family = theirs.get("model.family")
     if family not in REGISTRY:
         return (f"its {META_FILE} names model family {family!r}, which this vlmdet cannot parse (known: "
                 f"{', '.join(REGISTRY)})")
-    if files is not None and ("config.json" not in files
-                              or not any(f.endswith((".safetensors", ".bin")) for f in files)):
-        return "it has no config.json or no weights (*.safetensors), so its model cannot be loaded"
+    try:
+        RunConfig().override(theirs)
+    except ConfigError as err:
+        return f"{META_FILE}: its answer settings are not valid here: {err}"
+    return ""
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return _is_number(value)
+    return isinstance(value, type(default))
+
+
+# What evaluating a merged model loads beside its weights (vlmdet.modeling.load.load_for_inference:
+# AutoProcessor from the same folder): one file of each group, at the top of the repo or folder.
+_PROCESSOR_FILES = (
+    ("image processor config", ("preprocessor_config.json", "processor_config.json")),
+    ("tokenizer", ("tokenizer.json", "vocab.json + merges.txt")),
+    ("chat template", ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "processor_config.json")),
+)
+
+
+def _files_problem(files: list[str] | None) -> str:
+    """Why the files at the target are not a model vlmdet can load ("" when they are; files None: not known)."""
+    if files is None:
+        return ""
+    top = {f for f in files if "/" not in f}
+    if "config.json" not in top:
+        return "it has no config.json, so its model cannot be loaded"
+    if not any(f.endswith(".safetensors") for f in top):
+        from vlmdet.modeling.load import NOT_WEIGHTS, PICKLE_SUFFIXES  # (imports torch: only on this path)
+
+        pickles = sorted(f for f in top if f.endswith(PICKLE_SUFFIXES) and f not in NOT_WEIGHTS)
+        if pickles:
+            return (f"its weights are pickle files only ({', '.join(pickles[:3])}) and no *.safetensors: vlmdet loads "
+                    "safetensors only, since unpickling a checkpoint can run arbitrary code. Convert them once where "
+                    "you trust them (AutoModelForImageTextToText.from_pretrained(PATH).save_pretrained(OUT) writes "
+                    "model.safetensors) and publish OUT")
+        return "it has no weights (no *.safetensors file), so its model cannot be loaded"
+    missing = [f"{what} ({' or '.join(names)})" for what, names in _PROCESSOR_FILES
+               if not any(set(n.split(" + ")) <= top for n in names)]
+    if missing:
+        return (f"it has no {', no '.join(missing)}, which evaluating it loads from the same place as its weights "
+                "(the processor that save_pretrained writes)")
     return ""
 
 
