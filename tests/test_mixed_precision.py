@@ -136,12 +136,17 @@ def test_fp32_trained_copies_compute_like_the_base_outside_autocast(tmp_path, mo
     torch.testing.assert_close(logits.float(), base.float(), rtol=1.6e-2, atol=1e-2)
 
 
-def test_under_autocast_the_copies_compute_as_training_always_did(tmp_path):
+# embed_tokens is the copy where stepping aside shows: autocast leaves an embedding lookup in the copy's fp32,
+# which the hooks would otherwise cast to the base's bf16 (lm_head's matmul is bf16 under autocast either way)
+@pytest.mark.parametrize("modules_to_save", [["lm_head"], ["embed_tokens"]])
+def test_under_autocast_the_copies_compute_as_training_always_did(tmp_path, modules_to_save):
     """The hooks step aside under autocast: the training forward is unchanged (bit-identical)."""
     from vlmdet.training.precision import _HOOKED
 
     torch.manual_seed(0)
-    model = _peft_micro(tmp_path, ["lm_head"])
+    model = _peft_micro(tmp_path, modules_to_save)
+    hooked_copies = {n for n, m in model.named_modules(remove_duplicate=False) if getattr(m, _HOOKED, None)}
+    assert {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n in hooked_copies} == set(modules_to_save)
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         hooked = model(input_ids=ids).logits
@@ -149,7 +154,7 @@ def test_under_autocast_the_copies_compute_as_training_always_did(tmp_path):
             for h in getattr(m, _HOOKED, ()):
                 h.remove()
         plain = model(input_ids=ids).logits
-    assert torch.equal(hooked, plain)
+    assert hooked.dtype == plain.dtype and torch.equal(hooked, plain)
 
 
 def test_the_cpu_trains_under_bf16_autocast_only_when_the_base_is_bf16(tmp_path):
