@@ -22,6 +22,14 @@ A commit is applied atomically (all files or none), `lfsFile` entries must name 
 (422 otherwise), `deletedFile` / `deletedFolder` entries remove files, and a stale `parentCommit` is
 refused with 412, as on the Hub. `HubServer.when(...)` runs an action (e.g. `land_commit`, another
 writer publishing) just before a matching request is served: a race at an exact point, without sleeps.
+
+`HubServer.fail(...)` injects faults on any endpoint: an HTTP status, a dropped connection ("drop": no
+status line at all) or a server that never answers ("timeout": the request is held, unanswered, for
+`hold_s` and then the connection is closed; a client with a shorter timeout sees its own timeout).
+`resolve_path(repo, name)` is the pattern of one file's HEAD and GET (`/{repo}/resolve/{rev}/{name}`).
+A real "file not found" is a commit without the file (`land_commit(..., delete=...)`): the resolve
+endpoint then answers 404 with `X-Error-Code: EntryNotFound`, which the client alone maps to
+RemoteEntryNotFoundError.
 """
 from __future__ import annotations
 
@@ -76,15 +84,17 @@ class Repo:
 
 @dataclass
 class Fault:
-    """Answer the next `times` requests matching `method` and `path` (a regex) with `status`, or drop the
-    connection (`status="drop"`); `after=True` processes the request first and then drops the reply,
-    which is the lost-response case: the commit landed, the client never heard."""
+    """Answer the next `times` requests matching `method` and `path` (a regex) with `status`, drop the
+    connection (`status="drop"`), or hold the request unanswered for `hold_s` and then close it
+    (`status="timeout"`); `after=True` processes the request first and then fails the reply, which is
+    the lost-response case: the commit landed, the client never heard."""
 
     method: str
     path: str
     status: int | str
     times: int = 1
     after: bool = False
+    hold_s: float = 5.0
 
 
 @dataclass
@@ -107,6 +117,7 @@ class HubState:
         self.requests: list[tuple[str, str, int | str]] = []  # method, path, status (or "drop")
         self.tokens_seen: set[str] = set()
         self.lock = threading.RLock()
+        self.closing = threading.Event()  # set on shutdown: a held ("timeout") request lets go at once
         self._n = 0
 
     def new_oid(self, *parts: str) -> str:
@@ -179,9 +190,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _fail(self, method: str, path: str, fault: Fault) -> None:
         self.server.state.requests.append((method, path, fault.status))
-        if fault.status == "drop":
+        if fault.status == "timeout":
+            self.server.state.closing.wait(fault.hold_s)  # never answered while the client waits
+        if fault.status in ("drop", "timeout"):
             self.close_connection = True
-            self.connection.shutdown(2)  # no status line at all: the client sees the connection drop
+            try:
+                self.connection.shutdown(2)  # no status line at all: the client sees the connection drop
+            except OSError:
+                pass  # the client gave up first (its timeout) and closed its end
             return
         data = json.dumps({"error": f"injected {fault.status}"}).encode()
         self.send_response(int(fault.status))
@@ -190,7 +206,8 @@ class Handler(BaseHTTPRequestHandler):
         if fault.status == 429:
             self.send_header("Retry-After", "0")
         self.end_headers()
-        self.wfile.write(data)
+        if method != "HEAD":  # a HEAD reply has no body: bytes here would be read as the next reply
+            self.wfile.write(data)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -365,6 +382,11 @@ class Handler(BaseHTTPRequestHandler):
                      "pullRequestUrl": None}, {}
 
 
+def resolve_path(repo_id: str, name: str) -> str:
+    """The path pattern of one file's HEAD and GET at any revision, for `HubServer.fail`."""
+    return rf"^/{re.escape(repo_id)}/resolve/[^/]+/{re.escape(name)}$"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
@@ -401,11 +423,13 @@ class HubServer(ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc) -> None:
+        self.state.closing.set()
         self.shutdown()
         self.server_close()
 
-    def fail(self, method: str, path: str, status: int | str, times: int = 1, after: bool = False) -> None:
-        self.state.faults.append(Fault(method, path, status, times, after))
+    def fail(self, method: str, path: str, status: int | str, times: int = 1, after: bool = False,
+             hold_s: float = 5.0) -> None:
+        self.state.faults.append(Fault(method, path, status, times, after, hold_s))
 
     def when(self, method: str, path: str, action: Callable[[], None], times: int = 1) -> None:
         self.state.hooks.append(Hook(method, path, action, times))

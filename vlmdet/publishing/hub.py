@@ -9,16 +9,28 @@ commit (or, for a target the gate saw empty, the head checked to still be empty)
 in between, or the Hub refuses the parent (409/412), the publish stops with a TargetChangedError and
 is not retried onto the new head: nobody compared the new model with what is there now.
 
-The commit title carries the run id; before every attempt we look for a commit with that id, so a
-retry after a lost response (the commit landed, the reply did not) never commits twice. Transient
-errors (429, 5xx, dropped connections) are retried here with backoff; permanent ones (401, 403,
-invalid repo id, offline mode) fail at once with a message that says what to fix. The token is
-handed to HfApi only and scrubbed from any message we raise.
+The commit title carries the run id. Each attempt reads the head first: the head the gate read (or
+an empty repo) is committed over; a head that is itself this run's commit is an earlier attempt that
+landed while its reply was lost, and is not committed twice (only the head is asked: the same content
+published long ago and replaced since is published again); any other head is a TargetChangedError.
+Transient errors (429, 5xx, dropped connections, timeouts) are retried here with backoff; permanent
+ones (401, 403, invalid repo id, offline mode) fail at once with a message that says what to fix. The
+token is handed to HfApi only and scrubbed from any message we raise.
 
-Reading the champion fails closed: only a repo that does not exist (404) or holds nothing but
-keepers is "no champion". A 401 (private repo without access, or a missing repo with a bad token:
-the Hub does not say which), 403, 5xx or a dropped connection gives a Champion marked unreadable.
-Card, vlmdet.json, predictions and weights are all read at the one commit sha model_info named.
+Reading the champion fails closed, and every fault is classified where it happens:
+- "no champion": only a repo that does not exist (404 from model_info) or holds nothing but keepers;
+- "missing file" (a content fault: the target answered, gate.replace_unreadable_champion may replace
+  it): only the server's 404 entry-not-found for that file at that commit, which huggingface_hub
+  raises as RemoteEntryNotFoundError (`missing_file`). Its sibling LocalEntryNotFoundError is what
+  the client raises when the HEAD of a file failed for any other reason (5xx, 403, refused
+  connection, timeout) and no local copy exists: a transport fault, never "missing";
+- a transport fault (nothing was learned about the model): 5xx, 429, a timeout, a dropped
+  connection (retried, then "run again when it answers"), 401 (private repo without access, or a
+  missing repo with a bad token: the Hub does not say which) and 403 ("fix the token"). It gives a
+  Champion marked unreadable with fault TRANSPORT, which no setting replaces.
+Card, vlmdet.json, predictions and weights are all read at the one commit sha model_info named;
+fetching the predictions or the weights to measure the champion (vlmdet.champion) follows the same
+rule, and a transport fault there fails the step instead of passing for a champion without them.
 """
 from __future__ import annotations
 
@@ -34,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
@@ -62,6 +74,9 @@ class RetryPolicy:
     attempts: int = 5
     base_s: float = 1.0  # 1, 2, 4, 8 s (+ jitter): rides out a rate limit window without hammering
     max_s: float = 30.0
+    # A model_info call that has not answered in this long is a timeout (retried), not a hang: the client's
+    # own default for API calls is no timeout at all.
+    timeout_s: float = 30.0
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -126,17 +141,30 @@ def with_retries(fn: Callable[[], T], what: str, repo_id: str, token: str | None
     raise AssertionError("unreachable")
 
 
-def _find_run_commit(api: HfApi, repo_id: str, run_id: str) -> tuple[str | None, str | None]:
-    """(oid of this run's commit if it already landed, current head oid); (None, None) for an empty repo."""
-    marker = RUN_MARKER.format(run_id=run_id)
+def missing_file(err: BaseException) -> bool:
+    """True only for the server's answer "this file does not exist at this revision" (404 entry-not-found).
+
+    huggingface_hub's EntryNotFoundError also covers LocalEntryNotFoundError, which hf_hub_download
+    raises when the file's HEAD failed (5xx, 403, refused connection, timeout) and no cached copy
+    exists: that says nothing about the file and is classified like any other transport error."""
+    return (isinstance(err, RemoteEntryNotFoundError) and err.response is not None
+            and err.response.status_code == 404)
+
+
+def _head(api: HfApi, repo_id: str, timeout_s: float) -> tuple[str | None, list[str]]:
+    """The head commit of main and the files it holds; (None, []) for a repo without a commit."""
     try:
-        commits = api.list_repo_commits(repo_id)
+        sha = api.model_info(repo_id, timeout=timeout_s).sha or None
     except RevisionNotFoundError:
-        return None, None
-    for c in commits:
-        if marker in (c.title or "") or marker in (c.message or ""):
-            return c.commit_id, commits[0].commit_id
-    return None, commits[0].commit_id if commits else None
+        return None, []
+    return sha, (api.list_repo_files(repo_id, revision=sha) if sha else [])
+
+
+def _is_run_commit(api: HfApi, repo_id: str, head: str, run_id: str) -> bool:
+    """Whether the head commit itself carries this run's marker (an earlier attempt's commit, reply lost)."""
+    marker = RUN_MARKER.format(run_id=run_id)
+    top = next(iter(api.list_repo_commits(repo_id, revision=head)), None)
+    return top is not None and top.commit_id == head and (marker in (top.title or "") or marker in (top.message or ""))
 
 
 def commit_message(meta: dict[str, Any], run_id: str) -> tuple[str, str]:
@@ -148,15 +176,6 @@ def commit_message(meta: dict[str, Any], run_id: str) -> tuple[str, str]:
             f"Dataset: {meta['dataset']['source']}\nBase model: {meta['base_model']}\nRun: {run_id}\n"
             f"Metrics: mAP {m['map']:.4f}, mAP50 {m['map50']:.4f}, mAP75 {m['map75']:.4f}\n")
     return title, body
-
-
-def _check_unchanged(repo_id: str, expected: str | None, head: str | None, present: list[str]) -> None:
-    """The compare of the compare-and-swap: the head is the gate's revision, or still empty."""
-    if expected is None:
-        if set(present) - KEEP:
-            raise TargetChangedError(f"hub:{repo_id}", None, head)
-    elif head != expected:
-        raise TargetChangedError(f"hub:{repo_id}", expected, head)
 
 
 def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], run_id: str, *, endpoint: str | None,
@@ -173,13 +192,15 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
     state = {"reused": False}
 
     def attempt() -> str:
-        landed, head = _find_run_commit(api, repo_id, run_id)
-        if landed:
-            state["reused"] = True
-            log.info("commit for run %s already on hub:%s (%s): not committing again", run_id, repo_id, landed)
-            return landed
-        present = api.list_repo_files(repo_id, revision=head) if head else []
-        _check_unchanged(repo_id, expected, head, present)
+        head, present = _head(api, repo_id, policy.timeout_s)
+        # The compare of the compare-and-swap: the head is the gate's revision, or the repo is still empty.
+        unchanged = head == expected if expected is not None else not set(present) - KEEP
+        if not unchanged:
+            if head and _is_run_commit(api, repo_id, head, run_id):
+                state["reused"] = True
+                log.info("commit for run %s already on hub:%s (%s): not committing again", run_id, repo_id, head)
+                return head
+            raise TargetChangedError(f"hub:{repo_id}", expected, head)
         # Fresh operations on every attempt: a failed one may hold half-read file handles / upload state.
         ops: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, bytes) else str(src))
                      for rel, src in files.items()]
@@ -199,16 +220,22 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
 
     oid = retry(attempt, "commit")
 
-    def tag_it() -> None:
-        refs = api.list_repo_refs(repo_id)
-        if any(t.name == tag for t in refs.tags):
-            return  # a previous attempt tagged it before its reply was lost
-        api.create_tag(repo_id, tag=tag, revision=oid, tag_message=title, exist_ok=True)
+    def tag_it() -> str:
+        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
+        # run-ID names this commit, unless the same content was published before as another commit (then
+        # replaced, now back): that tag keeps pointing at the old one and this commit gets its own.
+        for name in (tag, f"{tag}-{oid[:12]}"):
+            if tags.get(name) == oid:
+                return name  # a previous attempt tagged it before its reply was lost
+            if name not in tags:
+                api.create_tag(repo_id, tag=name, revision=oid, tag_message=title, exist_ok=True)
+                return name
+        return oid  # both names taken by other commits (tagged by hand): the commit itself is the reference
 
-    retry(tag_it, "create_tag")
+    ref = retry(tag_it, "create_tag")
     base = (endpoint or api.endpoint).rstrip("/")
-    return Publication(target=repo_id, kind="hub", revision=oid, url=f"{base}/{repo_id}/tree/{tag}",
-                       files=sorted(files), tag=tag, run_id=run_id, reused=state["reused"])
+    return Publication(target=repo_id, kind="hub", revision=oid, url=f"{base}/{repo_id}/tree/{ref}",
+                       files=sorted(files), tag=ref, run_id=run_id, reused=state["reused"])
 
 
 def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
@@ -221,7 +248,7 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
 
     def head() -> tuple[str, list[str]] | None:
         try:
-            info = api.model_info(repo_id)
+            info = api.model_info(repo_id, timeout=policy.timeout_s)
         except RepositoryNotFoundError as err:
             if err.response is not None and err.response.status_code == 404:
                 return None  # the Hub says it does not exist: the one "no champion" of a Hub target
@@ -233,7 +260,7 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
     try:
         seen = with_retries(head, "read champion", repo_id, token, policy, sleep)
     except Exception as err:  # noqa: BLE001 - whatever it was, the target was not read: fail closed
-        return Champion(metrics={}, source=where, unreadable=_read_failure(err, repo_id, token), fault=TRANSPORT)
+        return Champion(metrics={}, source=where, unreadable=read_failure(err, repo_id, token), fault=TRANSPORT)
     if seen is None:
         return None
     sha, files = seen
@@ -241,33 +268,38 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
         return None  # exists, holds no model (a fresh repo's .gitattributes at most)
     source = f"{where}@{sha[:12]}"
 
-    def fetch(name: str) -> str | None:
+    def fetch(name: str) -> bytes | None:
+        """The file's bytes; None only when the server says it does not exist at `sha` (missing_file)."""
         with tempfile.TemporaryDirectory(prefix="vlmdet-champion-") as cache:
             try:  # at `sha`, never "main": the card, vlmdet.json and the weights are one model
-                return Path(api.hf_hub_download(repo_id, name, revision=sha, cache_dir=cache)).read_text()
-            except EntryNotFoundError:
-                return None
+                return Path(api.hf_hub_download(repo_id, name, revision=sha, cache_dir=cache)).read_bytes()
+            except Exception as err:  # noqa: BLE001 - everything but the server's 404 is retried, then closes
+                if missing_file(err):
+                    return None
+                raise
 
     try:
-        card_text = with_retries(lambda: fetch(cardlib.CARD_FILE), "read champion card", repo_id, token, policy, sleep)
-        meta_text = with_retries(lambda: fetch(cardlib.META_FILE), "read champion vlmdet.json", repo_id, token, policy,
-                                 sleep)
-    except Exception as err:  # noqa: BLE001
+        card_raw = with_retries(lambda: fetch(cardlib.CARD_FILE), "read champion card", repo_id, token, policy, sleep)
+        meta_raw = with_retries(lambda: fetch(cardlib.META_FILE), "read champion vlmdet.json", repo_id, token, policy,
+                                sleep)
+    except Exception as err:  # noqa: BLE001 - the target was not read: nothing is known about its model
         return Champion(metrics={}, source=source, kind="hub", location=repo_id,
-                        unreadable=_read_failure(err, repo_id, token), fault=TRANSPORT)
+                        unreadable=read_failure(err, repo_id, token), fault=TRANSPORT)
+    # What the files hold is content from here on: undecodable bytes are judged by the card reader, not retried.
+    card_text = card_raw.decode("utf-8", errors="replace") if card_raw is not None else None
     meta = None
-    if meta_text:
+    if meta_raw:
         try:
-            meta = json.loads(meta_text)
-        except json.JSONDecodeError:
+            meta = json.loads(meta_raw)
+        except ValueError:  # not JSON, or not UTF-8 text
             meta = None
     champion = cardlib.champion_from_card(card_text, meta if isinstance(meta, dict) else None, source, files=files)
     champion.revision = sha  # the gate reads, fetches and publishes over exactly this commit
     return champion
 
 
-def _read_failure(err: BaseException, repo_id: str, token: str | None) -> str:
-    """Why the repo could not be read, and what to do; never says "no champion"."""
+def read_failure(err: BaseException, repo_id: str, token: str | None) -> str:
+    """Why the repo could not be read (a transport fault), and what to do; never "no champion" or "missing"."""
     status = getattr(getattr(err, "response", None), "status_code", None)
     cause = err.__cause__ or err.__context__
     status = status or getattr(getattr(cause, "response", None), "status_code", None)
@@ -278,5 +310,8 @@ def _read_failure(err: BaseException, repo_id: str, token: str | None) -> str:
     if status == 403 or (isinstance(err, PublishError) and "HTTP 403" in str(err)):
         return (f"the Hub answered HTTP 403 reading hub:{repo_id}: the token may not read it. Use a token with access "
                 "to the repo")
-    return (f"reading hub:{repo_id} failed after retries ({type(err).__name__}: {scrub(str(err), token)}); the Hub or "
-            "the network is failing. Run again when it answers")
+    if isinstance(err, TransientPublishError):
+        return (f"reading hub:{repo_id} failed after retries ({type(err).__name__}: {scrub(str(err), token)}); the "
+                "Hub or the network is failing. Run again when it answers")
+    return (f"reading hub:{repo_id} failed ({type(err).__name__}: {scrub(str(err), token)}); the target could not be "
+            "read. Run again when it answers, and check the repo and the endpoint if it repeats")
