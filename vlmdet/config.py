@@ -354,11 +354,13 @@ class ServeConfig(_Section):
     max_body_mb: float = _f(20.0, "`vlmdet serve`: largest request body (upload or JSON with base64) in MB; larger "
                                   "is refused with 413 and never stored. Bodies are held in memory only, never on disk.",
                             "execution", applies=("serve",))
-    max_uploads: int = _f(16, "`vlmdet serve`: request bodies being read at once; one more is answered 503 with "
+    max_uploads: int = _f(32, "`vlmdet serve`: request bodies being read at once; one more is answered 503 with "
                               "Retry-After before a byte of its body is read. Each holds up to 2 x serve.max_body_mb "
-                              "while it is read and parsed (40 MB at the default), so 16 bound that to ~640 MB "
-                              "however many clients connect; more only helps clients on slow links, which a proxy "
-                              "that buffers bodies serves better.", "execution", applies=("serve",))
+                              "while it is read and checked (40 MB at the default), so 32 bound that to 1.3 GB "
+                              "however many clients connect, and a burst of 32 clients (a full batch of 32 on a GPU) "
+                              "is read without a 503. Raise it with the clients you expect at once; a proxy that "
+                              "buffers bodies (nginx does by default) keeps slow clients from holding places.",
+                          "execution", applies=("serve",))
     reload_interval_s: float = _f(0.0, "`vlmdet serve` of a Hub repo or published folder: look for a newer revision "
                                        "every N seconds and swap it in without a restart (0 = only on POST /reload).",
                                   "execution", applies=("serve",))
