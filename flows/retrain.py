@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.common import summary_artifact
+from tasks.common import summary_artifact, tracker_artifact
 from tasks.evaluate import evaluate
 from tasks.gate import find_champion, gate, measure_champion
 from tasks.merge import merge
@@ -94,4 +94,5 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     layout = RunLayout.at(workdir, str(flow_run.id or "manual"))
     summary = pipeline.run(resolved, layout, PrefectSteps(), force=force, logger=log)
     summary_artifact(summary, layout.summary_file)
+    tracker_artifact(summary.tracker)
     return summary.to_dict()

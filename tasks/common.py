@@ -33,3 +33,24 @@ def summary_artifact(summary: Any, path: Path) -> None:
         + (f"**Skipped**: {summary.skip_reason}\n\n" if summary.skipped else "")
         + (f"**Check run**: {summary.check_run}\n\n" if summary.check_run else "") + f"Summary: `{path}`",
         key="retrain-summary")
+
+
+def tracker_artifact(tracker: dict[str, Any]) -> None:
+    """Where tonight's loss curve and numbers are in the experiment tracker (summary.tracker, written by
+    vlmdet.tracking): a link when the tracker has an address (an MLflow server), else the command that
+    opens it on the run folder. Nothing with train.report_to=none."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    if not tracker or not tracker.get("report_to"):
+        return
+    kind = tracker["report_to"]
+    if tracker.get("url"):
+        create_link_artifact(tracker["url"], link_text=f"{kind} run {tracker.get('run_id', '')}".strip(),
+                             key="tracker-run", description=f"This run in {kind}")
+        return
+    where = {k: tracker[k] for k in ("log_dir", "tracking_uri", "experiment_id", "run_id") if tracker.get(k)}
+    create_markdown_artifact(
+        f"## This run in {kind}\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in where.items())
+        + (f"\nOpen it on the worker: `{tracker['command']}`\n" if tracker.get("command") else "")
+        + (f"\n**Not logged**: {tracker['error']}\n" if tracker.get("error") else ""),
+        key="tracker-run", description=f"This run in {kind}")

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import image_markdown
+from tasks.progress import progress_artifact
 from vlmdet import runsteps
 from vlmdet.config import RunConfig
 from vlmdet.layout import RunLayout
@@ -27,7 +28,8 @@ def _cache_key(context, parameters) -> str:
       cache_expiration=timedelta(days=90))
 def evaluate(model: str, dataset: DatasetRef, config: RunConfig, workdir: str, name: str = "adapter") -> EvalReport:
     """model: an adapter folder, a merged folder or a base model path."""
-    report = runsteps.evaluate(model, dataset, config, RunLayout.at(workdir), name)
+    report = runsteps.evaluate(model, dataset, config, RunLayout.at(workdir), name,
+                               on_progress=progress_artifact(f"evaluation-progress-{name}", f"evaluating {name}"))
     get_run_logger().info("%s: mAP %.4f, mAP50 %.4f, mAP75 %.4f on %d %s images (%d unparsable answers)", name,
                           report.map, report.map50, report.map75, report.num_images, report.split, report.parse_failures)
     create_markdown_artifact(

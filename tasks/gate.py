@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from tasks import events
 from tasks.common import image_markdown
 from tasks.evaluate import evaluate
 from vlmdet import runsteps
@@ -40,9 +41,12 @@ def retry_transient_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefe
       cache_policy=NONE)
 def find_champion(config: RunConfig, token: str | None = None, workdir: str | None = None) -> Champion | None:
     """The model now at publish.target (None when there is none yet)."""
-    champion = read_champion(config, workdir or _workdir(), token)
+    workdir = workdir or _workdir()
+    champion = read_champion(config, workdir, token)
     get_run_logger().info("champion at %s: %s", config.publish.target,
                           f"{champion.source} ({champion.metrics})" if champion else "none yet")
+    if champion is not None and champion.unreadable:
+        events.champion_unreadable(champion, config, workdir)
     return champion
 
 
@@ -81,6 +85,8 @@ def gate(report: EvalReport, config: RunConfig, token: str | None = None, workdi
         champion = read_champion(config, workdir, token)
     decision = runsteps.judge(report, config, RunLayout.at(workdir), champion, champion_report, dataset, name)
     get_run_logger().info("gate %s: %s", "passed" if decision.passed else "closed", decision.reason)
+    if not decision.passed:
+        events.gate_closed(decision, config, workdir, name)
     picture = ("\n\nChampion (left) and new model (right) on those images; green: ground truth, red: predictions.\n\n"
                + image_markdown(decision.picture, "disagreements")) if decision.picture else ""
     create_markdown_artifact(markdown=decision_markdown(decision) + picture, key="gate-decision" if name == "adapter" else f"gate-decision-{name}",

@@ -16,6 +16,7 @@ from prefect.cache_policies import NONE
 from vlmdet import publishing
 from vlmdet.config import RunConfig
 from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
+from tasks import events
 from tasks.gate import retry_transient_only
 
 
@@ -50,6 +51,7 @@ def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter:
     pub = publishing.publish(merged, report, dataset, adapter, decision, config, workdir, token, run_id=_run_id())
     logger.info("published %s to %s %s (revision %s%s)", config.name, pub.kind, pub.target, pub.revision,
                 ", commit found from an earlier attempt" if pub.reused else "")
+    events.published(pub, report, config, workdir)
     m = report.metrics()
     create_markdown_artifact(
         key="publication",

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run, task_run
 
 from tasks.common import image_markdown
+from tasks.progress import progress_artifact
 from vlmdet import runsteps
 from vlmdet.config import RunConfig
 from vlmdet.layout import RunLayout
@@ -65,7 +66,8 @@ def train(dataset: DatasetRef, config: RunConfig, workdir: str, fresh: bool = Fa
         log.warning("retrying after out of GPU memory with per_device_batch=%d grad_accum=%d",
                     config.train.per_device_batch, config.train.grad_accum)
     try:
-        adapter = runsteps.train(dataset, config, layout(workdir), fresh)
+        adapter = runsteps.train(dataset, config, layout(workdir), fresh,
+                                 on_progress=progress_artifact("training-progress", "training"))
     except OutOfMemory as err:
         if config.train.per_device_batch > 1:
             raise  # retried once with half the batch (see _retry_on_oom)

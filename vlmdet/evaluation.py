@@ -12,6 +12,7 @@ from vlmdet.metrics import coco_map, predictions_to_coco
 from vlmdet.prediction.draw import draw, grid
 from vlmdet.prediction.load import load_detector
 from vlmdet.prediction.predict import Detector
+from vlmdet.progress import ProgressWriter
 from vlmdet.records import DatasetRef, EvalReport, write_json
 from vlmdet.samples import load_split
 
@@ -23,9 +24,11 @@ def detector_for(model_path: str, config: RunConfig) -> Detector:
     return load_detector(model_path, trained_with(model_path, config))
 
 
-def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -> list:
+def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str,
+                   progress: ProgressWriter | None = None) -> list:
     """Predictions for every sample, in order. Under `accelerate launch` with N processes (one per
-    GPU) each rank detects every Nth image and all ranks receive all predictions."""
+    GPU) each rank detects every Nth image and all ranks receive all predictions. progress: where
+    the main rank reports images done (its own count times N: the ranks move at one pace)."""
     from vlmdet.data.images import open_image
     from vlmdet.training.speed import visual_tokens
 
@@ -33,8 +36,9 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str) -
     mine = samples[rank::world]
     m = config.model
     sizes = [visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) for s in mine]
+    on_done = (lambda n: progress.update(min(len(samples), n * world))) if progress is not None else None
     preds = det.detect_all([(s.file, lambda s=s: open_image(s.file)) for s in mine], len(mine),
-                           config.eval.batch_size, desc=desc, sizes=sizes)
+                           config.eval.batch_size, desc=desc, sizes=sizes, on_done=on_done)
     if world == 1:
         return preds
     import torch
@@ -62,7 +66,8 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
     t0 = time.perf_counter()
     det = detector_for(model_path, config)
     t1 = time.perf_counter()
-    preds = detect_sharded(det, samples, config, desc=f"evaluate {split}")
+    preds = detect_sharded(det, samples, config, desc=f"evaluate {split}",
+                           progress=ProgressWriter.from_env("image", len(samples)))
     t2 = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", 1))
     log.info("loaded in %.1fs; detected %d images in %.1fs (%.0f ms an image over %d process(es))", t1 - t0,

@@ -17,9 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from vlmdet import progress
 
 log = logging.getLogger(__name__)
+OnProgress = Callable[[float, str], None]  # (fraction done 0..1, what it is: "step 3/20, loss 1.2345")
+PROGRESS_POLL_S = 1.0  # how often the parent reads the child's progress lines while it waits
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 OOM_KNOBS = ("train.per_device_batch (halve it and double train.grad_accum to keep the effective batch), "
              "lora.r, model.max_pixels (fewer visual tokens per image), train.gradient_checkpointing=true, "
@@ -158,23 +162,31 @@ def kill_stale_child(step_dir: Path, wait_s: float = 10.0) -> bool:
 
 
 def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s: float,
-             num_processes: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `python -m vlmdet.steps STEP` with `request`; return the record dict it wrote."""
+             num_processes: int = 1, env: dict[str, str] | None = None,
+             on_progress: OnProgress | None = None) -> dict[str, Any]:
+    """Run `python -m vlmdet.steps STEP` with `request`; return the record dict it wrote.
+
+    on_progress(fraction, text): called while the child runs, once for every line it appends to
+    STEP_DIR/progress.jsonl (vlmdet.progress: at most one a whole percent), and with 1.0 when the
+    step succeeded. An error inside it is logged and never stops the step."""
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True, exist_ok=True)
     kill_stale_child(step_dir)
     req, res = step_dir / "request.json", step_dir / "result.json"
     req.write_text(json.dumps(request, indent=1, default=str))
     res.unlink(missing_ok=True)
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    progress_file = step_dir / progress.FILE
+    progress_file.unlink(missing_ok=True)  # an earlier attempt's lines would read as this one's
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", progress.ENV: str(progress_file)}
     started = time.monotonic()
     # A new session: the child and its workers form one process group that a timeout kills at once;
     # the preexec hook makes the kernel kill the child if this process dies without cleaning up.
     proc = subprocess.Popen(command(step, req, res, num_processes), env=child_env, start_new_session=True,
                             preexec_fn=_die_with_parent(os.getpid()))
     (step_dir / "child.pid").write_text(str(proc.pid))
+    forward = _Forwarder(progress.ProgressReader(progress_file), on_progress)
     try:
-        rc = proc.wait(timeout=timeout_s)
+        rc = _wait(proc, timeout_s, forward)
     except subprocess.TimeoutExpired:
         _kill(proc)
         raise StepTimeout(step, f"step '{step}' timed out after {time.monotonic() - started:.0f}s "
@@ -185,6 +197,7 @@ def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s
         raise
     result = json.loads(res.read_text()) if res.is_file() else None
     if rc == 0 and result and "record" in result:
+        forward.done(f"finished in {time.monotonic() - started:.0f}s")
         return result["record"]
     if result and result.get("kind") == "oom":
         raise OutOfMemory(step, f"step '{step}' ran out of GPU memory: {result.get('message', '')}. "
@@ -194,6 +207,51 @@ def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s
     how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
     raise StepFailed(step, f"step '{step}' child process {how} without a result (see its output above; "
                            f"request in {req})", kind="crash")
+
+
+class _Forwarder:
+    """Hands the child's new progress lines to on_progress; a failing callback is logged, not raised."""
+
+    def __init__(self, reader: progress.ProgressReader, on_progress: OnProgress | None):
+        self.reader, self.on_progress, self.warned, self.last = reader, on_progress, False, ""
+
+    def __call__(self) -> None:
+        if self.on_progress is not None:
+            for line in self.reader.read_new():
+                self.last = line.text
+                self._call(line.fraction, line.text)
+
+    def done(self, text: str) -> None:
+        """1.0 once the step succeeded, after its last lines: "step 20/20, loss 0.1234; finished in 80s"."""
+        if self.on_progress is not None:
+            self()
+            self._call(1.0, f"{self.last}; {text}" if self.last else text)
+
+    def _call(self, fraction: float, text: str) -> None:
+        try:
+            self.on_progress(fraction, text)
+        except Exception as err:  # an unreachable UI must not fail hours of training
+            if not self.warned:
+                log.warning("progress callback failed (the step goes on; further failures are not logged): %s", err)
+                self.warned = True
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float, forward: _Forwarder) -> int:
+    """proc's exit code, forwarding its progress every PROGRESS_POLL_S; TimeoutExpired after timeout_s."""
+    if forward.on_progress is None:
+        return proc.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            rc = proc.wait(timeout=max(0.0, min(PROGRESS_POLL_S, left)))
+        except subprocess.TimeoutExpired:
+            if left <= PROGRESS_POLL_S:
+                raise
+            forward()
+            continue
+        forward()
+        return rc
 
 
 def _kill(proc: subprocess.Popen) -> None:

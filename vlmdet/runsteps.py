@@ -17,7 +17,7 @@ from vlmdet.gate import Champion, compare, decide, decision_markdown, disagreeme
 from vlmdet.keys import source_revision, source_stamp, stamp_revision, write_marker
 from vlmdet.layout import RunLayout
 from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, atomic_write_text
-from vlmdet.runner import plan_processes, run_step
+from vlmdet.runner import OnProgress, plan_processes, run_step
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +40,29 @@ def prepare(config: RunConfig, layout: RunLayout, stamp: str | None = None) -> D
 
 
 def train(dataset: DatasetRef, config: RunConfig, layout: RunLayout, fresh: bool = False,
-          env: dict[str, str] | None = None) -> AdapterRef:
-    """QLoRA fine-tuning in a child (accelerate launch over the visible GPUs); config already resolved."""
+          env: dict[str, str] | None = None, on_progress: OnProgress | None = None) -> AdapterRef:
+    """QLoRA fine-tuning in a child (accelerate launch over the visible GPUs); config already resolved.
+    on_progress(fraction, text): the optimizer step of total and the loss while it trains (vlmdet.runner)."""
     processes, plan_env = plan_processes(config.train.num_processes)
     out = layout.train_dir(dataset, config, fresh)
     record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
                       out / "step", timeout_s=config.train.timeout_s, num_processes=processes,
-                      env={**plan_env, **(env or {})})
+                      env={**plan_env, **(env or {})}, on_progress=on_progress)
     adapter = AdapterRef.from_dict(record)
     write_marker(out, layout.train_key(dataset, config, fresh))
     return adapter
 
 
 def evaluate(model: str, dataset: DatasetRef, config: RunConfig, layout: RunLayout, name: str = "adapter",
-             env: dict[str, str] | None = None) -> EvalReport:
-    """COCO mAP of `model` (adapter, merged or base) on config.eval.split, one process per GPU."""
+             env: dict[str, str] | None = None, on_progress: OnProgress | None = None) -> EvalReport:
+    """COCO mAP of `model` (adapter, merged or base) on config.eval.split, one process per GPU.
+    on_progress(fraction, text): the images detected of total while it runs (vlmdet.runner)."""
     out = layout.eval_dir(name)
     processes, plan_env = plan_processes(config.eval.num_processes, setting="eval.num_processes")
     record = run_step("evaluate", {"model": model, "dataset": dataset.to_dict(), "config": config.to_dict(),
                                    "out": str(out), "split": config.eval.split}, out / "step",
-                      timeout_s=config.eval.timeout_s, num_processes=processes, env={**plan_env, **(env or {})})
+                      timeout_s=config.eval.timeout_s, num_processes=processes, env={**plan_env, **(env or {})},
+                      on_progress=on_progress)
     report = EvalReport.from_dict(record)
     write_marker(out, layout.eval_key(model, dataset, config, name))
     return report

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -178,8 +178,9 @@ class Detector:
         return sequences, chosen.finish(sequences).cpu()
 
     def detect_all(self, items: Iterable[tuple[str, Any]], total: int, batch_size: int, desc: str = "detect",
-                   sizes: list[int] | None = None) -> list[Prediction]:
+                   sizes: list[int] | None = None, on_done: Callable[[int], None] | None = None) -> list[Prediction]:
         """items: (file, PIL image or loader) pairs; a loader is called when its batch comes.
+        on_done(n): called after each batch with the number of images detected so far.
 
         Predictions come back in the order of `items`. With `sizes` (e.g. visual tokens an image),
         batches are formed largest first, so images of one batch pad little and an out-of-memory
@@ -200,6 +201,8 @@ class Detector:
             for i, p in zip(batch, self.detect(imgs, [items[i][0] for i in batch], inputs)):
                 preds[i] = p
             bar.update(len(batch))
+            if on_done is not None:
+                on_done(bar.n)
         bar.close()
         return preds  # type: ignore[return-value]
 

@@ -26,6 +26,7 @@ from vlmdet.samples import load_split, training_example
 from vlmdet.training import faults, select, speed
 from vlmdet.training.precision import set_adapter_dtype  # noqa: F401 - also imported from here
 from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
+from vlmdet.training.progress import ProgressLines
 from transformers import TrainerCallback  # already imported by faults; the step counter below is one
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     counter = StepCounter()
     trainer.add_callback(counter)
     trainer.add_callback(TrackerRecord(config, out))
+    trainer.add_callback(ProgressLines())  # step of total and loss, for the parent's progress (vlmdet.progress)
     # under bf16 autocast (Accelerate wraps the forward in it for mixed precision): fp32 LoRA weights, bf16 inputs
     amp = trainer.accelerator
     with speed.adapter_inputs_uncast(trainer.model, autocast=amp.native_amp and amp.mixed_precision == "bf16"), \
