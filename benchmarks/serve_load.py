@@ -110,7 +110,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "vlmdet.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
            "--port", str(port), "--serve.max_batch_size", str(args.batch_size), "--serve.max_wait_ms", str(args.wait_ms),
-           "--serve.max_queue", str(max(args.levels) * 2)]
+           "--serve.max_queue", str(max(args.levels) * 2), "--serve.max_uploads", str(max(args.levels))]
     cmd += [f"--set={s}" for s in args.settings]
     if args.token_file:
         cmd += ["--token-file", args.token_file]

@@ -1,11 +1,15 @@
-"""`vlmdet serve` spends no memory on a request it will refuse: the pixel cap is read from the image's
-header and the queue place is claimed before the image is decoded.
+"""`vlmdet serve` spends no memory on a request it will refuse: the upload place and the queue place are
+claimed before the body is read, a format outside JPEG/PNG/WebP is refused from its first bytes and an
+oversized body the moment it passes the cap (while the client is still sending), the pixel cap is read
+from the image's header without Pillow, and the image is decoded only after all of that.
 
-A real uvicorn server in this process (so the test can hold the model and count decodes) around the
-shipped tiny grounding model, with one place in the queue and a cap of 4 x its max_pixels.
+A real uvicorn server in this process (so the test can hold the model and count decodes and Pillow
+opens) around the shipped tiny grounding model, with one place in the queue, two for uploads, and a
+cap of 4 x its max_pixels.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +19,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from data_fixtures import encode
-from test_serve import flat_png, synth_jpeg
+from data_fixtures import encode, noise
+from test_serve import at_cap_bodies, delta, flat_png, samples, slow_post, synth_jpeg
+from test_serve_inputs import flat_rgba_png, huge_headers, icns_holding, ico_holding
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "vlmdet" / "assets" / "tiny-qwen2-vl-grounding"
@@ -38,7 +43,7 @@ def served():
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # see tests/test_serve.py: OpenMP threads spin against each other on a busy CPU
     settings = RunConfig().override({"data.category": "table", "eval.max_new_tokens": 16, "serve.max_queue": 1,
-                                     "serve.max_batch_size": 1, "serve.max_wait_ms": 0,
+                                     "serve.max_batch_size": 1, "serve.max_wait_ms": 0, "serve.max_uploads": 2,
                                      "serve.pixel_cap_factor": FACTOR})
     engine = Engine(ModelSource(str(ASSET)), settings, {"data.category"})
     engine.load()
@@ -83,6 +88,20 @@ def decodes(monkeypatch):
         return real(data)
 
     monkeypatch.setattr(inputs, "load_image", counting)
+    return seen
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Files Pillow was asked to open in this process (the server's included)."""
+    seen: list[int] = []
+    real = Image.open
+
+    def counting(fp, *args, **kwargs):
+        seen.append(1)
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting)
     return seen
 
 
@@ -141,3 +160,77 @@ def test_images_over_the_pixel_cap_get_413_from_their_header(served, decodes):
     r = httpx.post(f"{url}/detect", files={"file": ("at-cap.png", at_cap)}, timeout=120)
     assert r.status_code == 200, r.text
     assert (r.json()["width"], r.json()["height"]) == (width, cap // width) and len(decodes) == 1
+
+
+def test_huge_headers_and_icons_are_refused_before_pillow_sees_them(served, decodes, opens):
+    url = served[0]
+    for name, (data, (w, h)) in huge_headers().items():  # PNG, JPEG (also behind a small first frame), 3 WebPs
+        r = httpx.post(f"{url}/detect", files={"file": (name, data)}, timeout=120)
+        assert (r.status_code, r.json()["error"]) == (413, "too-large"), (name, r.text)
+        assert f"{w}x{h}" in r.json()["detail"], name
+    png = flat_rgba_png(3000, 3000)  # 36 MB as RGBA: Pillow's ICO open would decode it
+    for name, data in {"icon.ico": ico_holding(png), "icon.icns": icns_holding(png),
+                       "a.gif": encode(noise((16, 16)), "GIF")}.items():
+        r = httpx.post(f"{url}/detect", files={"file": (name, data)}, timeout=120)
+        assert (r.status_code, r.json()["error"]) == (415, "unsupported-format"), (name, r.text)
+    assert decodes == [] and opens == [], "Pillow opened a file the server refuses from its first bytes or header"
+
+
+MB = 1_000_000
+
+
+def test_refusals_come_while_the_client_is_still_sending(served):
+    """415 from the first bytes, 413 once the cap (20 MB) is passed or at once from Content-Length: the server
+    answers without reading (or holding) the rest of the body, and the client, still sending, hears it."""
+    url = served[0]
+
+    def post(body: bytes, kind: str, pieces: int, **kw) -> tuple[dict, float]:
+        """The response, and how many bytes of the body the server read (its own count)."""
+        with httpx.Client(timeout=60) as http:
+            before = samples(http, url)
+            r = asyncio.run(slow_post(url, body, kind, pieces=pieces, pause=0.02, headers={}, **kw))
+            return r, delta(before, samples(http, url), "vlmdet_serve_request_body_bytes_total")
+
+    gif = encode(noise((32, 24)), "GIF") + b"\0" * (8 * MB)
+    r, read = post(gif, "image/gif", 128)
+    assert (r["status"], r["json"]["error"]) == (415, "unsupported-format") and read < MB, read
+
+    jpeg = synth_jpeg(1, (96, 72))
+    big = jpeg + b"\0" * (24 * MB)
+    r, read = post(big, "image/jpeg", 96, chunked=True)
+    assert (r["status"], r["json"]["error"]) == (413, "body-too-large") and 20 * MB < read < 21 * MB, read
+    r, read = post(big, "image/jpeg", 96)
+    assert (r["status"], r["json"]["error"]) == (413, "body-too-large") and read == 0, read
+
+
+def test_uploads_beyond_max_uploads_are_told_to_come_back_before_their_body_is_read(served, decodes):
+    url = served[0]
+    body, kind = at_cap_bodies(2 * MB)["multipart"]
+
+    async def scenario():
+        # two slow uploads (2 and 2.6 s: the queue has one place, for one decode at a time) hold both upload places
+        holding = [asyncio.create_task(slow_post(url, body, kind, pieces=n, pause=0.1, headers={})) for n in (20, 26)]
+        async with httpx.AsyncClient() as http:
+            deadline = time.monotonic() + 60
+            while (await http.get(f"{url}/health")).json()["uploads"] < 2:
+                assert time.monotonic() < deadline, "the two uploads never started"
+                await asyncio.sleep(0.01)
+            third = await slow_post(url, body, kind, pieces=20, pause=0.1, headers={})
+            first = await asyncio.gather(*holding)
+            assert (await http.get(f"{url}/health")).json()["uploads"] == 0
+        again = await slow_post(url, body, kind, pieces=1, headers={})
+        return first, third, again
+
+    with httpx.Client() as http:
+        before = samples(http, url)
+        first, third, again = asyncio.run(scenario())
+        after = samples(http, url)
+    assert third["status"] == 503 and third["json"]["error"] == "too-many-uploads", third
+    assert third["headers"]["retry-after"] == "1" and "serve.max_uploads=2" in third["json"]["detail"]
+    # the third body was not read at all: the place is taken before the body
+    assert delta(before, after, "vlmdet_serve_request_body_bytes_total") == 3 * len(body)
+    # the two that held the places, and the third one retried, were read whole and decoded: a 1000 x 2 image,
+    # refused for its aspect ratio before the model
+    for r in first + [again]:
+        assert (r["status"], r["json"]["error"]) == (422, "unsupported-size"), r
+    assert len(decodes) == 3

@@ -2,12 +2,13 @@
 
     POST /detect    multipart field `file`, JSON {"image": BASE64[, "draw": true]}, or raw image/* bytes
                     -> {"width", "height", "boxes": [{"xyxy", "label", "score"}], "answer", ...}
-    GET  /health    model, revision, queue (no token needed: for load balancers and probes)
+    GET  /health    model, revision, queue, uploads (no token needed: for load balancers and probes)
     GET  /metrics   Prometheus text
     POST /reload    swap in the source's newest revision, if there is one
 
-Bad input is answered {"error": REASON, "detail": WHY} with a 4xx; an error inside the model is a
-500 for that request only.
+Bad input is answered {"error": REASON, "detail": WHY} with a 4xx (415 for an image that is not JPEG,
+PNG or WebP); no room (serve.max_queue, serve.max_uploads) a 503 with Retry-After before the body is
+read; an error inside the model is a 500 for that request only.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import hmac
 import io
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vlmdet.config import ServeConfig
 from vlmdet.serving.batcher import Batcher, Busy
 from vlmdet.serving.engine import Engine
-from vlmdet.serving.inputs import RequestError, check_pixels, decode, parse_upload, read_body
+from vlmdet.serving.inputs import RequestError, check_pixels, decode, read_upload
 from vlmdet.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -101,20 +102,26 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
         metrics.latency.labels(route).observe(time.monotonic() - t0)
         return response
 
+    uploads = Uploads(settings.max_uploads)
+
     @app.post("/detect")
     async def detect(request: Request, draw: bool = False):
         try:
-            body = await read_body(request.stream(), request.headers.get("content-length"),
-                                   int(settings.max_body_mb * 1e6))
-            upload = parse_upload(body, request.headers.get("content-type", ""), draw)
-            del body
-            # Memory is spent in decoding (3 bytes a pixel, and Pillow's intermediate copies), so both
-            # limits come before it: the pixel cap from the header, then a place in the queue.
-            await asyncio.to_thread(check_pixels, upload.data, *engine.pixel_cap())
-            ticket = batcher.reserve()
+            # A request that would be refused for lack of room costs nothing: both checks come before a byte
+            # of its body is read, so many clients uploading at once hold at most max_uploads bodies.
+            batcher.check()
+            with uploads.slot(metrics):
+                upload = await read_upload(request.stream(), request.headers.get("content-type", ""),
+                                           request.headers.get("content-length"), int(settings.max_body_mb * 1e6), draw,
+                                           metrics.body_bytes.inc)
+                # Memory is spent in decoding (3 bytes a pixel, and Pillow's intermediate copies), so both
+                # limits come before it: the pixel cap from the header, then a place in the queue.
+                check_pixels(upload, *engine.pixel_cap())
+                ticket = batcher.reserve()
             try:
                 metrics.queue_depth.set(batcher.depth)
-                image = await asyncio.to_thread(decode, upload.data)  # a 12 MP JPEG takes ~0.1 s: off the loop
+                image = await asyncio.to_thread(decode, upload)  # a 12 MP JPEG takes ~0.1 s: off the loop
+                upload.data = b""  # the encoded bytes are not needed once decoded
                 w, h = image.size
                 if why := engine.check_size(w, h):
                     raise RequestError(422, "unsupported-size", f"{w}x{h}: {why}")
@@ -125,8 +132,8 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
             metrics.rejected.labels(err.reason).inc()
             return _error(err.status, err.reason, err.detail)
         except Busy as err:
-            metrics.rejected.labels("busy").inc()
-            return _error(503, "busy", f"{err}; retry later", **{"Retry-After": "1"})
+            metrics.rejected.labels(err.reason).inc()
+            return _error(503, err.reason, f"{err}; retry later", **{"Retry-After": "1"})
         except Exception as err:  # noqa: BLE001 - the model failed on this image alone (the batcher isolates it)
             return _error(500, "model-error", f"{type(err).__name__}: {err}")
         finally:
@@ -139,7 +146,8 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
 
     @app.get("/health")
     async def health():
-        return dict(model_info(), status="ok", queue=batcher.depth, max_batch_size=settings.max_batch_size)
+        return dict(model_info(), status="ok", queue=batcher.depth, max_batch_size=settings.max_batch_size,
+                    uploads=uploads.taken, max_uploads=settings.max_uploads)
 
     @app.get("/metrics")
     async def prometheus():
@@ -154,6 +162,28 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
                                                 f"{engine.current.revision}")
 
     return app
+
+
+class Uploads:
+    """Request bodies being read, at most `size`: a place is taken before the body's first byte is read and
+    given back once the image's header is checked (then a queue place holds the request), or on refusal."""
+
+    def __init__(self, size: int):
+        self.size, self.taken = size, 0
+
+    @contextmanager
+    def slot(self, metrics: Metrics):
+        # No await between the check and the claim: the event loop cannot interleave another request here.
+        if self.taken >= self.size:
+            raise Busy(f"{self.taken} request bodies are being read (serve.max_uploads={self.size})",
+                       reason="too-many-uploads")
+        self.taken += 1
+        metrics.uploads.set(self.taken)
+        try:
+            yield
+        finally:
+            self.taken -= 1
+            metrics.uploads.set(self.taken)
 
 
 def _drawn(image, boxes) -> str:

@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class Busy(Exception):
-    """The queue is full: answered 503 at once instead of waiting for minutes."""
+    """No room (the queue is full, or serve.max_uploads bodies are being read): answered 503 with Retry-After
+    at once instead of waiting for minutes. `reason` is the response's error."""
+
+    def __init__(self, message: str, reason: str = "busy"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -70,14 +75,15 @@ class Batcher:
         """Requests holding a place: queued, or decoding their image with a ticket."""
         return self.queue.qsize() + self._reserved
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Busy when every place is taken (claims nothing: `reserve` does)."""
         if self.depth >= self.max_queue:
             raise Busy(f"{self.depth} requests are waiting or being decoded (serve.max_queue={self.max_queue})")
 
     def reserve(self) -> Ticket:
         """A place in the queue, or Busy at once. Claimed before decoding: the event loop runs one request at a
         time between awaits, so the check and the claim cannot interleave with another request's."""
-        self._check()
+        self.check()
         self._reserved += 1
         return Ticket(self)
 
@@ -87,7 +93,7 @@ class Batcher:
         if ticket is not None:
             ticket.release()  # the queued job takes over the place: depth stays the same
         else:
-            self._check()
+            self.check()
         job = _Job(image, name, asyncio.get_running_loop().create_future())
         self.queue.put_nowait(job)
         return await job.future

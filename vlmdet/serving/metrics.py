@@ -23,6 +23,10 @@ class Metrics:
                                 ["reason"], registry=r)
         self.queue_depth = Gauge("vlmdet_serve_queue_depth", "Requests holding a place of serve.max_queue: "
                                  "waiting for a batch or decoding their image", registry=r)
+        self.body_bytes = Counter("vlmdet_serve_request_body_bytes", "Bytes of /detect request bodies read (the "
+                                  "unread rest of a refused body is not)", registry=r)
+        self.uploads = Gauge("vlmdet_serve_uploads", "Request bodies being read now (at most serve.max_uploads)",
+                             registry=r)
         self.reloads = Counter("vlmdet_serve_reloads", "Reload checks by outcome (unchanged, changed, failed)",
                                ["outcome"], registry=r)
         self.model = Info("vlmdet_serve_model", "The model being served", registry=r)
