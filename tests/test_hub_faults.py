@@ -139,10 +139,10 @@ def _assert_untouched(hub: HubServer) -> None:
 @pytest.mark.parametrize("where", sorted(READ))
 def test_a_fault_reading_the_champion_closes_the_gate_as_transport_not_missing(hub, tmp_path, tiny_model,
                                                                                where, fault):
-    """Fails on a9dd703: on a file, huggingface_hub's LocalEntryNotFoundError (its answer to a 5xx, 403,
-    timeout or refused connection on the HEAD) was caught as EntryNotFoundError: the card or vlmdet.json
-    read as missing, the champion as a content fault (or, without the card, as readable from vlmdet.json
-    alone), which the override replaced."""
+    """The HEAD cases with 500, 503, 403 or a timeout fail on a9dd703 (and on 412b456): huggingface_hub's
+    LocalEntryNotFoundError (its answer to a failed HEAD) was caught as EntryNotFoundError, so the card or
+    vlmdet.json read as missing: a content fault the override replaced, or, for the card, a champion read
+    from vlmdet.json alone. The other cases (model info, GET, a dropped HEAD) held there and guard the rest."""
     method, path = READ[where]
     hub.fail(method, path, fault, times=10_000, hold_s=HOLD_S)
     sleeps = Sleeps()
@@ -173,9 +173,9 @@ def test_a_fault_reading_the_champion_closes_the_gate_as_transport_not_missing(h
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("where", sorted(FETCH))
 def test_a_fault_fetching_the_champion_to_measure_it_fails_the_step(hub, tmp_path, tiny_model, where, fault):
-    """Fails on a9dd703: a 5xx/403/timeout/drop on the predictions read as "published none" (the champion
-    was then evaluated again instead), and a snapshot_download that could not list the repo returned the
-    folder holding only the predictions as the champion's model."""
+    """Fails on a9dd703: a failed HEAD of the predictions read as "published none" (the champion's model was
+    fetched to evaluate it again instead), a snapshot_download that could not list the repo returned the
+    folder holding only the predictions as the champion's model, and a 403 read said "cannot write"."""
     champ = publishing.read_champion(_cfg(hub), tmp_path, TOKEN, sleep=NO_SLEEP, retry_policy=POLICY)
     assert not champ.unreadable and champ.revision == hub.champion.revision
     work = tmp_path / "run"
