@@ -22,7 +22,7 @@ from tasks.merge import merge
 from tasks.prepare_data import prepare_data
 from tasks.publish import publish, resolve_token
 from tasks.train import train
-from vlmdet import pipeline
+from vlmdet import pipeline, tracking
 from vlmdet.keys import source_stamp
 from vlmdet.layout import RunLayout
 
@@ -92,7 +92,8 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     if resolved.check_run:
         log.warning(resolved.check_run)
     layout = RunLayout.at(workdir, str(flow_run.id or "manual"))
-    summary = pipeline.run(resolved, layout, PrefectSteps(), force=force, logger=log)
+    with tracking.flow_run_env(flow_run.id, flow_run.ui_url):  # the tracker run names this flow run
+        summary = pipeline.run(resolved, layout, PrefectSteps(), force=force, logger=log)
     summary_artifact(summary, layout.summary_file)
     tracker_artifact(summary.tracker)
     return summary.to_dict()

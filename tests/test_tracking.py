@@ -4,6 +4,7 @@ TensorBoard's event accumulator, MLflow's client against a real local store."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -117,3 +118,62 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_runs(tmp_pa
     assert code == EXIT_CONFIG and len(lines) == 1 and "Traceback" not in err, err
     assert "train.report_to='wandb'" in lines[0] and "pip install vlmdet[wandb]" in lines[0]
     assert not workdir.exists() and "flows.retrain" not in sys.modules  # no data, no Prefect, no training
+
+
+def _decided(tmp_path: Path, threshold: float = 0.3, report_to: str = "tensorboard"):
+    """The summary of a run whose training logged to no tracker (trained before the setting, or with none)."""
+    from vlmdet.config import load_preset
+    from vlmdet.gate import decide
+    from vlmdet.records import AdapterRef, DatasetRef, EvalReport
+
+    config = load_preset("smoke", {"gate.threshold": threshold, "train.report_to": report_to})
+    report = EvalReport(map=0.25, map50=0.5, map75=0.125, split="test", num_images=4, parse_failures=0,
+                        predictions="p.json")
+    adapter = AdapterRef(path=str(tmp_path / "run" / "train" / "k" / "adapter"), base_model="b", family="qwen2_vl",
+                         global_step=7)
+    data = DatasetRef(fingerprint="f", root=str(tmp_path), splits={}, counts={})
+    return config, pipeline.RunSummary.build(config, data, adapter, report, decide(report, config.gate, None))
+
+
+def test_the_flow_run_reaches_the_tracker_through_the_flows_environment(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from vlmdet import tracking
+
+    monkeypatch.delenv("VLMDET_FLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    config, summary = _decided(tmp_path)
+    with tracking.flow_run_env(FLOW_RUN, "http://prefect/runs/flow-run/x"):  # what flows/retrain.py wraps the run in
+        where = tracking.log_run(summary, config)
+    assert "VLMDET_FLOW_RUN_ID" not in os.environ  # set for the run only
+    events = EventAccumulator(where["log_dir"], size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    text = {t: make_ndarray(events.Tensors(t)[0].tensor_proto).item().decode() for t in events.Tags()["tensors"]}
+    assert text["prefect/flow_run_id/text_summary"] == FLOW_RUN
+    assert text["prefect/flow_run_url/text_summary"] == "http://prefect/runs/flow-run/x"
+    assert [(e.step, e.value) for e in events.Scalars("test/adapter/map50")] == [(7, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("gate/passed")] == [(7, 1.0)]
+
+
+def test_mlflow_without_a_training_run_gets_a_run_of_its_own_for_the_results(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from vlmdet import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", FLOW_RUN)  # what a Prefect worker sets in the flow run's process
+    config, summary = _decided(tmp_path, report_to="mlflow")
+    Path(summary.adapter).parent.mkdir(parents=True)
+    where = tracking.log_run(summary, config)
+    # without MLFLOW_TRACKING_URI: a store in the work folder, not in whatever folder the worker started in
+    assert where["tracking_uri"] == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=where["tracking_uri"])
+    run = client.get_run(where["run_id"])
+    assert run.data.metrics == {"test/adapter/map": 0.25, "test/adapter/map50": 0.5, "test/adapter/map75": 0.125,
+                                "gate/challenger": 0.5, "gate/threshold": 0.3, "gate/passed": 1.0}
+    assert run.data.tags["prefect.flow_run_id"] == FLOW_RUN and run.data.params["vlmdet.gate.threshold"] == "0.3"
+    # a second decision on the same training (gate settings changed) goes to the same run; params stay as logged
+    again = tracking.log_run(*reversed(_decided(tmp_path, threshold=0.9, report_to="mlflow")))
+    assert again == where and len(client.search_runs([where["experiment_id"]])) == 1
+    assert [m.value for m in client.get_metric_history(where["run_id"], "gate/threshold")] == [0.3, 0.9]
+    assert client.get_run(where["run_id"]).data.params["vlmdet.gate.threshold"] == "0.3"

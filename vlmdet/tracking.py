@@ -78,6 +78,13 @@ def trainer_env(config: RunConfig, train_dir: Path, resume: bool = False) -> Ite
     elif kind == "wandb":
         env["WANDB_DIR"] = os.environ.get("WANDB_DIR") or str(train_dir)  # not ./wandb where the worker started
         env["WANDB_PROJECT"] = os.environ.get("WANDB_PROJECT") or "vlmdet"
+    with scoped_env(env):
+        yield
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` set for the block (child processes started in it inherit it), then as it was."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -88,6 +95,13 @@ def trainer_env(config: RunConfig, train_dir: Path, resume: bool = False) -> Ite
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def flow_run_env(run_id: Any, url: str | None = None) -> contextlib.AbstractContextManager:
+    """The Prefect flow run's id (and UI address) for the run inside the block: the tracker run is tagged with
+    it, at training (the child inherits it) and after the gate. Without an id, nothing is set."""
+    env = {"VLMDET_FLOW_RUN_ID": str(run_id)} if run_id else {}
+    return scoped_env({**env, **({"VLMDET_FLOW_RUN_URL": url} if run_id and url else {})})
 
 
 def read_record(train_dir: Path) -> dict[str, Any]:
@@ -202,6 +216,9 @@ def _mlflow(record: dict[str, Any], train_dir: Path, summary: Any, config: RunCo
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         run_id = client.create_run(experiment_id, run_name=f"{config.name} {train_dir.name}").info.run_id
         client.set_terminated(run_id)
+        if train_dir.is_dir():  # a later decision on the same training finds this run
+            (train_dir / RECORD).write_text(json.dumps({"report_to": "mlflow", "tracking_uri": uri,
+                                                        "experiment_id": experiment_id, "run_id": run_id}, indent=1))
     run = client.get_run(run_id)
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, step) for k, v in run_numbers(summary).items()]
