@@ -85,6 +85,10 @@ CASES = {
                            "vlmdet.json: `config.model` is a string ('qwen2_vl'), expected a mapping"),
     "a pixel budget a str": (lambda t: _edit_meta(t, lambda m: m["config"]["model"].__setitem__("max_pixels", "1M")),
                              "vlmdet.json: `config.model.max_pixels` is a string ('1M'), expected an integer"),
+    "a pixel budget upside down": (
+        lambda t: _edit_meta(t, lambda m: m["config"]["model"].__setitem__("min_pixels", 10 ** 9)),
+        "vlmdet.json: `config.model` holds answer settings this vlmdet refuses: model.min_pixels=1000000000 exceeds "
+        "model.max_pixels"),
     "front matter a list": (lambda t: _front_matter(t, "- license: apache-2.0\n- tags: [vlmdet]"),
                             "README.md: its front matter is a list ("),
     "front matter not YAML": (lambda t: _front_matter(t, "license: apache-2.0\ntags: [vlmdet, object-detection"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -436,10 +437,12 @@ def _answer_problem(config: dict) -> str:
     if family not in REGISTRY:
         return (f"its {META_FILE} names model family {family!r}, which this vlmdet cannot parse (known: "
                 f"{', '.join(REGISTRY)})")
-    try:
-        RunConfig().override(theirs)
-    except ConfigError as err:
-        return f"{META_FILE}: its answer settings are not valid here: {err}"
+    sections = typing.get_type_hints(RunConfig)
+    for section in dict.fromkeys(key.split(".", 1)[0] for key in theirs):
+        try:  # each section alone checks its allowed values and its own rules (min_pixels <= max_pixels)
+            sections[section](**{k.split(".", 1)[1]: v for k, v in theirs.items() if k.startswith(section + ".")})
+        except ConfigError as err:
+            return f"{META_FILE}: `config.{section}` holds answer settings this vlmdet refuses: {err}"
     return ""
 
 
