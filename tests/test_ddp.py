@@ -18,42 +18,68 @@ import pytest
 from vlmdet import runner
 from vlmdet.records import DatasetRef
 
-# The child module the launcher starts instead of vlmdet.steps: vlmdet.steps.main unchanged, plus a
-# callback that writes what each rank's trainer holds (the DDP wrapper and its settings), and on
-# request a trainable module the forward never calls.
+# Loaded by every Python process of the launch (sitecustomize, from the children's PYTHONPATH): once a step
+# child imports vlmdet.training.train, its build_trainer is wrapped to add a callback that writes what each
+# rank's trainer holds (the DDP wrapper and its settings) and, on request, a trainable module the forward
+# never calls. The command the product builds (runner.command) runs as it is.
 PROBE = textwrap.dedent('''
-    import json, os, sys
+    import importlib.machinery, json, os, sys
     from pathlib import Path
 
-    import torch
-    from transformers import TrainerCallback
 
-    from vlmdet import steps
-    from vlmdet.training import train
+    def probe(train):
+        import torch
+        from transformers import TrainerCallback
 
-    _build = train.build_trainer
+        build = train.build_trainer
+
+        def build_trainer(*args, **kwargs):
+            trainer, processor, base = build(*args, **kwargs)
+            if os.environ.get("PROBE_UNUSED"):  # as a modules_to_save entry naming a module forward never calls
+                trainer.model.base_model.model.probe_unused = torch.nn.Linear(2, 2)
+
+            class Seen(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    ddp = trainer.model_wrapped
+                    seen = {"wrapper": type(ddp).__name__, "world_size": args.world_size,
+                            "find_unused_parameters": getattr(ddp, "find_unused_parameters", None),
+                            "argv": sys.argv}
+                    Path(os.environ["PROBE_DIR"], "rank%s.json" % os.environ.get("RANK", "0")).write_text(json.dumps(seen))
+
+            trainer.add_callback(Seen())
+            return trainer, processor, base
+
+        train.build_trainer = build_trainer
 
 
-    def build_trainer(*args, **kwargs):
-        trainer, processor, base = _build(*args, **kwargs)
-        if os.environ.get("PROBE_UNUSED"):  # as a modules_to_save entry naming a module forward never calls
-            trainer.model.base_model.model.probe_unused = torch.nn.Linear(2, 2)
+    class Finder:
+        def find_spec(self, name, path, target=None):
+            if name != "vlmdet.training.train":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
 
-        class Seen(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                ddp = trainer.model_wrapped
-                seen = {"wrapper": type(ddp).__name__, "world_size": args.world_size,
-                        "find_unused_parameters": getattr(ddp, "find_unused_parameters", None)}
-                Path(os.environ["PROBE_DIR"], "rank%s.json" % os.environ.get("RANK", "0")).write_text(json.dumps(seen))
+            def exec_module(module):
+                run(module)
+                probe(module)
 
-        trainer.add_callback(Seen())
-        return trainer, processor, base
+            spec.loader.exec_module = exec_module
+            return spec
 
 
-    train.build_trainer = build_trainer
-    if __name__ == "__main__":
-        sys.exit(steps.main())
+    sys.meta_path.insert(0, Finder())
 ''')
+
+# What a worker's `accelerate config` says on a host of several GPUs, for this CPU: one machine, several
+# processes through torchrun (the trainer, use_cpu, joins them over gloo), a port of its own so that runs
+# beside it do not collide. accelerate reads it from $HF_HOME/accelerate/default_config.yaml.
+ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+gpu_ids: all
+mixed_precision: 'no'
+main_process_port: {port}
+"""
 
 
 def _free_port() -> int:
@@ -63,34 +89,28 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def launch(tmp_path, monkeypatch):
-    """run_step's own command, with the probe module for vlmdet.steps and, for several processes,
-    `--multi_gpu`: without a GPU accelerate would start one process; with it torchrun starts N, and
-    the trainer (use_cpu) joins them over gloo. One thread a process: 2 cores, no oversubscription."""
-    (tmp_path / "ddp_probe.py").write_text(PROBE)
-    real = runner.command
-
-    def command(step, request, result, num_processes=1):
-        cmd = real(step, request, result, num_processes)
-        cmd[cmd.index("vlmdet.steps")] = "ddp_probe"
-        if num_processes > 1:
-            cmd[cmd.index("--num_processes"):cmd.index("--num_processes")] = [
-                "--multi_gpu", "--main_process_port", str(_free_port()), "--num_cpu_threads_per_process", "1"]
-        return cmd
-
-    monkeypatch.setattr(runner, "command", command)
+def launch(tmp_path):
+    """runner.run_step as the train task calls it, so the command is runner.command's own (`accelerate launch
+    --num_processes N --module vlmdet.steps` for N > 1); the probe comes in through the children's
+    PYTHONPATH and the multi-process setting through accelerate's config file. One thread a process: 2 cores,
+    no oversubscription."""
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
 
     def run(config, coco: Path, n: int, env: dict | None = None) -> tuple[dict, dict]:
         """(the train step's record, {"rank0": what rank 0's trainer held at a step end, ...})."""
         out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}-{n}"
         (out / "probes").mkdir(parents=True)
-        pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+        (out / "hf" / "accelerate").mkdir(parents=True)
+        (out / "hf" / "accelerate" / "default_config.yaml").write_text(ACCELERATE_CONFIG.format(port=_free_port()))
+        pythonpath = os.pathsep.join(filter(None, [str(tmp_path / "probe"), os.environ.get("PYTHONPATH")]))
         data = DatasetRef(fingerprint="test", root=str(coco.parent), splits={"train": str(coco), "test": str(coco)},
                           counts={})
         record = runner.run_step("train", {"dataset": data.to_dict(), "config": config.to_dict(),
                                            "out": str(out / "train")}, out / "step", timeout_s=600,
                                  num_processes=n, env={"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1",
-                                                       "PROBE_DIR": str(out / "probes"), **(env or {})})
+                                                       "HF_HOME": str(out / "hf"), "PROBE_DIR": str(out / "probes"),
+                                                       **(env or {})})
         seen = {p.stem: json.loads(p.read_text()) for p in (out / "probes").glob("rank*.json")}
         return record, seen
 
@@ -119,6 +139,7 @@ def test_two_processes_train_the_one_process_curve_without_find_unused_parameter
     assert seen_one["rank0"]["wrapper"] != "DistributedDataParallel" and seen_one["rank0"]["world_size"] == 1
     assert set(seen_two) == {"rank0", "rank1"}
     for rank in seen_two.values():
+        assert rank.pop("argv")[0].endswith("vlmdet/steps.py")  # the product's step module, started by the launcher
         assert rank == {"wrapper": "DistributedDataParallel", "world_size": 2, "find_unused_parameters": False}
 
     assert one["global_step"] == two["global_step"] == 10
