@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.utilities.urls import url_for
 
 from tasks.common import summary_artifact, tracker_artifact
 from tasks.evaluate import evaluate
@@ -92,7 +93,8 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
     if resolved.check_run:
         log.warning(resolved.check_run)
     layout = RunLayout.at(workdir, str(flow_run.id or "manual"))
-    with tracking.flow_run_env(flow_run.id, flow_run.ui_url):  # the tracker run names this flow run
+    # the tracker run names this flow run (its UI address: None without a UI, unlike flow_run.ui_url's "None/...")
+    with tracking.flow_run_env(flow_run.id, url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None):
         summary = pipeline.run(resolved, layout, PrefectSteps(), force=force, logger=log)
     summary_artifact(summary, layout.summary_file)
     tracker_artifact(summary.tracker)
