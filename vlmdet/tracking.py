@@ -25,9 +25,6 @@ from vlmdet.config import RunConfig
 log = logging.getLogger(__name__)
 RECORD = "tracker.json"  # in the training folder: which tracker run the training logged to
 TENSORBOARD_DIR = "tensorboard"
-# W&B and trackio get the trainer's logging only: resuming their runs from the parent is not built (untested
-# without their services); the run's numbers are in summary.json and the Prefect artifacts.
-AFTER_THE_FACT = ("tensorboard", "mlflow")
 
 
 def report_to(config: RunConfig) -> str | list[str]:
@@ -59,12 +56,13 @@ def _tags(config: RunConfig, train_dir: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def trainer_env(config: RunConfig, train_dir: Path, resume: bool = False) -> Iterator[None]:
+def trainer_env(config: RunConfig, train_dir: Path) -> Iterator[None]:
     """The environment the trainer's integration reads (transformers 5 reads the TensorBoard folder from
     TENSORBOARD_LOGGING_DIR when the callback is built, MLflow's settings when training begins), set for
     the block and restored after it: a test or benchmark training in-process leaks nothing.
 
-    resume: training resumes from a checkpoint in train_dir; MLflow continues the run it logged to."""
+    A training resumed from a checkpoint starts a new MLflow run (tracker.json then names it): continuing
+    the old one (MLFLOW_RUN_ID) would fail on its params when an out-of-memory retry halved the batch."""
     train_dir, kind, env = Path(train_dir), config.train.report_to, {}
     if kind == "tensorboard":
         env["TENSORBOARD_LOGGING_DIR"] = str(train_dir / TENSORBOARD_DIR)
@@ -72,9 +70,6 @@ def trainer_env(config: RunConfig, train_dir: Path, resume: bool = False) -> Ite
         env["MLFLOW_TRACKING_URI"] = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_store(train_dir)
         env["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"vlmdet-{config.name}"
         env["MLFLOW_TAGS"] = json.dumps({**_tags(config, train_dir), **json.loads(os.environ.get("MLFLOW_TAGS") or "{}")})
-        earlier = read_record(train_dir)
-        if resume and earlier.get("report_to") == "mlflow" and not os.environ.get("MLFLOW_RUN_ID"):
-            env["MLFLOW_RUN_ID"] = earlier["run_id"]  # the loss curve of a preempted run goes on in one run
     elif kind == "wandb":
         env["WANDB_DIR"] = os.environ.get("WANDB_DIR") or str(train_dir)  # not ./wandb where the worker started
         env["WANDB_PROJECT"] = os.environ.get("WANDB_PROJECT") or "vlmdet"
@@ -182,6 +177,8 @@ def log_run(summary: Any, config: RunConfig, flow_run_id: str | None = None,
     except Exception as err:  # noqa: BLE001 - a tracker outage must not fail a run that may have published
         log.warning("could not log the run's results to %s: %s: %s", kind, type(err).__name__, err)
         return {**record, "error": f"{type(err).__name__}: {err}"}
+    # W&B and trackio: the trainer's logging only (resuming their runs from here is not built: untested
+    # without their services)
     log.info("%s has the training logs; the run's mAP and gate decision are in summary.json", kind)
     return record
 

@@ -172,7 +172,7 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     # under bf16 autocast (Accelerate wraps the forward in it for mixed precision): fp32 LoRA weights, bf16 inputs
     amp = trainer.accelerator
     with speed.adapter_inputs_uncast(trainer.model, autocast=amp.native_amp and amp.mixed_precision == "bf16"), \
-            tracking.trainer_env(config, out, resume=bool(resume)):  # MLflow reads its settings here
+            tracking.trainer_env(config, out):  # MLflow reads its settings here
         trainer.train(resume_from_checkpoint=resume)
     selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
                                                     trainer.state.log_history, validation_split(dataset))
