@@ -58,6 +58,28 @@ def test_progress_lines_one_per_percent_with_the_loss_and_torn_lines_wait(tmp_pa
     assert ProgressWriter.from_env("image", 4) is None  # only the main process of a multi-GPU step writes
 
 
+def test_shipped_automations_are_prefect_automations_listening_for_the_flows_events():
+    """Prefect's automation models ignore unknown keys: a misspelt `expect` would silently match everything."""
+    from uuid import uuid4
+
+    from prefect.events.actions import CallWebhook, SendNotification
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger
+
+    from tasks import events
+
+    definitions = {d["name"]: d for d in _automations().definitions()}
+    assert set(definitions) == {"vlmdet-reload-serve", "vlmdet-notify"}
+    actions = {"call-webhook": CallWebhook, "send-notification": SendNotification}
+    for d in definitions.values():
+        assert set(d) <= set(AutomationCore.model_fields) and set(d["trigger"]) <= set(EventTrigger.model_fields)
+        for action in d["actions"]:
+            assert set(action) <= set(actions[action["type"]].model_fields)
+        AutomationCore.model_validate(dict(d, actions=[dict(a, block_document_id=str(uuid4())) for a in d["actions"]]))
+    assert definitions["vlmdet-reload-serve"]["trigger"]["expect"] == [events.PUBLISHED]
+    assert events.GATE_CLOSED in definitions["vlmdet-notify"]["trigger"]["expect"]
+    assert "prefect.flow-run.Failed" in definitions["vlmdet-notify"]["trigger"]["expect"]
+
+
 # ---------------------------------------------------------------------------------- the flow on the server
 
 def _free_port() -> int:
@@ -166,8 +188,9 @@ def _health(url: str, proc, log: Path, timeout: float = 180) -> dict:
 
 @pytest.mark.slow
 def test_progress_events_and_automations_of_a_nightly_run(prefect_harness, tiny_model, served_target):
-    from prefect import get_client
+    from prefect import flow, get_client
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows.retrain import retrain
 
@@ -223,6 +246,22 @@ def test_progress_events_and_automations_of_a_nightly_run(prefect_harness, tiny_
     (note,) = notified.received
     assert note["subject"].startswith("vlmdet: vlmdet.gate.closed")
     assert first["gate"]["reason"] in note["body"] and "(adapter model)" in note["body"]
+
+    @flow(name="retrain")  # a retrain run that fails: the same automation tells the owner, with the error
+    def failing():
+        raise RuntimeError("the disk is full")
+
+    assert failing(return_state=True).is_failed()
+    while len(notified.received) < 2 and time.monotonic() < deadline + 60:
+        time.sleep(0.5)
+    assert notified.received[1]["subject"].startswith("vlmdet: prefect.flow-run.Failed")
+    assert "ended Failed" in notified.received[1]["body"] and "the disk is full" in notified.received[1]["body"]
+
+    # the flow run's page links the tracker run (TensorBoard in the run folder by default)
+    with get_client(sync_client=True) as client:
+        (tracker,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["tracker-run"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_a])))
+    assert first["tracker"]["log_dir"] in tracker.data and f"tensorboard --logdir {workdir / 'train'}" in tracker.data
 
     # 2. the threshold met and replacing the unreadable model asked for: published, and the running
     # server reloads through the shipped automation (POST /reload with its bearer token)
