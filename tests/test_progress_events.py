@@ -58,6 +58,50 @@ def test_progress_lines_one_per_percent_with_the_loss_and_torn_lines_wait(tmp_pa
     assert ProgressWriter.from_env("image", 4) is None  # only the main process of a multi-GPU step writes
 
 
+@pytest.fixture
+def progress_steps(monkeypatch, tmp_path):
+    """Throwaway steps in the child (as tests/test_runner.py): one that reports 4 images, one that hangs."""
+    from vlmdet import runner
+
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    (tmp_path / "progsteps.py").write_text(
+        "import time\n"
+        "from vlmdet import steps\n"
+        "from vlmdet.progress import ProgressWriter\n"
+        "def images(req):\n"
+        "    w = ProgressWriter.from_env('image', 4)\n"
+        "    for i in range(1, 5):\n"
+        "        w.update(i); time.sleep(0.2)\n"
+        "    return {'ok': True}\n"
+        "def hang(req):\n"
+        "    time.sleep(60)\n"
+        "steps.STEPS.update(images=images, hang=hang)\n")
+    monkeypatch.setattr(runner, "command", lambda step, req, res, n=1: [
+        sys.executable, "-c", f"import sys, progsteps; from vlmdet.steps import main; sys.exit(main({[step, str(req), str(res)]!r}))"])
+
+
+def test_the_parent_forwards_every_line_then_100_and_a_failing_callback_never_stops_the_step(progress_steps, tmp_path,
+                                                                                           caplog):
+    from vlmdet.runner import StepTimeout, run_step
+
+    seen: list[tuple[float, str]] = []
+    assert run_step("images", {}, tmp_path / "a", timeout_s=120, on_progress=lambda f, t: seen.append((f, t))) == {"ok": True}
+    assert seen[:4] == [(0.25, "image 1/4"), (0.5, "image 2/4"), (0.75, "image 3/4"), (1.0, "image 4/4")]
+    assert len(seen) == 5 and seen[4][0] == 1.0 and seen[4][1].startswith("image 4/4; finished in ")
+
+    def unreachable(fraction, text):
+        raise ConnectionError("Prefect API unreachable")
+
+    assert run_step("images", {}, tmp_path / "b", timeout_s=120, on_progress=unreachable) == {"ok": True}
+    assert [r.message for r in caplog.records if "progress callback failed" in r.message] == [
+        "progress callback failed (the step goes on; further failures are not logged): Prefect API unreachable"]
+
+    started = time.monotonic()
+    with pytest.raises(StepTimeout, match="timed out"):  # the polling wait still ends the child at its limit
+        run_step("hang", {}, tmp_path / "c", timeout_s=3, on_progress=lambda f, t: None)
+    assert time.monotonic() - started < 30
+
+
 def test_shipped_automations_are_prefect_automations_listening_for_the_flows_events():
     """Prefect's automation models ignore unknown keys: a misspelt `expect` would silently match everything."""
     from uuid import uuid4
