@@ -234,3 +234,30 @@ def test_uploads_beyond_max_uploads_are_told_to_come_back_before_their_body_is_r
     for r in first + [again]:
         assert (r["status"], r["json"]["error"]) == (422, "unsupported-size"), r
     assert len(decodes) == 3
+
+
+def test_a_client_gone_mid_upload_gives_its_place_back(served):
+    """Three clients (one more than serve.max_uploads=2) in turn start an upload and hang up halfway: each
+    place comes back, or the server would answer 503 for ever after."""
+    import socket
+
+    url = served[0]
+    host, port = url.removeprefix("http://").split(":")
+    jpeg = synth_jpeg(1, (96, 72))
+    with httpx.Client(timeout=60) as http:
+        def uploads_become(n: int) -> None:
+            deadline = time.monotonic() + 60
+            while http.get(f"{url}/health").json()["uploads"] != n:
+                assert time.monotonic() < deadline, f"/health never showed {n} uploads"
+                time.sleep(0.01)
+
+        before = samples(http, url)
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as conn:
+                conn.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                             b"Content-Length: %d\r\n\r\n" % (2 * MB) + jpeg)
+                uploads_become(1)
+            uploads_become(0)
+        after = samples(http, url)
+        assert http.post(f"{url}/detect", content=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
+    assert delta(before, after, "vlmdet_serve_rejected_total", reason="client-disconnected") == 3

@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vlmdet.config import ServeConfig
@@ -134,6 +135,9 @@ def create_app(engine: Engine, settings: ServeConfig, token: str | None = None) 
         except Busy as err:
             metrics.rejected.labels(err.reason).inc()
             return _error(503, err.reason, f"{err}; retry later", **{"Retry-After": "1"})
+        except ClientDisconnect:  # gone while sending its body: nobody hears the answer, but it is no model error
+            metrics.rejected.labels("client-disconnected").inc()
+            return _error(400, "client-disconnected", "the client closed the connection before its body was sent")
         except Exception as err:  # noqa: BLE001 - the model failed on this image alone (the batcher isolates it)
             return _error(500, "model-error", f"{type(err).__name__}: {err}")
         finally:
