@@ -377,7 +377,7 @@ def bench_steps(rec: Recorder, hook: Path):
 
         def merge(self, adapter, dataset, config, layout):
             merged = rec.run("merge", lambda: super(BenchSteps, self).merge(adapter, dataset, config, layout))
-            size = sum(p.stat().st_size for p in layout.merged_dir.rglob("*") if p.is_file())
+            size = sum(p.stat().st_size for p in Path(merged.path).rglob("*") if p.is_file())
             rec.add("merge", **peak_of(layout.merge_step_dir), merged_gb=round(size / 1e9, 2),
                     max_abs_logit_diff=merged.max_abs_logit_diff)
             return merged
@@ -387,7 +387,7 @@ def bench_steps(rec: Recorder, hook: Path):
 
             pub = rec.run("publish", lambda: super(BenchSteps, self).publish(merged, report, dataset, adapter, decision,
                                                                              config, layout, token))
-            size = sum(p.stat().st_size for p in layout.merged_dir.rglob("*") if p.is_file())
+            size = sum(p.stat().st_size for p in Path(merged.path).rglob("*") if p.is_file())
             commits = HfApi(endpoint=config.publish.endpoint, token=token).list_repo_commits(pub.target)
             landed = any(c.commit_id == pub.revision for c in commits)
             rec.add("publish", target=f"hub:{pub.target}", revision=pub.revision, files=len(pub.files),

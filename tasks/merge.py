@@ -1,9 +1,9 @@
 """Task: merge the adapter into the unquantized base and check it (vlmdet.runsteps.merge).
 
 The result persists, keyed on the adapter's files, the model settings and the check images: a
-flow-run retry after a failed publish does not merge again. WORKDIR/merged holds one merge at a
-time (a 7B merge is 15 GB), so its key is recorded beside it (vlmdet.layout) and the flow refreshes
-the cache when the folder holds another adapter's merge.
+flow-run retry after a failed publish does not merge again. Each adapter's merge has a folder of its
+own, WORKDIR/merged/<id>, with its record beside it (vlmdet.layout); a later merge removes the ones no
+running run holds (a 7B merge is 16.6 GB), and the flow refreshes the cache when its folder is gone.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def png(path: Path, color: tuple[int, int, int]) -> str:
 def records(tmp: Path, merged_path: Path, map50: float = 0.8, fp: str = "fp-test", pictures: bool = True,
             champion_revision: str | None = None):
     """champion_revision: what the gate saw at the target (None: empty), the publication's compare-and-swap."""
-    merged = MergedRef(path=str(merged_path), base_model="tiny:qwen2_vl", max_abs_logit_diff=0.0)
+    merged = MergedRef.pinned(merged_path, "tiny:qwen2_vl", 0.0)  # as the merge records it: its files' hashes
     report = EvalReport(map=map50 * 0.6, map50=map50, map75=map50 * 0.5, split="test", num_images=12,
                         parse_failures=1, predictions=str(tmp / "pred.json"), data_fingerprint=fp,
                         preview=png(tmp / "preview.png", (200, 10, 10)) if pictures else None)

@@ -49,7 +49,7 @@ def test_gate_closed_then_opened_then_nothing_new_then_forced(tiny_model, tmp_pa
     assert second["published"]["kind"] == "local" and second["merged_metrics"] is not None
     published = tmp_path / "published"
     assert (published / "model.safetensors").is_file() and "model-index" in (published / "README.md").read_text()
-    assert (tmp_path / "merged" / "config.json").is_file()
+    assert Path(second["merged"], "config.json").is_file() and Path(second["merged"]).parent == tmp_path / "merged"
 
     # 3. the same again: nothing new, said so, nothing trained
     third = retrain(threshold=0.0, **args)

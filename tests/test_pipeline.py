@@ -60,7 +60,10 @@ class FakeSteps:
 
     def merge(self, adapter, dataset, config, layout):
         self.calls.append("merge")
-        return MergedRef(path=str(layout.merged_dir), base_model="base", max_abs_logit_diff=0.0)
+        out = layout.merge_dir(adapter, dataset, config)  # a one-file folder, pinned as the merge pins it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        return MergedRef.pinned(out, "base", 0.0)
 
     def publish(self, merged, report, dataset, adapter, decision, config, layout, token):
         self.calls.append("publish")

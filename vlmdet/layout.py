@@ -4,7 +4,10 @@
     WORKDIR/data/<data_key>/{raw,prepared}
     WORKDIR/train/<training_key>[-<run>]  a forced run trains from the base in a folder of its own
     WORKDIR/eval/<name>                  adapter, base, champion, merged
-    WORKDIR/merged, WORKDIR/steps/merge  one merge at a time (a 7B merge is 15 GB)
+    WORKDIR/merged/<id>, <id>.json       one folder per merged adapter (<id>: its merge key), and its
+                                         record (MergedRef: the files' hashes) once it is complete; a
+                                         7B merge is 16.6 GB: a merge removes those no running run holds
+    WORKDIR/steps/merge                  the merge child's request and result: one merge at a time
     WORKDIR/gate/<name>                  decision.md and the disagreement picture
     WORKDIR/summary.json, last_success.json, .prefect-results
 
@@ -14,14 +17,24 @@ still holds that output: Prefect keeps the result record, not the files it point
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from vlmdet.config import RunConfig
 from vlmdet.keys import EVAL_EXECUTION_ONLY, data_key, marker_matches, path_stamp, step_key, training_key
-from vlmdet.records import AdapterRef, DatasetRef
+from vlmdet.records import AdapterRef, DatasetRef, MergedRef
+
+log = logging.getLogger(__name__)
+_MERGE_ID = re.compile(r"[0-9a-f]{16}")  # merged/<id>: the hash part of a merge key (keys.step_key)
 
 
 @dataclass(frozen=True)
@@ -111,11 +124,107 @@ class RunLayout:
         return step_key("merge", self.merged_dir, adapter=path_stamp(adapter.path), data=dataset.fingerprint,
                         model_settings=config.to_dict()["model"], split=config.eval.split)
 
+    def merge_dir(self, adapter: AdapterRef, dataset: DatasetRef, config: RunConfig) -> Path:
+        """merged/<id>, named by the merge key: another run's merge (another adapter) writes a folder of its
+        own, never over the one a run gated and is about to publish; the same adapter merged again is the
+        same folder, found and reused (merge_done), never rewritten once complete."""
+        return self.merged_dir / self.merge_key(adapter, dataset, config).rsplit("-", 1)[1]
+
+    @staticmethod
+    def merge_record(folder: Path) -> Path:
+        """merged/<id>.json: the MergedRef (files' hashes) of a complete merge, written after its folder."""
+        return folder.with_name(folder.name + ".json")
+
     def merge_done(self, adapter: AdapterRef, dataset: DatasetRef, config: RunConfig) -> bool:
-        """True while merged/ holds this adapter's merge."""
-        return (self.merged_dir / "config.json").is_file() and \
-            marker_matches(self.merge_step_dir, self.merge_key(adapter, dataset, config))
+        """True while merged/<id> holds this adapter's merge, complete (its record written)."""
+        out = self.merge_dir(adapter, dataset, config)
+        return (out / "config.json").is_file() and self.merge_record(out).is_file()
+
+    def merged_record(self, folder: Path) -> MergedRef:
+        return MergedRef.load(self.merge_record(folder))
+
+    @contextlib.contextmanager
+    def holding(self, folder: Path) -> Iterator[None]:
+        """Keep merged/<id> (and its record) from being removed while this run needs it: a shared flock on
+        merged/<id>.lock, from before the merge until the publish returns (vlmdet.pipeline). The kernel
+        drops it when the process ends, so a crashed run holds nothing."""
+        lock = folder.with_name(folder.name + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # a removal unlinked this lock file while we waited on it: take the new one
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def merging(self, folder: Path) -> Iterator[None]:
+        """Hold `folder` and the workdir's one merge slot (an exclusive flock on steps/merge: the child's
+        request and result live there, and two 7B merges at once would not fit one host's memory), and
+        first remove every other merge that no running run holds."""
+        self.merge_step_dir.mkdir(parents=True, exist_ok=True)
+        with self.holding(folder):
+            fd = os.open(self.merge_step_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self.remove_unheld_merges(keep=folder)
+                yield
+            finally:
+                os.close(fd)
+
+    def remove_unheld_merges(self, keep: Path) -> list[str]:
+        """Remove every merge in merged/ but `keep` that no running run needs; the names removed.
+
+        "Needed" is asked of the kernel, not guessed from times: a run holds a shared flock on
+        merged/<id>.lock from before its merge until its publish returns (holding); an exclusive flock
+        taken without waiting proves nobody does. Files of the one-folder layout (merged/config.json,
+        model*.safetensors, ...) belong to no run of this layout and go too."""
+        root, removed = self.merged_dir, []
+        if not root.is_dir():
+            return removed
+        ids = set()
+        for entry in sorted(root.iterdir()):
+            name = entry.name.split(".", 1)[0]
+            if name == keep.name:
+                continue
+            if _MERGE_ID.fullmatch(name):
+                ids.add(name)
+            else:
+                _remove(entry)
+                removed.append(entry.name)
+        for name in sorted(ids):
+            lock = root / f"{name}.lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a running run holds it
+                # the record first: a removal cut short never leaves a folder that reads as a finished merge
+                for path in (root / f"{name}.json", root / name, root / f"{name}.partial"):
+                    _remove(path)
+                lock.unlink(missing_ok=True)  # still locked: a run waiting on it sees it gone and takes a new one
+                removed.append(name)
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("removed merges no running run holds from %s: %s", root, ", ".join(removed))
+        return removed
 
     # --- gate ---
     def gate_dir(self, name: str) -> Path:
         return self.path("gate", name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -3,13 +3,17 @@
 QLoRA trains against a 4-bit base, but the published model must be plain weights: the base is
 reloaded in bf16 (fp32 on a CPU), the adapter merged in, the result saved as safetensors with the
 processor, then reloaded from disk and compared with base + adapter on a fixed batch. A merge that
-does not reproduce the adapter's logits fails loudly instead of publishing a different model.
+does not reproduce the adapter's logits fails loudly instead of publishing a different model. The
+MergedRef it returns pins the folder's bytes (each file's sha256), which the evaluation of the merged
+model and the publication check.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,6 +112,13 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
         raise MergeMismatch(f"merged model differs from base + adapter: max |logit diff| {diff:.4g} > {tol:.4g} "
                             f"(the adapter itself moves them {effect:.4g}) "
                             f"on {len(images)} images; not publishing. Adapter: {adapter_path}")
+    # Pinned once, after the save (save_pretrained writes through safetensors, which offers no hook to hash
+    # while writing; the files were just written, so this reads the page cache): the evaluation of the
+    # merged model and the publication recompute these hashes and refuse other bytes.
+    started = time.perf_counter()
+    pinned = MergedRef.pinned(tmp, base, diff)
+    log.info("merged model pinned: %d files, sha256 %s (%.1f s)", len(pinned.files), pinned.sha256,
+             time.perf_counter() - started)
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
-    return MergedRef(path=str(out.resolve()), base_model=base, max_abs_logit_diff=diff)
+    return dataclasses.replace(pinned, path=str(out.resolve()))

@@ -28,6 +28,7 @@ from vlmdet.config import RunConfig, guard_check_run, load_preset
 from vlmdet.gate import Champion, clears_threshold
 from vlmdet.keys import decision_settings, evaluation_key
 from vlmdet.layout import RunLayout
+from vlmdet.publishing.files import check_folder
 from vlmdet.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, Record,
                             write_json)
 
@@ -226,13 +227,16 @@ def run(resolved: Resolved, layout: RunLayout, steps: Steps, force: bool = False
     decision = steps.gate(report, config, layout, name="adapter", **judged)
     merged = merged_report = published = None
     if decision.passed:
-        merged = steps.merge(adapter, data, config, layout)
-        # The gate measured base + adapter (4-bit base under qlora); what gets published is the adapter
-        # merged into unquantized weights. Measure that too, and publish only if it still clears the gate.
-        merged_report = steps.evaluate(merged.path, data, config, layout, "merged")
-        decision = steps.gate(merged_report, config, layout, name="merged", **judged)
-        if decision.passed:
-            published = steps.publish(merged, merged_report, data, adapter, decision, config, layout, token)
+        # Held from the merge to the publication: no other run's merge removes this run's merged folder.
+        with layout.holding(layout.merge_dir(adapter, data, config)):
+            merged = steps.merge(adapter, data, config, layout)
+            # The gate measured base + adapter (4-bit base under qlora); what gets published is the adapter
+            # merged into unquantized weights. Measure that too, and publish only if it still clears the gate.
+            merged_report = steps.evaluate(merged.path, data, config, layout, "merged")
+            check_folder(merged, "gating it")  # what was measured is what the merge pinned, and publish checks
+            decision = steps.gate(merged_report, config, layout, name="merged", **judged)
+            if decision.passed:
+                published = steps.publish(merged, merged_report, data, adapter, decision, config, layout, token)
     if not published:
         logger.info("gate closed: %s; nothing published", decision.reason)
 

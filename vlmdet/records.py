@@ -8,7 +8,10 @@ result record as JSON for the task to read.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -189,11 +192,74 @@ class GateDecision(Record):
     replaced_unreadable: bool = False  # passed over an unreadable champion because gate.replace_unreadable_champion
 
 
+# Files of a merged folder that are not the model: what a publication writes itself (the card and
+# vlmdet.json; vlmdet.publishing.card) and tool clutter. Every other file is the model: pinned, published.
+NOT_MODEL_FILES = frozenset({"README.md", "vlmdet.json"})
+NOT_MODEL_PARTS = frozenset({".cache", "__pycache__", ".git"})
+
+
+def model_files(folder: str | Path) -> dict[str, Path]:
+    """The model's files in a merged folder, by path relative to it (posix), sorted."""
+    root = Path(folder)
+    out: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and rel.as_posix() not in NOT_MODEL_FILES and not set(rel.parts) & NOT_MODEL_PARTS:
+            out[rel.as_posix()] = path
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def files_sha256(files: dict[str, Path]) -> dict[str, str]:
+    """name -> sha256 of the file's bytes; files hashed in parallel (hashlib lets go of the GIL), so a
+    sharded 16.6 GB model takes about a quarter of one core's time on four cores."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return dict(zip(files, pool.map(file_sha256, files.values())))
+
+
+def content_sha256(digests: dict[str, str]) -> str:
+    """One sha256 over every file's name and bytes: the sha256 of the lines `<sha256 of the bytes>  <name>`
+    sorted by name, which is what `sha256sum` prints, so a shell recomputes it from vlmdet.json:
+    `jq -r '.merged.files | to_entries[] | "\\(.value)  \\(.key)"' vlmdet.json | sha256sum`."""
+    lines = "".join(f"{digests[name]}  {name}\n" for name in sorted(digests))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 @dataclass
 class MergedRef(Record):
+    """A merged model folder, pinned: `files` is the sha256 of each model file (model_files) as the merge
+    wrote it and `sha256` one hash over them all (content_sha256). The evaluation of the merged model
+    and the publication check them, so what is published is what the gate judged."""
+
     path: str
     base_model: str
     max_abs_logit_diff: float
+    sha256: str = ""  # "": not pinned (a record from before pinning): refused, never trusted
+    files: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def pinned(cls, path: str | Path, base_model: str, max_abs_logit_diff: float) -> "MergedRef":
+        """The record of a finished merged folder, its files hashed now (once, after the save)."""
+        files = files_sha256(model_files(path))
+        return cls(path=str(path), base_model=base_model, max_abs_logit_diff=max_abs_logit_diff,
+                   sha256=content_sha256(files), files=dict(sorted(files.items())))
+
+    def difference(self, digests: dict[str, str]) -> str | None:
+        """None when `digests` (name -> sha256 of the bytes about to be used) are this merge's files, byte for
+        byte; else which files differ, are missing or were added."""
+        if not self.sha256 or not self.files:
+            return "the merge record carries no content hash (written before merges were pinned)"
+        if content_sha256(digests) == self.sha256 and digests == self.files:
+            return None
+        changed = sorted(n for n in digests.keys() & self.files.keys() if digests[n] != self.files[n])
+        parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                 for label, names in (("changed", changed), ("missing", sorted(self.files.keys() - digests.keys())),
+                                      ("added", sorted(digests.keys() - self.files.keys()))) if names]
+        return "; ".join(parts) or "the file set hashes differently"
 
 
 @dataclass
@@ -206,3 +272,4 @@ class Publication(Record):
     tag: str | None = None  # the per-run tag (Hub) or run id (local folder)
     run_id: str = ""
     reused: bool = False  # True when a retry found this run's commit already landed and did not commit again
+    sha256: str = ""  # MergedRef.sha256 of the model files published (verified against the merge's record)

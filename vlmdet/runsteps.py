@@ -70,12 +70,18 @@ def evaluate(model: str, dataset: DatasetRef, config: RunConfig, layout: RunLayo
 
 def merge(adapter: AdapterRef, dataset: DatasetRef, config: RunConfig, layout: RunLayout,
           env: dict[str, str] | None = None) -> MergedRef:
-    """The adapter merged into the unquantized base, checked against base + adapter on test images."""
-    record = run_step("merge", {"adapter": adapter.to_dict(), "dataset": dataset.to_dict(), "config": config.to_dict(),
-                                "out": str(layout.merged_dir), "split": config.eval.split}, layout.merge_step_dir,
-                      timeout_s=config.publish.merge_timeout_s, env=env)
-    merged = MergedRef.from_dict(record)
-    write_marker(layout.merge_step_dir, layout.merge_key(adapter, dataset, config))
+    """The adapter merged into the unquantized base, checked against base + adapter on test images, into
+    merged/<id> of its own (vlmdet.layout); pinned by its files' hashes (MergedRef). A complete merge of
+    the same adapter is reused, never rewritten: a run next to this one may have gated it."""
+    out = layout.merge_dir(adapter, dataset, config)
+    with layout.merging(out):
+        if layout.merge_done(adapter, dataset, config):
+            return layout.merged_record(out)
+        record = run_step("merge", {"adapter": adapter.to_dict(), "dataset": dataset.to_dict(),
+                                    "config": config.to_dict(), "out": str(out), "split": config.eval.split},
+                          layout.merge_step_dir, timeout_s=config.publish.merge_timeout_s, env=env)
+        merged = MergedRef.from_dict(record)
+        merged.save(layout.merge_record(out))  # after the folder: marks it complete
     return merged
 
 

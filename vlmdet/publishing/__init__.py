@@ -10,6 +10,8 @@ Fail closed: read_champion returns None only for a target that does not exist or
 holding anything it cannot read or judge is a Champion marked `unreadable`, which closes the gate.
 publish is a compare-and-swap on `decision.champion_revision` (the revision the gate read; None for
 an empty target) and replaces the model whole; a moved target raises TargetChangedError (permanent).
+The model files published are the merged folder's bytes that the merge pinned (MergedRef.sha256),
+checked on what goes out; any other bytes raise MergedChangedError (permanent).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Callable
 from vlmdet.config import ConfigError, RunConfig
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import PermanentPublishError, PublishError, TargetChangedError, TransientPublishError
-from vlmdet.publishing.files import make_run_id, plan
+from vlmdet.publishing.files import check_pinned, check_staged, make_run_id, pinned_names, plan
 from vlmdet.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
 
 __all__ = ["publish", "read_champion", "parse_target", "PublishError", "PermanentPublishError",
@@ -56,18 +58,28 @@ def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter:
     kind, where = parse_target(config.publish.target, workdir)
     run_id = run_id or make_run_id(merged, report, dataset, adapter)
     name = _model_name(config, kind, where)
+    if not merged.sha256:  # nothing to check the bytes against: refused before anything is staged
+        check_pinned(merged, {})
     files = plan(merged, report, dataset, adapter, decision, config, run_id, name)
+    # The bytes that go out are checked against the merge's hashes where they are read last: the staged copy
+    # that is renamed into place, or the sha256 each file of the Hub commit carries (files.check_pinned).
     if kind == "local":
         from vlmdet.publishing.local import publish_folder
 
-        return publish_folder(Path(where), files, run_id, expected=decision.champion_revision)
-    from vlmdet.publishing import hub
+        pub = publish_folder(Path(where), files, run_id, expected=decision.champion_revision,
+                             check=lambda staged: check_staged(merged, files, staged))
+    else:
+        from vlmdet.publishing import hub
 
-    meta = cardlib.build_metadata(report=report, dataset=dataset, adapter=adapter, decision=decision, config=config,
-                                  run_id=run_id, model_name=name)
-    return hub.publish_repo(where, files, meta, run_id, endpoint=config.publish.endpoint, token=token,
-                            private=config.publish.private, expected=decision.champion_revision, policy=retry_policy,
-                            sleep=sleep)
+        meta = cardlib.build_metadata(report=report, dataset=dataset, adapter=adapter, decision=decision,
+                                      config=config, run_id=run_id, model_name=name)
+        names = pinned_names(merged, files)
+        pub = hub.publish_repo(where, files, meta, run_id, endpoint=config.publish.endpoint, token=token,
+                               private=config.publish.private, expected=decision.champion_revision,
+                               policy=retry_policy, sleep=sleep,
+                               check=lambda sent: check_pinned(merged, {n: sent[n] for n in names if n in sent}))
+    pub.sha256 = merged.sha256
+    return pub
 
 
 def read_champion(config: RunConfig, workdir: str | Path = ".", token: str | None = None,

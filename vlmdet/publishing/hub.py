@@ -180,8 +180,12 @@ def commit_message(meta: dict[str, Any], run_id: str) -> tuple[str, str]:
 
 def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], run_id: str, *, endpoint: str | None,
                  token: str | None, private: bool, expected: str | None = None, policy: RetryPolicy | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> Publication:
-    """Commit `files` as the whole model if the repo still holds revision `expected` (None: empty)."""
+                 sleep: Callable[[float], None] = time.sleep,
+                 check: Callable[[dict[str, str]], None] | None = None) -> Publication:
+    """Commit `files` as the whole model if the repo still holds revision `expected` (None: empty).
+
+    check(digests): called right before each commit with the sha256 of every file the commit carries (path
+    in repo -> hex, the oid its LFS pointer will name); raising stops the publication (files.check_pinned)."""
     check_repo_id(repo_id)
     policy = policy or RetryPolicy()
     api = HfApi(endpoint=endpoint or None, token=token)
@@ -206,6 +210,8 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
                      for rel, src in files.items()]
         ops += [CommitOperationDelete(path_in_repo=rel, is_folder=False)
                 for rel in present if rel not in files and rel not in KEEP]
+        if check is not None:  # hashed from the files now; the client reuses these hashes for the upload
+            check({op.path_in_repo: op.upload_info.sha256.hex() for op in ops if isinstance(op, CommitOperationAdd)})
         try:
             info = api.create_commit(repo_id, ops, commit_message=title, commit_description=body, parent_commit=head)
         except HfHubHTTPError as err:
