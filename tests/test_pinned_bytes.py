@@ -178,6 +178,21 @@ def test_one_byte_changed_after_the_merge_is_refused_with_both_hashes(tiny_model
     assert not (tmp_path / "published").exists() and not list(tmp_path.glob(".published.*"))
 
 
+def test_merged_bytes_changed_under_their_evaluation_stop_the_run_before_the_gate(tiny_model, synth_coco, adapters,
+                                                                                  merges, tmp_path):
+    class Changed(Run):
+        def evaluate(self, model, dataset, config, layout, name="adapter"):
+            report = super().evaluate(model, dataset, config, layout, name)
+            if name == "merged":  # another writer, while the evaluation read the folder
+                (Path(model) / "config.json").write_text("{}")
+            return report
+
+    run = Changed(adapters[0], _data(synth_coco), merged_map50=0.8)
+    with pytest.raises(PermanentPublishError, match="not gating it: .*changed: config.json"):
+        pipeline.run(_resolved(tiny_model), RunLayout.at(tmp_path), run)
+    assert run.judged and not (tmp_path / "published").exists()
+
+
 def test_bytes_changed_while_staged_are_refused_before_the_swap(tmp_path, monkeypatch):
     """The check reads the staged copy, the bytes renamed into place, not the source before the copy."""
     from vlmdet.modeling.tiny import build_tiny_model
