@@ -309,6 +309,25 @@ def peak_of(step_dir: Path) -> dict[str, Any]:
     return out
 
 
+def timeline_of(step_dir: Path) -> dict[str, Any]:
+    """The step child's phases (vlmdet.timeline), as the row's `timeline`; nothing for an in-process step."""
+    from vlmdet import timeline
+
+    path = Path(step_dir) / timeline.FILE
+    return {"timeline": json.loads(path.read_text())} if path.is_file() else {}
+
+
+def timelines(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bar a step for the picture: a child's phases, or one "in process" segment for a step run in the
+    driver's process (prepare_data, the gates, publish)."""
+    bars = []
+    for r in summary["steps"]:
+        t = r.get("timeline") or {"wall_s": r["seconds"], "accounted_s": r["seconds"],
+                                  "phases": [{"name": "in process", "s": r["seconds"], "bytes": None}]}
+        bars.append(dict(t, label=r["step"], wall_s=r["seconds"]))  # the bar's length: the step as the driver saw it
+    return bars
+
+
 def bench_steps(rec: Recorder, hook: Path):
     """vlmdet.runsteps.PlainSteps timed: each call a row of `rec`, each step child with the peak-memory hook."""
     from vlmdet.runner import plan_processes
@@ -340,7 +359,7 @@ def bench_steps(rec: Recorder, hook: Path):
                 if (train_out / "log_history.json").is_file() else []
             final = next((h for h in reversed(history) if "train_runtime" in h), {})
             t, processes = config.train, plan_processes(config.train.num_processes)[0]
-            rec.add("train", **peak_of(train_out / "step"), global_step=adapter.global_step,
+            rec.add("train", **peak_of(train_out / "step"), **timeline_of(train_out / "step"), global_step=adapter.global_step,
                     train_images=dataset.counts["train"]["images"], epochs=t.epochs, max_steps=t.max_steps,
                     processes=processes, effective_batch=t.per_device_batch * t.grad_accum * processes,
                     trainer_runtime_s=final.get("train_runtime"), samples_per_s=final.get("train_samples_per_second"),
@@ -353,7 +372,8 @@ def bench_steps(rec: Recorder, hook: Path):
             row = f"evaluate {name}"
             report = rec.run(row, lambda: super(BenchSteps, self).evaluate(model, dataset, config, layout, name))
             seconds = next(r for r in rec.steps if r["step"] == row)["seconds"]
-            rec.add(row, **peak_of(layout.eval_dir(name) / "step"), images=report.num_images,
+            rec.add(row, **peak_of(layout.eval_dir(name) / "step"), **timeline_of(layout.eval_dir(name) / "step"),
+                    images=report.num_images,
                     ms_per_image=round(1000 * seconds / max(1, report.num_images), 1),
                     processes=plan_processes(config.eval.num_processes, setting="eval.num_processes")[0],
                     map=report.map, map50=report.map50, parse_failures=report.parse_failures)
@@ -378,7 +398,7 @@ def bench_steps(rec: Recorder, hook: Path):
         def merge(self, adapter, dataset, config, layout):
             merged = rec.run("merge", lambda: super(BenchSteps, self).merge(adapter, dataset, config, layout))
             size = sum(p.stat().st_size for p in Path(merged.path).rglob("*") if p.is_file())
-            rec.add("merge", **peak_of(layout.merge_step_dir), merged_gb=round(size / 1e9, 2),
+            rec.add("merge", **peak_of(layout.merge_step_dir), **timeline_of(layout.merge_step_dir), merged_gb=round(size / 1e9, 2),
                     max_abs_logit_diff=merged.max_abs_logit_diff)
             return merged
 
@@ -567,7 +587,13 @@ def finish(out: Path, summary: dict[str, Any]) -> None:
         notes.append(f"trained {x['measured_epochs']:g} of the preset's {x['epochs']:g} epochs: at {x['epochs']:g} the "
                      f"train step would take ~{x['train_seconds']:.0f} s and the total ~{x['total_seconds']:.0f} s "
                      f"({x['total_seconds'] / 60:.1f} min), the trainer's time scaled by the epochs")
-    md = "\n".join([head, "", text, ""] + [f"- {n}" for n in notes]) + "\n"
+    from vlmdet import timeline
+
+    bars = timelines(summary)
+    picture = timeline.draw(bars, out / "nightly_run_timeline.png", title=head.split(" -- ")[0])
+    where = ["", "Where each step's seconds went (the step children's phases; `vlmdet.timeline`):", "",
+             f"![timeline]({Path(picture).name})" if picture else "", "", timeline.markdown(bars), ""]
+    md = "\n".join([head, "", text, ""] + [f"- {n}" for n in notes] + where) + "\n"
     (out / "nightly_run.md").write_text(md)
     write_json(out / "nightly_run.json", summary)
     write_json(out / "progress.json", summary)

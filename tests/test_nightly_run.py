@@ -81,3 +81,21 @@ def test_tiny_nightly_run_times_every_step_and_commits_to_the_hub(tmp_path, monk
     weights = next((work / "run" / "merged").glob("*/model.safetensors"))  # merged/<id>: the one merge of the run
     assert repo.head.files["model.safetensors"][0] == weights.read_bytes()
     assert "README.md" in repo.head.files and f"run-{published['run_id']}" in repo.tags
+
+    # where each step child's seconds went (vlmdet.timeline): its phases cover the child's wall time (what
+    # no phase covers is the step's own unexplained overhead), and the child ran inside the driver's step
+    for name, expected in (("train", {"start-up", "imports", "load weights", "train", "save", "exit"}),
+                           ("evaluate adapter", {"start-up", "imports", "load weights", "detect", "score", "save"}),
+                           ("merge", {"start-up", "imports", "load weights", "merge", "save", "check"}),
+                           ("evaluate merged", {"load weights", "detect", "decode images"})):
+        t = by[name]["timeline"]
+        assert expected <= {p["name"] for p in t["phases"]}, name
+        assert 0 < t["wall_s"] <= by[name]["seconds"]
+        assert t["accounted_s"] == pytest.approx(sum(p["s"] for p in t["phases"] if "within" not in p), abs=0.01)
+        assert t["accounted_s"] == pytest.approx(t["wall_s"], rel=0.05), (name, t)
+    md = (out / "nightly_run.md").read_text()
+    assert "nightly_run_timeline.png" in md and (out / "nightly_run_timeline.png").stat().st_size > 0
+    # the run's own summary carries the same timelines (the smoke run's and the flow's too)
+    run_summary = json.loads((work / "run" / "summary.json").read_text())
+    assert {t["step"] for t in run_summary["timeline"]} == {"train", "evaluate", "merge"}
+    assert Path(run_summary["timeline_picture"]).is_file()

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from vlmdet import timeline
 from vlmdet.carried import trained_with
 from vlmdet.config import RunConfig
 from vlmdet.metrics import coco_map, predictions_to_coco
@@ -37,8 +38,17 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str,
     m = config.model
     sizes = [visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) for s in mine]
     on_done = (lambda n: progress.update(min(len(samples), n * world))) if progress is not None else None
-    preds = det.detect_all([(s.file, lambda s=s: open_image(s.file)) for s in mine], len(mine),
+    decoding = [0.0]  # seconds in open_image, summed: decoding is interleaved with detection
+
+    def decode(s):  # noqa: ANN001, ANN202
+        t = time.perf_counter()
+        image = open_image(s.file)
+        decoding[0] += time.perf_counter() - t
+        return image
+
+    preds = det.detect_all([(s.file, lambda s=s: decode(s)) for s in mine], len(mine),
                            config.eval.batch_size, desc=desc, sizes=sizes, on_done=on_done)
+    timeline.add("decode images", decoding[0])
     if world == 1:
         return preds
     import torch
@@ -62,12 +72,15 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
         raise ValueError(f"eval split {split!r} not in the prepared data (has: {', '.join(dataset.splits)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    samples, coco = load_split(dataset.splits[split])
+    with timeline.phase("data index"):
+        samples, coco = load_split(dataset.splits[split])
     t0 = time.perf_counter()
-    det = detector_for(model_path, config)
+    with timeline.phase("load weights", nbytes=timeline.folder_bytes(model_path)):  # with the processor
+        det = detector_for(model_path, config)
     t1 = time.perf_counter()
-    preds = detect_sharded(det, samples, config, desc=f"evaluate {split}",
-                           progress=ProgressWriter.from_env("image", len(samples)))
+    with timeline.phase("detect"):
+        preds = detect_sharded(det, samples, config, desc=f"evaluate {split}",
+                               progress=ProgressWriter.from_env("image", len(samples)))
     t2 = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", 1))
     log.info("loaded in %.1fs; detected %d images in %.1fs (%.0f ms an image over %d process(es))", t1 - t0,
@@ -76,16 +89,18 @@ def evaluate(model_path: str, dataset: DatasetRef, config: RunConfig, out: str |
         write_json(os.environ["VLMDET_STEP_TIMES"], {"load_s": t1 - t0, "detect_s": t2 - t1, "processes": world})
     cat_id = next((c["id"] for c in coco["categories"] if c["name"] == config.data.category), 1)
     results = predictions_to_coco([p.boxes for p in preds], [s.image_id for s in samples], cat_id)
-    metrics = coco_map(coco, results)
+    with timeline.phase("score"):
+        metrics = coco_map(coco, results)
     per_image = [dict(p.to_dict(), image_id=s.image_id, truth=[[b.x1, b.y1, b.x2, b.y2] for b in s.boxes])
                  for s, p in zip(samples, preds)]
     n = config.eval.preview_images
     preview = None
     if int(os.environ.get("RANK", 0)) == 0:  # under several GPUs every rank has all predictions; one writes
-        write_json(out / "predictions.json", results, indent=None)
-        write_json(out / "per_image.json", per_image, indent=1)
-        preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
-                       out / "preview.png") if n else None
+        with timeline.phase("save"):  # predictions and the preview picture
+            write_json(out / "predictions.json", results, indent=None)
+            write_json(out / "per_image.json", per_image, indent=1)
+            preview = grid([draw(open_image(s.file), p.boxes, s.boxes) for s, p in list(zip(samples, preds))[:n]],
+                           out / "preview.png") if n else None
     failures = sum(not p.parse_ok for p in preds)
     log.info("%s on %s: mAP %.3f mAP50 %.3f mAP75 %.3f (%d images, %d unparsable answers)", model_path, split,
              metrics["map"], metrics["map50"], metrics["map75"], len(samples), failures)

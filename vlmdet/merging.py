@@ -24,6 +24,7 @@ from vlmdet.modeling.load import adapter_base, check_safe_weights, load_model, l
 from vlmdet.prediction.predict import GREEDY, stop_token_ids
 from vlmdet.records import AdapterRef, MergedRef
 from vlmdet.samples import user_message
+from vlmdet.timeline import folder_bytes, phase
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -74,35 +75,43 @@ def published_generation_config(base: GenerationConfig, tokenizer, max_new_token
 
 def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images: list) -> MergedRef:
     """Merge the adapter folder into its base; save to OUT; check logits on `images` (PIL, RGB)."""
-    from peft import PeftModel
+    with phase("imports"):
+        from peft import PeftModel
 
     adapter_path = adapter.path if isinstance(adapter, AdapterRef) else str(adapter)
     check_safe_weights(adapter_path, adapter=True, what="adapter")  # PEFT would unpickle an adapter_model.bin
     base = adapter_base(adapter_path)
     out = Path(out)
     dtype = torch_dtype(config.model)
-    processor = load_processor(adapter_path, config.model)
-    batch = check_batch(processor, images, config)
+    with phase("processor"):
+        processor = load_processor(adapter_path, config.model)
+        batch = check_batch(processor, images, config)
 
-    model = PeftModel.from_pretrained(load_model(base, config.model, quantize=False, dtype=dtype), adapter_path)
+    with phase("load weights", nbytes=folder_bytes(base)):  # the base unquantized, then the adapter on it
+        model = PeftModel.from_pretrained(load_model(base, config.model, quantize=False, dtype=dtype), adapter_path)
     model.eval()
-    expected = _logits(model, batch)
-    with model.disable_adapter():
-        effect = (_logits(model, batch) - expected).abs().max().item()  # what the adapter changes
-    merged = model.merge_and_unload()
+    with phase("check"):  # base + adapter's logits, the reference the merged model must reproduce
+        expected = _logits(model, batch)
+        with model.disable_adapter():
+            effect = (_logits(model, batch) - expected).abs().max().item()  # what the adapter changes
+    with phase("merge"):
+        merged = model.merge_and_unload()
     merged.generation_config = published_generation_config(merged.generation_config, processor.tokenizer,
                                                            config.eval.max_new_tokens)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
+    with phase("save") as saved:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        saved["bytes"] = folder_bytes(tmp)
     del model, merged
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    reloaded = load_model(str(tmp), config.model, quantize=False, dtype=dtype)
-    reloaded.eval()
-    got = _logits(reloaded, batch)
+    with phase("check"):  # the saved folder reloaded answers as base + adapter did
+        reloaded = load_model(str(tmp), config.model, quantize=False, dtype=dtype)
+        reloaded.eval()
+        got = _logits(reloaded, batch)
     diff = (got - expected).abs().max().item()
     tol = tolerance(dtype, expected.abs().max().item(), effect)
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
@@ -116,7 +125,8 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
     # while writing; the files were just written, so this reads the page cache): the evaluation of the
     # merged model and the publication recompute these hashes and refuse other bytes.
     started = time.perf_counter()
-    pinned = MergedRef.pinned(tmp, base, diff)
+    with phase("hash"):
+        pinned = MergedRef.pinned(tmp, base, diff)
     log.info("merged model pinned: %d files, sha256 %s (%.1f s)", len(pinned.files), pinned.sha256,
              time.perf_counter() - started)
     shutil.rmtree(out, ignore_errors=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlmdet import tracking
+from vlmdet import timeline, tracking
 from vlmdet.config import RunConfig, guard_check_run, load_preset
 from vlmdet.gate import Champion, clears_threshold
 from vlmdet.keys import decision_settings, evaluation_key
@@ -138,6 +138,9 @@ class RunSummary(Record):
     from_cache: bool = False
     skip_reason: str | None = None
     tracker: dict[str, Any] = field(default_factory=dict)  # where the run is in train.report_to's tracker
+    # where each step child's seconds went (vlmdet.timeline), and the same as a picture
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    timeline_picture: str | None = None
 
     @classmethod
     def build(cls, config: RunConfig, data: DatasetRef, adapter: AdapterRef, report: EvalReport,
@@ -244,6 +247,9 @@ def run(resolved: Resolved, layout: RunLayout, steps: Steps, force: bool = False
                                merged_report=merged_report, champion_report=champion_report, published=published,
                                check_run=resolved.check_run, run_key=key, seconds=round(time.time() - started, 1),
                                retrained=retrained, from_cache=from_cache)
+    summary.timeline = timeline.collect(layout.root, since=started)
+    summary.timeline_picture = timeline.draw(summary.timeline, layout.root / "timeline.png",
+                                             title=f"{config.name}: where the run's seconds went")
     summary.tracker = tracking.log_run(summary, config)  # the mAP, gate and publication beside the loss curve
     write_json(layout.summary_file, summary.to_dict())
     write_json(layout.last_success_file, {"run_key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

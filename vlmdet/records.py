@@ -144,8 +144,8 @@ class Champion:
     location: str = ""
     # The exact state the gate read and the publication must still find (compare-and-swap): the Hub
     # commit sha (card, vlmdet.json, predictions and weights are all read at it), or for a local
-    # folder its champion's run id, else a hash of its file list ("" = not known: the read failed
-    # before a revision was seen).
+    # folder a hash of its content as it stands (every file's name, size and time, the small files'
+    # bytes; vlmdet.publishing.local) ("" = not known: the read failed before a revision was seen).
     revision: str = ""
     config: dict = field(default_factory=dict)  # the champion's run configuration (vlmdet.json), if published
     unreadable: str = ""  # why the model at the target cannot be read or measured, and what to do ("" = readable)
@@ -185,7 +185,7 @@ class GateDecision(Record):
     disagreements: list[dict] = field(default_factory=list)  # images where the two differ most
     picture: str | None = None  # PNG: those images, champion and new model side by side
     # What the publication must still find at the target (compare-and-swap): None = the target was
-    # missing or empty; else the Champion.revision the gate read (a Hub commit sha, a local run id or file-list hash).
+    # missing or empty; else the Champion.revision the gate read (a Hub commit sha, or a local content hash).
     champion_revision: str | None = None
     champion_unreadable: str | None = None  # why the champion at the target could not be read (None = it could)
     champion_fault: str | None = None  # Champion.fault of an unreadable champion: "content" or "transport"

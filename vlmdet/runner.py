@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmdet import progress
+from vlmdet import progress, timeline
+from vlmdet.records import write_json
 
 log = logging.getLogger(__name__)
 OnProgress = Callable[[float, str], None]  # (fraction done 0..1, what it is: "step 3/20, loss 1.2345")
@@ -177,7 +178,9 @@ def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s
     res.unlink(missing_ok=True)
     progress_file = step_dir / progress.FILE
     progress_file.unlink(missing_ok=True)  # an earlier attempt's lines would read as this one's
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", progress.ENV: str(progress_file)}
+    spawned = time.time()  # the timeline's zero: start-up counts from here (vlmdet.timeline)
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", progress.ENV: str(progress_file),
+                 timeline.SPAWNED_ENV: repr(spawned)}
     started = time.monotonic()
     # A new session: the child and its workers form one process group that a timeout kills at once;
     # the preexec hook makes the kernel kill the child if this process dies without cleaning up.
@@ -196,6 +199,9 @@ def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s
         _kill(proc)
         raise
     result = json.loads(res.read_text()) if res.is_file() else None
+    if result and "timeline" in result:
+        write_json(step_dir / timeline.FILE, timeline.assemble(step, result["timeline"], spawned, time.time(),
+                                                               result.get("written")), indent=1)
     if rc == 0 and result and "record" in result:
         forward.done(f"finished in {time.monotonic() - started:.0f}s")
         return result["record"]

@@ -24,6 +24,7 @@ simply never writes it out).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -33,16 +34,14 @@ SPAWNED_ENV = "VLMDET_STEP_SPAWNED"  # epoch seconds at which the parent started
 FILE = "timeline.json"
 
 _phases: list[dict[str, Any]] = []
-_open: list[str] = []
+_open: list[dict[str, Any]] = []  # the phases now open, innermost last
 
 
 @contextlib.contextmanager
 def phase(name: str, nbytes: int | None = None) -> Iterator[dict[str, Any]]:
     """Time the block as phase `name`; `nbytes` (or the yielded dict's "bytes", set inside) = bytes moved."""
-    row: dict[str, Any] = {"name": name, "start": time.time(), "s": 0.0, "bytes": nbytes}
-    if _open:
-        row["within"] = _open[-1]
-    _open.append(name)
+    row: dict[str, Any] = {"name": name, "start": time.time(), "s": 0.0, "bytes": nbytes, **_inside()}
+    _open.append(row)
     try:
         yield row
     finally:
@@ -55,12 +54,17 @@ def add(name: str, seconds: float, nbytes: int | None = None) -> None:
     """A phase measured piecewise (e.g. image decoding interleaved with detection): a detail of the
     phase now open, counted inside it."""
     _phases.append({"name": name, "start": time.time() - seconds, "s": round(seconds, 3), "bytes": nbytes,
-                    **({"within": _open[-1]} if _open else {})})
+                    **_inside()})
+
+
+def _inside() -> dict[str, Any]:
+    return {"within": _open[-1]["name"], "parent_start": _open[-1]["start"]} if _open else {}
 
 
 def take() -> list[dict[str, Any]]:
-    """The phases recorded so far in this process, in order of their start; clears them."""
-    rows = sorted(_phases, key=lambda r: r["start"])
+    """The phases recorded so far in this process in order of their start, each detail right after the
+    phase it is within; clears them."""
+    rows = sorted(_phases, key=lambda r: (r.get("parent_start", r["start"]), "within" in r, r["start"]))
     _phases.clear()
     return rows
 
@@ -79,7 +83,7 @@ def assemble(step: str, phases: list[dict[str, Any]], spawned: float, exited: fl
     top = [r for r in phases if "within" not in r]
     first = min((r["start"] for r in top), default=result_written or exited)
     rows = [{"name": "start-up", "s": round(max(0.0, first - spawned), 3), "bytes": None}]
-    rows += [{k: v for k, v in r.items() if k != "start"} for r in phases]
+    rows += [{k: v for k, v in r.items() if k not in ("start", "parent_start")} for r in phases]
     last = result_written or max((r["start"] + r["s"] for r in top), default=first)
     rows.append({"name": "exit", "s": round(max(0.0, exited - last), 3), "bytes": None})
     wall = round(exited - spawned, 3)
@@ -91,3 +95,73 @@ def spawned_at() -> float | None:
     """When the parent started this child (None outside a step child)."""
     value = os.environ.get(SPAWNED_ENV)
     return float(value) if value else None
+
+
+def collect(root: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
+    """Every step timeline written under `root` since `since` (epoch seconds), in the order they ended;
+    each with `dir`, its step folder relative to root. A cached step ran no child and has none."""
+    root = Path(root)
+    found = [(p.stat().st_mtime, p) for p in root.rglob(FILE) if p.stat().st_mtime >= since]
+    out = []
+    for _, path in sorted(found):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        out.append({**data, "dir": path.parent.relative_to(root).as_posix()})
+    return out
+
+
+# Colours by what a phase is: overhead (grey), moving weights (orange), preparing inputs (yellow),
+# the work itself (green), writing (blue), checking (purple).
+_KINDS = {"start-up": "#9e9e9e", "imports": "#bdbdbd", "exit": "#e0e0e0", "trainer set-up": "#d7ccc8",
+          "load weights": "#fb8c00", "processor": "#fdd835", "data": "#fff176", "data index": "#fff176",
+          "decode images": "#fff59d", "train": "#2e7d32", "detect": "#43a047", "merge": "#66bb6a",
+          "validation": "#a5d6a7", "score": "#26a69a", "save": "#1e88e5", "check": "#8e24aa", "hash": "#ab47bc",
+          "in process": "#90a4ae"}
+
+
+def draw(timelines: list[dict[str, Any]], path: str | Path, title: str = "where the run's seconds go") -> str | None:
+    """One horizontal stacked bar a step (its top-level phases; what no phase covers is left blank)."""
+    if not timelines:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(timelines) + 1.6))
+    seen: dict[str, Any] = {}
+    labels = []
+    for y, t in enumerate(timelines):
+        labels.append(f"{t.get('label') or t['dir']} ({t['wall_s']:.1f} s)")
+        left = 0.0
+        for r in (r for r in t["phases"] if "within" not in r):
+            bar = ax.barh(y, r["s"], left=left, color=_KINDS.get(r["name"], "#78909c"), edgecolor="white",
+                          linewidth=0.5)
+            seen.setdefault(r["name"], bar)
+            left += r["s"]
+    ax.set_yticks(range(len(timelines)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title(title)
+    ax.legend(seen.values(), seen.keys(), ncol=min(6, len(seen)), fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.35 if len(timelines) < 4 else -0.15), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
+def markdown(timelines: list[dict[str, Any]]) -> str:
+    """The same as a table: a row a step, its phases with seconds (and GB moved where known)."""
+    rows = ["| step | wall s | phases (s) | not covered s |", "| --- | ---: | --- | ---: |"]
+    for t in timelines:
+        parts = []
+        for r in t["phases"]:
+            gb = f", {r['bytes'] / 1e9:.2f} GB" if r.get("bytes") else ""
+            parts.append(f"{'  ' if 'within' in r else ''}{r['name']} {r['s']:.1f}{gb}"
+                         + (f" (in {r['within']})" if "within" in r else ""))
+        rows.append(f"| {t.get('label') or t['dir']} | {t['wall_s']:.1f} | {'; '.join(parts)} | "
+                    f"{t['wall_s'] - t['accounted_s']:.1f} |")
+    return "\n".join(rows)

@@ -23,6 +23,7 @@ from vlmdet.formats import get_format
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base, torch_dtype
 from vlmdet.records import AdapterRef, DatasetRef
 from vlmdet.samples import load_split, training_example
+from vlmdet.timeline import folder_bytes, phase
 from vlmdet.training import faults, select, speed
 from vlmdet.training.precision import set_adapter_dtype  # noqa: F401 - also imported from here
 from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
@@ -120,19 +121,24 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
 
 def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
     """The SFTTrainer for this run (base loaded, LoRA attached), and the processor."""
-    from peft import LoraConfig
-    from trl import SFTTrainer
+    with phase("imports"):  # TRL and PEFT: seconds on their own
+        from peft import LoraConfig
+        from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
         def _get_train_sampler(self, *args, **kwargs):
             return speed.grouping_independent_of_gpus(super()._get_train_sampler(*args, **kwargs), self.args)
 
-    base = resolve_base(config.model.base, out.parent / "base-models", config.model)
-    processor = load_processor(base, config.model)
-    train_ds = build_dataset(dataset.splits["train"], config, image_cache=out / "images")
-    val_split = validation_split(dataset)
-    eval_ds = build_dataset(val_split, config, image_cache=out / "images") if val_split else None
-    model = load_model(base, config.model)
+    with phase("resolve base"):  # a Hub id to its cached folder; a tiny: spec built and saved once
+        base = resolve_base(config.model.base, out.parent / "base-models", config.model)
+    with phase("processor"):
+        processor = load_processor(base, config.model)
+    with phase("data"):  # the rows, and the images pre-resized to the pixel budget (image_cache)
+        train_ds = build_dataset(dataset.splits["train"], config, image_cache=out / "images")
+        val_split = validation_split(dataset)
+        eval_ds = build_dataset(val_split, config, image_cache=out / "images") if val_split else None
+    with phase("load weights", nbytes=folder_bytes(base)):
+        model = load_model(base, config.model)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, exclude_modules=config.lora.exclude or None,
                       modules_to_save=config.lora.modules_to_save or None,
@@ -141,7 +147,8 @@ def build_trainer(dataset: DatasetRef, config: RunConfig, out: Path):
         # TRL 1.16 calls use_liger_kernel deprecated for the Hub's kernels, which download at every start (an
         # offline worker cannot); the layer kernels it applies are Liger's either way
         warnings.filterwarnings("ignore", message=".*use_liger_kernel=True. is deprecated", category=FutureWarning)
-        with tracking.trainer_env(config, out):  # the TensorBoard callback reads its folder when built
+        # the TensorBoard callback reads its folder when built
+        with tracking.trainer_env(config, out), phase("trainer set-up"):
             trainer = Trainer(model=model, args=sft_config(config, out, validation=eval_ds is not None),
                               train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=processor, peft_config=lora, callbacks=faults.callbacks())
@@ -172,33 +179,37 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     # under bf16 autocast (Accelerate wraps the forward in it for mixed precision): fp32 LoRA weights, bf16 inputs
     amp = trainer.accelerator
     with speed.adapter_inputs_uncast(trainer.model, autocast=amp.native_amp and amp.mixed_precision == "bf16"), \
-            tracking.trainer_env(config, out):  # MLflow reads its settings here
+            tracking.trainer_env(config, out), phase("train"):  # MLflow reads its settings here
         trainer.train(resume_from_checkpoint=resume)
-    selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
-                                                    trainer.state.log_history, validation_split(dataset))
+    with phase("validation"):  # every kept checkpoint detects on the validation split; the best is loaded
+        selected, validation = select.select_checkpoint(trainer.model, processor, config, out / "checkpoints",
+                                                        trainer.state.log_history, validation_split(dataset))
 
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))  # the selected checkpoint's weights: select loaded them; main process only
-    history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
-    steps = [h["step"] for h in history if "loss" in h]
-    curve = None
-    if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
-        processor.save_pretrained(str(adapter_dir))
-        # how the base was loaded for training (a speed profile may differ from the preset): evaluation
-        # of this adapter loads the base the same way (vlmdet.carried.trained_with)
-        (adapter_dir / TRAINED_WITH).write_text(json.dumps({"profile": config.train.profile,
-                                                            "model": config.to_dict()["model"]}, indent=1))
-        (out / "log_history.json").write_text(json.dumps(history, indent=1))
-        curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
-    from vlmdet.provenance import provenance
+    with phase("save"):  # the adapter, the processor, the log history and the loss curve
+        trainer.save_model(str(adapter_dir))  # the selected checkpoint's weights: select loaded them; main process only
+        history = trainer.state.log_history
+        losses = [h["loss"] for h in history if "loss" in h]
+        steps = [h["step"] for h in history if "loss" in h]
+        curve = None
+        if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
+            processor.save_pretrained(str(adapter_dir))
+            # how the base was loaded for training (a speed profile may differ from the preset): evaluation
+            # of this adapter loads the base the same way (vlmdet.carried.trained_with)
+            (adapter_dir / TRAINED_WITH).write_text(json.dumps({"profile": config.train.profile,
+                                                                "model": config.to_dict()["model"]}, indent=1))
+            (out / "log_history.json").write_text(json.dumps(history, indent=1))
+            curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
+    with phase("provenance"):  # what the adapter was trained from: data, configuration, base and code
+        from vlmdet.provenance import provenance
 
+        made_from = provenance(dataset, config, base)
     return AdapterRef(path=str(adapter_dir.resolve()), base_model=base, family=config.model.family,
                       global_step=trainer.state.global_step, losses=losses, loss_curve=curve,
                       # resumed only if the trainer really started past step 0, not because a folder existed
                       resumed_from=resume if counter.start_step else None, config=config.to_dict(),
                       steps_run=counter.steps, selected_step=selected, validation=validation,
-                      provenance=provenance(dataset, config, base))
+                      provenance=made_from)
 
 
 def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "training loss") -> str | None:
