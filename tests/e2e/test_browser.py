@@ -182,9 +182,68 @@ def test_custom_run_from_the_ui_trains_evaluates_gates_and_shows_its_artifacts(
         width, height = picture.evaluate("img => [img.naturalWidth, img.naturalHeight]")
         assert width > 100 and height > 100  # decoded, not a broken-image icon
         _shot(page, "ui-custom-run-preview")
+
+        # docs/watching.md: the train task's progress artifact, ended at 100 with its last step and
+        # loss; the gate's event with its payload; TensorBoard's scalars of the same run.
+        page.goto(f"{prefect_server.url}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
+        _through_tab(page, "Task Runs", page.get_by_role("link", name=re.compile(r"^train-")), "**/runs/task-run/**")
+        _open_artifact(page, "training-progress")
+        page.get_by_text(re.compile(r"training: step 2/2(, loss [0-9.]+)?; finished in")).first.wait_for()  # loss: at logging_steps
+        page.get_by_text("Progress: 100%").first.wait_for()  # the artifact's own page, not the card
+        _shot(page, "watching-progress")
+        (event,) = _events(prefect_server, "vlmdet.gate.closed", flow_run_id)
+        assert event["payload"]["reason"] == summary["gate"]["reason"]
+        page.goto(f"{prefect_server.url}/events/event/{event['occurred'][:10]}/{event['id']}", wait_until="networkidle")
+        page.get_by_text("vlmdet.gate.closed").first.wait_for()
+        page.get_by_text("Raw", exact=True).first.click()  # the payload: reason, challenger and champion numbers
+        page.get_by_text('"challenger"').first.wait_for()
+        _shot(page, "watching-gate-event")
+        _tensorboard_scalars(page, Path(summary["adapter"]).parent.parent)
     except Exception:
         _shot(page, "ui-custom-run-failure")
         raise
+
+
+def _events(server, name: str, flow_run_id) -> list[dict]:
+    """The flow run's events called `name`, read through the server's API (persisted in batches)."""
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        r = httpx.post(f"{server.api_url}/events/filter", auth=tuple(server.auth_string.split(":", 1)), timeout=10,
+                       json={"filter": {"event": {"name": [name]},
+                                        "related": {"id": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50})
+        r.raise_for_status()
+        if r.json()["events"] or time.monotonic() > deadline:
+            return r.json()["events"]
+        time.sleep(1)
+
+
+def _tensorboard_scalars(page, logdir: Path) -> None:
+    """`tensorboard --logdir WORKDIR/train` as docs/watching.md says, its scalars of the run."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(logdir), "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                page.goto(f"http://127.0.0.1:{port}/#timeseries", wait_until="networkidle")
+                break
+            except Exception:  # not listening yet
+                assert time.monotonic() < deadline and proc.poll() is None, "tensorboard did not start"
+                time.sleep(1)
+        page.get_by_text("eval/loss").first.wait_for()  # the smoke run logs its loss every 10 steps: none in 2
+        _shot(page, "watching-tensorboard")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_retried_train_task_shows_both_attempts_and_the_first_error(prefect_server, retried_run, page):
