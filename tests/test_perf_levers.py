@@ -417,10 +417,12 @@ def _bench_module(name: str):
 class _IndexDetector:
     """Stands in for the model: 'detects' the image's index, so the gathered order can be checked."""
 
-    def detect_all(self, items, total, batch_size, desc="", sizes=None):
+    def detect_all(self, items, total, batch_size, desc="", sizes=None, on_done=None):
         from vlmdet.prediction.predict import Prediction
 
         items = list(items)
+        if on_done is not None:
+            on_done(len(items))
         assert len(items) == total and len(sizes) == total
         return [Prediction(f, 1, 1, answer=f"rank-seen {f}") for f, _ in items]
 

@@ -70,6 +70,21 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
+def checkpointing_args(on: bool, every: int) -> dict:
+    """Activation checkpointing under the name this transformers knows. Newer releases call it
+    `activation_checkpointing` and keep `gradient_checkpointing` as a deprecated alias that warns whenever the
+    new name is unset (TRL's default sets the old one); 5.17 (the GPU image's) knows only the old name and
+    refuses the new one. Non-reentrant: reentrant checkpointing drops the gradients of a frozen base's inputs."""
+    import dataclasses
+
+    from transformers import TrainingArguments  # SFTConfig's base: it holds the name
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    kwargs = ({"use_reentrant": False} | ({"every_n_layers": every} if every > 1 else {})) if on else None
+    return {name: on, f"{name}_kwargs": kwargs}
+
+
 def sft_config(config: RunConfig, out: Path, validation: bool = False):
     from trl import SFTConfig
 
@@ -90,11 +105,7 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         bf16=mixed,
-        # transformers 5's names; the old gradient_checkpointing* (TRL's default sets it) are deprecated aliases
-        # that warn whenever the new name is unset
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs=({"use_reentrant": False} | ({"every_n_layers": t.checkpoint_every}
-                                         if t.checkpoint_every > 1 else {})) if t.gradient_checkpointing else None,
+        **checkpointing_args(t.gradient_checkpointing, t.checkpoint_every),
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
