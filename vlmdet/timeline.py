@@ -101,7 +101,14 @@ def collect(root: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
     """Every step timeline written under `root` since `since` (epoch seconds), in the order they ended;
     each with `dir`, its step folder relative to root. A cached step ran no child and has none."""
     root = Path(root)
-    found = [(p.stat().st_mtime, p) for p in root.rglob(FILE) if p.stat().st_mtime >= since]
+    found = []
+    for p in root.rglob(FILE):
+        try:  # another run on the workdir may be removing its folders meanwhile: theirs, not ours
+            mtime = p.stat().st_mtime
+        except OSError:
+            continue
+        if mtime >= since:
+            found.append((mtime, p))
     out = []
     for _, path in sorted(found):
         try:
