@@ -139,7 +139,7 @@ def write_dataset(root: Path, n: int, size: tuple[int, int]):
     """The recipe's synthetic images (seed 0, the same ones its row trains on) as a COCO split for train()."""
     from seed_recipe_train import synth
 
-    from vlmdet.records import DatasetRef
+    from vlmdet.run.records import DatasetRef
 
     folder = root / f"data-{n}-{size[0]}x{size[1]}"
     ann = folder / "train.json"
@@ -247,8 +247,8 @@ def recipe_row(base: str, steps: int, dev: str, tiny: bool, profile_path: Path |
 
 
 def vlmdet_config(name: str, base: str, steps: int, dev: str, extra_steps: int):
-    from vlmdet.config import load_preset
-    from vlmdet.training import profiles
+    from vlmdet.config.settings import load_preset
+    from vlmdet.config import profiles
 
     profile, extra, _ = VLMDET_ROWS[name]
     preset = SEED_PRESET if name.startswith("seed-settings") else PRESET
@@ -264,7 +264,8 @@ def vlmdet_config(name: str, base: str, steps: int, dev: str, extra_steps: int):
 
 def vlmdet_row(name: str, base: str, dataset, steps: int, dev: str, root: Path, profile_path: Path | None) -> dict:
     import vlmdet.training.train as train_mod
-    from vlmdet.training import profiles, speed
+    from vlmdet.config import profiles
+    from vlmdet.training import speed
 
     extra = 1 if profile_path else 0
     cfg = vlmdet_config(name, base, steps, dev, extra)
@@ -341,12 +342,12 @@ def eval_rows(base: str, n: int, batches: list[int], dev: str, tiny: bool, res: 
     from rejected_detect import RejectedDetector
     from seed_recipe_train import synth
 
-    from vlmdet.config import load_preset
+    from vlmdet.config.settings import load_preset
     from vlmdet.data.images import open_image
     from vlmdet.formats import get_format
     from vlmdet.modeling.load import load_for_inference
     from vlmdet.prediction.predict import Detector
-    from vlmdet.training.speed import visual_tokens
+    from vlmdet.formats.resize import visual_tokens
 
     cfg = load_preset(PRESET, {"model.base": base, "eval.max_new_tokens": 24})
     if dev != "cuda":

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if "tests" not in skip:
         tests.append(pytest("tests/gpu/test_smoke_qlora.py", "gpu_smoke"))
 
-    from vlmdet.config import load_preset
+    from vlmdet.config.settings import load_preset
 
     # the nightly runs' small base first (seconds), then the runs in a thread while the random 7B is built
     def build(path: Path, layers: int | None, phase: str) -> int:

@@ -18,7 +18,7 @@ Evaluation (--eval-images N > 0): the `evaluate` step child as tasks/evaluate.py
 synthetic images, 24-token answers; load and detection time from the child (VLMDET_STEP_TIMES),
 the answers compared with the one-process run's.
 
-It goes through vlmdet.runner.plan_processes and run_step exactly as tasks/train.py does (one
+It goes through vlmdet.run.runner.plan_processes and run_step exactly as tasks/train.py does (one
 process per GPU with `accelerate launch`, grad_accum divided by the process count); per-step times
 come from the child via VLMDET_STEP_TIMES. Writes multi_gpu.json under $OUT.
 """
@@ -43,7 +43,7 @@ from bench import PRESET, build_base, say, write_dataset  # noqa: E402
 
 def step(name: str, request: dict, run: Path, processes: int, env: dict, times_file: Path) -> dict:
     """The step child as the task starts it, reporting its timings to times_file (VLMDET_STEP_TIMES)."""
-    from vlmdet.runner import run_step
+    from vlmdet.run.runner import run_step
 
     shutil.rmtree(run, ignore_errors=True)  # never resume an earlier run's checkpoints: every step is timed
     run.mkdir(parents=True)
@@ -55,9 +55,9 @@ def step(name: str, request: dict, run: Path, processes: int, env: dict, times_f
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from vlmdet.config import load_preset
-    from vlmdet.runner import plan_processes
-    from vlmdet.training import profiles
+    from vlmdet.config.settings import load_preset
+    from vlmdet.run.runner import plan_processes
+    from vlmdet.config import profiles
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def eval_runs(a, base: str, counts: list[int], work: Path, out: Path, result: dict) -> dict:
-    from vlmdet.config import load_preset
-    from vlmdet.runner import plan_processes
+    from vlmdet.config.settings import load_preset
+    from vlmdet.run.runner import plan_processes
 
     data = write_dataset(work, a.eval_images, (224, 168) if a.tiny else (1024, 768))
     cfg = load_preset(PRESET, {"model.base": base, "eval.max_new_tokens": 24, "eval.preview_images": 0})

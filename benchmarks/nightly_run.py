@@ -2,9 +2,9 @@
 
 prepare_data -> train -> evaluate adapter -> find champion -> gate -> merge -> evaluate merged -> gate
 -> publish, on the `qwen2-vl-7b-nutrition` preset with only model.base, data.dataset and
-publish.target/endpoint overridden (plus gate.threshold, below), through vlmdet.pipeline.run, the
+publish.target/endpoint overridden (plus gate.threshold, below), through vlmdet.pipeline.run.run, the
 sequence flows/retrain.py runs: prepare, gate and publish in this process, train / evaluate / merge
-each as the same `python -m vlmdet.steps` child process the flow's tasks start (vlmdet.runner.run_step).
+each as the same `python -m vlmdet.pipeline.child` child process the flow's tasks start (vlmdet.run.runner.run_step).
 
 What stands in for what a GPU machine cannot download:
 - the base: the random-weight Qwen2-VL-7B-Instruct built from the published config
@@ -22,9 +22,9 @@ A random model scores mAP 0, so the gate would close and merge + publish would n
 default gate.threshold is set to 0 (printed and recorded); --keep-gate leaves the preset's gate.
 
 No Prefect: Prefect and its dependencies do not fit the 64 MiB of wheels that can travel to the GPU
-machine beside bitsandbytes, so this script runs the flow's own pipeline (vlmdet.pipeline.run: the
+machine beside bitsandbytes, so this script runs the flow's own pipeline (vlmdet.pipeline.run.run: the
 same configuration resolution, steps, order and branches, the champion's lookup and comparison
-included) with plain steps (vlmdet.runsteps.PlainSteps) instead of Prefect tasks: no caching, retries
+included) with plain steps (vlmdet.pipeline.steps.PlainSteps) instead of Prefect tasks: no caching, retries
 or artifacts, which a nightly run with new data does not use either. The run folder is emptied
 first so nothing resumes or is reused.
 
@@ -290,7 +290,7 @@ class Recorder:
                 "total_seconds": total, "wall_seconds": round(time.perf_counter() - self.started, 2)}
 
     def write(self, state: str) -> dict[str, Any]:
-        from vlmdet.records import write_json
+        from vlmdet.run.records import write_json
 
         data = self.summary(state)
         write_json(self.out / "progress.json", data)
@@ -310,8 +310,8 @@ def peak_of(step_dir: Path) -> dict[str, Any]:
 
 
 def timeline_of(step_dir: Path) -> dict[str, Any]:
-    """The step child's phases (vlmdet.timeline), as the row's `timeline`; nothing for an in-process step."""
-    from vlmdet import timeline
+    """The step child's phases (vlmdet.run.timeline), as the row's `timeline`; nothing for an in-process step."""
+    from vlmdet.run import timeline
 
     path = Path(step_dir) / timeline.FILE
     return {"timeline": json.loads(path.read_text())} if path.is_file() else {}
@@ -329,9 +329,9 @@ def timelines(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def bench_steps(rec: Recorder, hook: Path):
-    """vlmdet.runsteps.PlainSteps timed: each call a row of `rec`, each step child with the peak-memory hook."""
-    from vlmdet.runner import plan_processes
-    from vlmdet.runsteps import PlainSteps
+    """vlmdet.pipeline.steps.PlainSteps timed: each call a row of `rec`, each step child with the peak-memory hook."""
+    from vlmdet.run.runner import plan_processes
+    from vlmdet.pipeline.steps import PlainSteps
 
     class BenchSteps(PlainSteps):
         def env(self, step_dir: Path) -> dict[str, str]:
@@ -421,9 +421,9 @@ def bench_steps(rec: Recorder, hook: Path):
 
 
 def nightly(resolved, workdir: Path, rec: Recorder) -> dict[str, Any]:
-    """vlmdet.pipeline.run (the flow's steps, order and branches, champion comparison included) with the
+    """vlmdet.pipeline.run.run (the flow's steps, order and branches, champion comparison included) with the
     steps timed; returns what they produced (records as dicts)."""
-    from vlmdet import pipeline
+    from vlmdet.pipeline import run as pipeline
 
     hook = workdir.parent / "peak-hook"
     hook.mkdir(parents=True, exist_ok=True)
@@ -487,8 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_DISABLE_XET"] = "1"  # the local server speaks classic LFS only, as tests/hub_server.py says
     os.environ.pop("HF_HUB_OFFLINE", None)  # this process publishes; the step children get HF_HUB_OFFLINE=1
-    from vlmdet import pipeline
-    from vlmdet.config import load_preset
+    from vlmdet.pipeline import run as pipeline
+    from vlmdet.config.settings import load_preset
 
     data_dir = workdir / "data" / f"photos-{args.train_images}-{args.test_images}-seed{args.seed}"
     base = args.base or ("tiny:qwen2_vl" if args.tiny else str(workdir / "random-qwen2-vl-7b"))
@@ -572,7 +572,7 @@ def extrapolate(summary: dict[str, Any], preset_train, train) -> dict[str, Any] 
 
 
 def finish(out: Path, summary: dict[str, Any]) -> None:
-    from vlmdet.records import write_json
+    from vlmdet.run.records import write_json
 
     text = table(summary)
     failed = summary["state"] == "failed"
@@ -587,11 +587,11 @@ def finish(out: Path, summary: dict[str, Any]) -> None:
         notes.append(f"trained {x['measured_epochs']:g} of the preset's {x['epochs']:g} epochs: at {x['epochs']:g} the "
                      f"train step would take ~{x['train_seconds']:.0f} s and the total ~{x['total_seconds']:.0f} s "
                      f"({x['total_seconds'] / 60:.1f} min), the trainer's time scaled by the epochs")
-    from vlmdet import timeline
+    from vlmdet.run import timeline
 
     bars = timelines(summary)
     picture = timeline.draw(bars, out / "nightly_run_timeline.png", title=head.split(" -- ")[0])
-    where = ["", "Where each step's seconds went (the step children's phases; `vlmdet.timeline`):", "",
+    where = ["", "Where each step's seconds went (the step children's phases; `vlmdet.run.timeline`):", "",
              f"![timeline]({Path(picture).name})" if picture else "", "", timeline.markdown(bars), ""]
     md = "\n".join([head, "", text, ""] + [f"- {n}" for n in notes] + where) + "\n"
     (out / "nightly_run.md").write_text(md)

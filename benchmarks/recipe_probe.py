@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlmdet.config import load_preset  # noqa: E402
-from vlmdet.records import DatasetRef  # noqa: E402
+from vlmdet.config.settings import load_preset  # noqa: E402
+from vlmdet.run.records import DatasetRef  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -118,7 +118,7 @@ def vision_table(base: str, adapter: Path, config, images: list) -> list[dict]:
     """The trained adapter as the gate measures it (4-bit base, vision bf16 or nf4) vs the merged bf16 model."""
     from peft import PeftModel
 
-    from vlmdet.merging import check_batch
+    from vlmdet.publishing.merge import check_batch
     from vlmdet.modeling.load import load_model, load_processor
 
     processor = load_processor(str(adapter), config.model)
@@ -180,7 +180,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="recipe-probe-"))
     from vlmdet.data.images import open_image
     from vlmdet.data.synth import generate
-    from vlmdet.samples import load_split
+    from vlmdet.data.samples import load_split
 
     if a.tiny:
         from vlmdet.modeling.tiny import build_tiny_model

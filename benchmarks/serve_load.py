@@ -240,10 +240,10 @@ async def run_bombs(url: str, headers: dict, clients: int, count: int, pid: int 
 
 def baseline(args: argparse.Namespace, images: list[bytes]) -> dict:
     """The same images one at a time: one generate call each, in this process."""
-    from vlmdet.config import RunConfig
+    from vlmdet.config.settings import RunConfig
     from vlmdet.data.images import load_image
-    from vlmdet.evaluation import detector_for
-    from vlmdet.carried import config_for_model
+    from vlmdet.prediction.evaluate import detector_for
+    from vlmdet.modeling.carried import config_for_model
     from vlmdet.serving.source import ModelSource
 
     overrides = dict(s.split("=", 1) for s in args.settings)

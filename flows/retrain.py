@@ -1,9 +1,9 @@
-"""The retrain flow: vlmdet.pipeline's run with Prefect tasks as its steps.
+"""The retrain flow: vlmdet.pipeline.run's run with Prefect tasks as its steps.
 
     prepare_data -> train -> evaluate adapter [-> evaluate base] -> find champion -> measure champion
     -> gate adapter -> merge -> evaluate merged -> gate merged -> publish
 
-The order and the branches are vlmdet/pipeline.py's (`run`), the same that `vlmdet train` and the
+The order and the branches are vlmdet/pipeline/run.py's (`run`), the same that `vlmdet train` and the
 GPU benchmark run; this file maps each step to its task. Run it by hand (`vlmdet retrain --preset
 smoke --workdir runs/demo`), from the Prefect UI (deployments/prefect.yaml), or on a schedule. It
 writes WORKDIR/summary.json whatever the gate decides and fails when a step fails.
@@ -23,9 +23,10 @@ from tasks.merge import merge
 from tasks.prepare_data import prepare_data
 from tasks.publish import publish, resolve_token
 from tasks.train import train
-from vlmdet import pipeline, tracking
-from vlmdet.keys import source_stamp
-from vlmdet.layout import RunLayout
+from vlmdet.pipeline import run as pipeline
+from vlmdet.run import tracking
+from vlmdet.run.keys import source_stamp
+from vlmdet.run.layout import RunLayout
 
 
 class PrefectSteps:
@@ -83,7 +84,7 @@ def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: floa
             dataset: str | None = None, overrides: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
     """Fine-tune, evaluate and (when the gate passes) merge and publish.
 
-    preset: a name from vlmdet/presets or a YAML path. threshold / dataset: shortcuts for
+    preset: a name from vlmdet/config/presets or a YAML path. threshold / dataset: shortcuts for
     gate.threshold / data.dataset. overrides: any setting by dotted key, e.g. {"train.max_steps": 10}.
     force: retrain from the base even when data, configuration and base model are unchanged since
     the last success (without it such a run skips training and evaluation and says so).

@@ -48,7 +48,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.utilities.urls import url_for
 
-from vlmdet.config import ConfigError  # the CLI prints these as one line, exit 2
+from vlmdet.config.settings import ConfigError  # the CLI prints these as one line, exit 2
 
 # The server caps a page at PREFECT_API_DEFAULT_LIMIT (200 by default); ask for less and page.
 _PAGE = 100

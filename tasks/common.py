@@ -17,7 +17,7 @@ def image_markdown(path: str | None, alt: str, max_bytes: int = 400_000) -> str:
 
 
 def summary_artifact(summary: Any, path: Path) -> None:
-    """The run's summary (vlmdet.pipeline.RunSummary) as the flow run's markdown artifact."""
+    """The run's summary (vlmdet.pipeline.run.RunSummary) as the flow run's markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
     rows = [("adapter", summary.metrics), ("base", summary.base_metrics), ("merged", summary.merged_metrics),
@@ -37,7 +37,7 @@ def summary_artifact(summary: Any, path: Path) -> None:
 
 def tracker_artifact(tracker: dict[str, Any]) -> None:
     """Where tonight's loss curve and numbers are in the experiment tracker (summary.tracker, written by
-    vlmdet.tracking): a link when the tracker has an address (an MLflow server), else the command that
+    vlmdet.run.tracking): a link when the tracker has an address (an MLflow server), else the command that
     opens it on the run folder. Nothing with train.report_to=none."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 

@@ -1,7 +1,7 @@
-"""Task: COCO mAP of a model on the held-out split, in a child process (vlmdet.runsteps.evaluate).
+"""Task: COCO mAP of a model on the held-out split, in a child process (vlmdet.pipeline.steps.evaluate).
 
 The result persists, keyed on the model's files (names, sizes, times), the data fingerprint,
-the evaluation and model settings and the output folder (vlmdet.layout.RunLayout.eval_key): a
+the evaluation and model settings and the output folder (vlmdet.run.layout.RunLayout.eval_key): a
 flow-run retry, or a run with nothing new, returns the EvalReport without generating again.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import image_markdown
 from tasks.progress import progress_artifact
-from vlmdet import runsteps
-from vlmdet.config import RunConfig
-from vlmdet.layout import RunLayout
-from vlmdet.records import DatasetRef, EvalReport
+from vlmdet.pipeline import steps as runsteps
+from vlmdet.config.settings import RunConfig
+from vlmdet.run.layout import RunLayout
+from vlmdet.run.records import DatasetRef, EvalReport
 
 
 def _cache_key(context, parameters) -> str:

@@ -16,9 +16,9 @@ from typing import Any
 
 from prefect.events import Event, emit_event
 
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.publishing import parse_target
-from vlmdet.records import Champion, EvalReport, GateDecision, Publication
+from vlmdet.run.records import Champion, EvalReport, GateDecision, Publication
 
 PUBLISHED, GATE_CLOSED, CHAMPION_UNREADABLE = "vlmdet.model.published", "vlmdet.gate.closed", "vlmdet.champion.unreadable"
 

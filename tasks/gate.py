@@ -3,7 +3,7 @@
 Reading and downloading the champion are network calls, retried for transient errors only. When
 the champion's published predictions were not measured on today's test split, it is evaluated
 again through the evaluate task (a child process, like every model evaluation). The decision is
-vlmdet.runsteps.judge (the pure `vlmdet.gate.decide` on a paired bootstrap) and never retried; the
+vlmdet.pipeline.steps.judge (the pure `vlmdet.decide.gate.decide` on a paired bootstrap) and never retried; the
 numbers, the reason and a picture of the images the two models disagree on go into an artifact.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from prefect.cache_policies import NONE
 from tasks import events
 from tasks.common import image_markdown
 from tasks.evaluate import evaluate
-from vlmdet import runsteps
-from vlmdet.config import RunConfig
-from vlmdet.gate import Champion, decision_markdown
-from vlmdet.layout import RunLayout
+from vlmdet.pipeline import steps as runsteps
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.gate import Champion, decision_markdown
+from vlmdet.run.layout import RunLayout
 from vlmdet.publishing import TransientPublishError, read_champion
-from vlmdet.records import DatasetRef, EvalReport, GateDecision
+from vlmdet.run.records import DatasetRef, EvalReport, GateDecision
 
 
 def retry_transient_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature

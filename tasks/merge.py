@@ -1,8 +1,8 @@
-"""Task: merge the adapter into the unquantized base and check it (vlmdet.runsteps.merge).
+"""Task: merge the adapter into the unquantized base and check it (vlmdet.pipeline.steps.merge).
 
 The result persists, keyed on the adapter's files, the model settings and the check images: a
 flow-run retry after a failed publish does not merge again. Each adapter's merge has a folder of its
-own, WORKDIR/merged/<id>, with its record beside it (vlmdet.layout); a later merge removes the ones no
+own, WORKDIR/merged/<id>, with its record beside it (vlmdet.run.layout); a later merge removes the ones no
 running run holds (a 7B merge is 16.6 GB), and the flow refreshes the cache when its folder is gone.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from datetime import timedelta
 
 from prefect import get_run_logger, task
 
-from vlmdet import runsteps
-from vlmdet.config import RunConfig
-from vlmdet.layout import RunLayout
-from vlmdet.records import AdapterRef, DatasetRef, MergedRef
+from vlmdet.pipeline import steps as runsteps
+from vlmdet.config.settings import RunConfig
+from vlmdet.run.layout import RunLayout
+from vlmdet.run.records import AdapterRef, DatasetRef, MergedRef
 
 
 def _cache_key(context, parameters) -> str:

@@ -2,7 +2,7 @@
 
 Cached: a rerun with the same data settings and an unchanged source reuses the prepared data (a
 flow retry after a crash does not redo it). Each data configuration has its own folder,
-WORKDIR/data/<data_key> (vlmdet.layout), so runs on different data never read each other's files.
+WORKDIR/data/<data_key> (vlmdet.run.layout), so runs on different data never read each other's files.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from datetime import timedelta
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from vlmdet.config import ConfigError, RunConfig
+from vlmdet.config.settings import ConfigError, RunConfig
 from vlmdet.data import DataError
-from vlmdet.keys import source_stamp
-from vlmdet.layout import RunLayout
-from vlmdet.records import DatasetRef
-from vlmdet.runsteps import prepare
+from vlmdet.run.keys import source_stamp
+from vlmdet.run.layout import RunLayout
+from vlmdet.run.records import DatasetRef
+from vlmdet.pipeline.steps import prepare
 
 
 def _cache_key(context, parameters) -> str:

@@ -14,8 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from vlmdet import publishing
-from vlmdet.config import RunConfig
-from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
+from vlmdet.config.settings import RunConfig
+from vlmdet.run.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
 from tasks import events
 from tasks.gate import retry_transient_only
 

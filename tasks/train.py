@@ -1,13 +1,13 @@
-"""Task: QLoRA fine-tuning in a child process (vlmdet.runsteps.train).
+"""Task: QLoRA fine-tuning in a child process (vlmdet.pipeline.steps.train).
 
 Not retried on ordinary failures: a flow-run retry restarts it and training resumes from the last
 checkpoint of the same run folder. Out of GPU memory is retried once with half the per-device
 batch and twice the accumulation (same effective batch); the halving shows in the retry history.
 
 The result persists (Prefect result storage) under a key of the run folder, which is named by
-keys.training_key (data fingerprint, base, LoRA and training settings; vlmdet.layout): a flow-run
+keys.training_key (data fingerprint, base, LoRA and training settings; vlmdet.run.layout): a flow-run
 retry after a later step failed, or a new run with nothing new, returns the AdapterRef without
-training. The config arrives resolved (train.profile concrete, vlmdet.pipeline.resolve).
+training. The config arrives resolved (train.profile concrete, vlmdet.pipeline.run.resolve).
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from prefect.runtime import flow_run, task_run
 
 from tasks.common import image_markdown
 from tasks.progress import progress_artifact
-from vlmdet import runsteps
-from vlmdet.config import RunConfig
-from vlmdet.layout import RunLayout
-from vlmdet.records import AdapterRef, DatasetRef
-from vlmdet.runner import OutOfMemory, StepFailed
+from vlmdet.pipeline import steps as runsteps
+from vlmdet.config.settings import RunConfig
+from vlmdet.run.layout import RunLayout
+from vlmdet.run.records import AdapterRef, DatasetRef
+from vlmdet.run.runner import OutOfMemory, StepFailed
 
 
 def _retry_on_oom(task, task_run, state) -> bool:

@@ -44,7 +44,7 @@ def synth_coco(tmp_path_factory):
 @pytest.fixture
 def micro_config(tiny_model):
     """The smoke preset shrunk to the micro model and a handful of steps."""
-    from vlmdet.config import load_preset
+    from vlmdet.config.settings import load_preset
 
     return load_preset("smoke", {"model.base": tiny_model, "train.max_steps": 2, "train.per_device_batch": 2,
                                  "train.save_steps": 1, "train.logging_steps": 1, "eval.batch_size": 6, "eval.max_new_tokens": 12,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef
+from vlmdet.run.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef
 
 
 def png(path: Path, color: tuple[int, int, int]) -> str:

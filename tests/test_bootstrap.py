@@ -1,4 +1,4 @@
-"""The direct AP (vlmdet.bootstrap) against pycocotools, and the paired bootstrap's answers where they are known."""
+"""The direct AP (vlmdet.decide.bootstrap) against pycocotools, and the paired bootstrap's answers where they are known."""
 from __future__ import annotations
 
 import time
@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from vlmdet.bootstrap import ap, match, paired_bootstrap, per_image_ap
-from vlmdet.metrics import coco_map
+from vlmdet.decide.bootstrap import ap, match, paired_bootstrap, per_image_ap
+from vlmdet.decide.metrics import coco_map
 
 
 def _dataset(n: int, seed: int, empty: float = 0.15, missed: float = 0.2, crowd: float = 0.0, cats: int = 1,

@@ -17,10 +17,10 @@ import pytest
 
 from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
-from vlmdet.carried import ANSWER_SETTINGS
-from vlmdet.champion import champion_config, needs_measuring
-from vlmdet.config import RunConfig
-from vlmdet.gate import decide
+from vlmdet.modeling.carried import ANSWER_SETTINGS
+from vlmdet.decide.champion import champion_config, needs_measuring
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.gate import decide
 from vlmdet.publishing.local import read_champion_folder
 
 REPLACE = {"gate.replace_unreadable_champion": True}
@@ -158,7 +158,7 @@ def test_a_champion_vlmdet_published_is_readable_and_carries_every_answer_settin
 
 def test_the_champion_is_evaluated_with_its_own_category_prompt_pixel_budget_and_answer_length(tmp_path, tiny_model):
     """Fails on a9dd703: category and answer length were today's (only config.model was carried over)."""
-    from vlmdet.runsteps import measure_champion
+    from vlmdet.pipeline.steps import measure_champion
 
     theirs = {"data.category": "price-tag", "model.prompt": "Find every {category}.", "model.min_pixels": 4 * 28 * 28,
               "model.max_pixels": 128 * 28 * 28, "eval.max_new_tokens": 40}

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from vlmdet.cli import main, parser
-from vlmdet.config import ConfigError, RunConfig, all_keys, list_presets, load_preset
+from vlmdet.config.settings import ConfigError, RunConfig, all_keys, list_presets, load_preset
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -86,7 +86,7 @@ def _retrain_that_publishes(monkeypatch, hub_records, endpoint: str, token: str 
     """The retrain command up to its publish step, for real against `endpoint` (training is not the point)."""
     import flows.retrain
     from vlmdet import publishing
-    from vlmdet.config import RunConfig
+    from vlmdet.config.settings import RunConfig
 
     def retrain(workdir, **_):
         config = RunConfig(name="smoke").override({"publish.target": "hub:acme/detector", "publish.endpoint": endpoint})

@@ -20,8 +20,8 @@ import json
 import pytest
 import torch
 
-from vlmdet.config import load_preset
-from vlmdet.records import DatasetRef
+from vlmdet.config.settings import load_preset
+from vlmdet.run.records import DatasetRef
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # (width, height): 99, 77 and 81 visual tokens on the 28 px grid, 80, 70 and 64 on Qwen3-VL's 32 px grid.
@@ -78,7 +78,7 @@ def dataset(work) -> DatasetRef:
 
 def images_of(dataset: DatasetRef):
     from vlmdet.data.images import open_image
-    from vlmdet.samples import load_split
+    from vlmdet.data.samples import load_split
 
     samples, _ = load_split(dataset.splits["train"])
     return samples, [open_image(s.file) for s in samples]
@@ -102,7 +102,7 @@ def capture_generate(model) -> dict:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_prompt_is_the_inference_prompt(family, dataset, work):
-    from vlmdet.evaluation import detector_for
+    from vlmdet.prediction.evaluate import detector_for
     from vlmdet.formats import get_format
     from vlmdet.training.train import build_trainer
 
@@ -212,7 +212,7 @@ def teach(detector, samples, images, steps: int) -> None:
     (right padding, say) moves it only in the 4th significant digit. A few steps make the model
     lean towards the answer layout and its digits without memorising them, so scores spread and
     react to what the batch does to the computation."""
-    from vlmdet.samples import user_message
+    from vlmdet.data.samples import user_message
 
     proc, model = detector.processor, detector.model
     texts = [proc.apply_chat_template([user_message(detector.prompt, detector.category), {"role": "assistant", "content": [
@@ -239,7 +239,7 @@ def scores_of(preds):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batching_changes_nothing(family, dataset, work):
-    from vlmdet.evaluation import detector_for
+    from vlmdet.prediction.evaluate import detector_for
     from vlmdet.modeling.load import resolve_base
 
     config = family_config(family)
@@ -287,7 +287,7 @@ def test_a_tokenizer_that_adds_bos_adds_it_nowhere(tmp_path):
     from vlmdet.formats import Box, get_format
     from vlmdet.modeling.load import load_processor, resolve_base
     from vlmdet.prediction.predict import Detector
-    from vlmdet.samples import Sample, training_example
+    from vlmdet.data.samples import Sample, training_example
 
     config = family_config("qwen2_vl")
     processor = load_processor(resolve_base(config.model.base, tmp_path, config.model), config.model)

@@ -10,7 +10,7 @@ import pytest
 
 import importlib
 from data_fixtures import encode, noise, off_features, off_rows, write_coco
-from vlmdet.config import DataConfig
+from vlmdet.config.settings import DataConfig
 from vlmdet.data import materialize, prepare
 
 prepare_mod = importlib.import_module("vlmdet.data.prepare")  # the package re-exports prepare(), shadowing the module

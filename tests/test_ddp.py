@@ -1,5 +1,5 @@
 """Several processes (issue 21): the train step on 2 CPU processes (DDP over gloo), launched as the
-train task launches it (runner.run_step -> `accelerate launch` -> vlmdet.steps train), against 1.
+train task launches it (runner.run_step -> `accelerate launch` -> vlmdet.pipeline.child train), against 1.
 
 test_perf_levers.py deals micro-batches to simulated ranks (which samples each gets); here a real
 DDP run shows the ranks' gradients all-reduced into the one-process step, with the wrapper built
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmdet import runner
-from vlmdet.records import DatasetRef
+from vlmdet.run import runner
+from vlmdet.run.records import DatasetRef
 
 # Loaded by every Python process of the launch (sitecustomize, from the children's PYTHONPATH): once a step
 # child imports vlmdet.training.train, its build_trainer is wrapped to add a callback that writes what each
@@ -91,7 +91,7 @@ def _free_port() -> int:
 @pytest.fixture
 def launch(tmp_path):
     """runner.run_step as the train task calls it, so the command is runner.command's own (`accelerate launch
-    --num_processes N --module vlmdet.steps` for N > 1); the probe comes in through the children's
+    --num_processes N --module vlmdet.pipeline.child` for N > 1); the probe comes in through the children's
     PYTHONPATH and the multi-process setting through accelerate's config file. One thread a process: 2 cores,
     no oversubscription."""
     (tmp_path / "probe").mkdir()
@@ -139,7 +139,7 @@ def test_two_processes_train_the_one_process_curve_without_find_unused_parameter
     assert seen_one["rank0"]["wrapper"] != "DistributedDataParallel" and seen_one["rank0"]["world_size"] == 1
     assert set(seen_two) == {"rank0", "rank1"}
     for rank in seen_two.values():
-        assert rank.pop("argv")[0].endswith("vlmdet/steps.py")  # the product's step module, started by the launcher
+        assert rank.pop("argv")[0].endswith("vlmdet/pipeline/child.py")  # the product's step module, started by the launcher
         assert rank == {"wrapper": "DistributedDataParallel", "world_size": 2, "find_unused_parameters": False}
 
     assert one["global_step"] == two["global_step"] == 10

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmdet import evaluation
-from vlmdet.config import load_preset
+from vlmdet.prediction import evaluate as evaluation
+from vlmdet.config.settings import load_preset
 from vlmdet.formats import Box, get_format
 from vlmdet.modeling.load import load_processor, resolve_base
 from vlmdet.prediction.predict import Detector
-from vlmdet.records import DatasetRef
-from vlmdet.samples import load_split
+from vlmdet.run.records import DatasetRef
+from vlmdet.data.samples import load_split
 
 N = 12
 

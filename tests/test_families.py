@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from vlmdet.config import DataConfig, list_presets, load_preset
+from vlmdet.config.settings import DataConfig, list_presets, load_preset
 from vlmdet.formats import REGISTRY
 from vlmdet.formats.resize import QWEN2_FACTOR, QWEN3_FACTOR
 
@@ -74,10 +74,10 @@ def family_config(family: str):
 def run(request, prepared, tmp_path_factory):
     """train -> evaluate -> merge -> predict for one family, each through the library function."""
     from vlmdet.data.images import open_image
-    from vlmdet.evaluation import evaluate
-    from vlmdet.merging import merge
+    from vlmdet.prediction.evaluate import evaluate
+    from vlmdet.publishing.merge import merge
     from vlmdet.prediction.files import predict_files
-    from vlmdet.samples import load_split
+    from vlmdet.data.samples import load_split
     from vlmdet.training.train import train
 
     family = request.param
@@ -120,7 +120,7 @@ def test_lora_hits_the_language_model_attention_only(run):
 
 
 def test_evaluates(run, prepared):
-    from vlmdet.metrics import coco_map
+    from vlmdet.decide.metrics import coco_map
 
     report, n_test = run["report"], len(run["test_samples"])
     assert report.num_images == n_test > 0
@@ -158,7 +158,7 @@ def test_bf16_merge_passes_and_a_lost_adapter_is_still_refused(run, monkeypatch,
     from peft.tuners.lora import LoraModel
 
     from vlmdet.data.images import open_image
-    from vlmdet.merging import MergeMismatch, check_batch, merge, tolerance
+    from vlmdet.publishing.merge import MergeMismatch, check_batch, merge, tolerance
     from vlmdet.modeling.load import load_model, load_processor
 
     if run["family"] != "qwen2_vl":

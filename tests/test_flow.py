@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows.retrain import retrain
 from tasks.prepare_data import prepare_data
-from vlmdet.config import load_preset
+from vlmdet.config.settings import load_preset
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 import tasks.publish
-import vlmdet.runsteps
+import vlmdet.pipeline.steps
 from flows.retrain import retrain
-from vlmdet.config import load_preset
+from vlmdet.config.settings import load_preset
 from vlmdet.data.synth import generate
 from vlmdet.publishing import PermanentPublishError
 
@@ -30,8 +30,8 @@ def test_retry_after_publish_failure_gate_change_nothing_new_and_edit(tiny_model
                  "eval.eval_base": False, "eval.preview_images": 0, "eval.val_max_images": 1,
                  "publish.token_secret": ""}
     steps: list[str] = []
-    real = vlmdet.runsteps.run_step  # every heavy step's child starts there
-    monkeypatch.setattr(vlmdet.runsteps, "run_step", lambda step, *a, **k: steps.append(step) or real(step, *a, **k))
+    real = vlmdet.pipeline.steps.run_step  # every heavy step's child starts there
+    monkeypatch.setattr(vlmdet.pipeline.steps, "run_step", lambda step, *a, **k: steps.append(step) or real(step, *a, **k))
     publishes = []
     real_publish = tasks.publish.publishing.publish
 

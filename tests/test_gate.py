@@ -1,4 +1,4 @@
-"""The champion/challenger gate (vlmdet.gate): every branch, the bootstrap it decides on, and what it shows."""
+"""The champion/challenger gate (vlmdet.decide.gate): every branch, the bootstrap it decides on, and what it shows."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import math
 import pytest
 from PIL import Image
 
-from vlmdet.config import ConfigError, GateConfig, load_preset
-from vlmdet.gate import Champion, Comparison, compare, decide, decision_markdown, disagreement_picture
-from vlmdet.records import EvalReport, GateDecision
+from vlmdet.config.settings import ConfigError, GateConfig, load_preset
+from vlmdet.decide.gate import Champion, Comparison, compare, decide, decision_markdown, disagreement_picture
+from vlmdet.run.records import EvalReport, GateDecision
 
 
 def _report(map50: float, fp: str = "fp-a", split: str = "test", predictions: str = "p.json", n: int = 20) -> EvalReport:
@@ -148,7 +148,7 @@ def test_the_card_of_a_replacement_shows_the_comparison_and_its_picture(tmp_path
     from pubkit import records
 
     from vlmdet import publishing
-    from vlmdet.config import RunConfig
+    from vlmdet.config.settings import RunConfig
 
     merged_dir = tmp_path / "merged"
     merged_dir.mkdir()
@@ -171,7 +171,7 @@ def test_the_card_of_a_replacement_shows_the_comparison_and_its_picture(tmp_path
 
 
 def test_the_champion_is_evaluated_with_its_own_answer_settings_on_todays_eval_settings():
-    from vlmdet.champion import champion_config
+    from vlmdet.decide.champion import champion_config
 
     today = load_preset("smoke", {"eval.batch_size": 3})
     theirs = load_preset("qwen2.5-vl-7b-nutrition").to_dict()
@@ -188,7 +188,7 @@ def test_the_champion_is_evaluated_with_its_own_answer_settings_on_todays_eval_s
 
 def test_a_champion_report_says_whether_it_was_evaluated_in_this_run(tmp_path):
     """A local champion's folder is both its card's source and the model path a fresh evaluation names."""
-    from vlmdet.champion import reuse_report, was_evaluated
+    from vlmdet.decide.champion import reuse_report, was_evaluated
 
     champ = Champion(metrics={"map50": 0.9}, data_fingerprint="fp-a", split="test", source=str(tmp_path),
                      kind="local", location=str(tmp_path))

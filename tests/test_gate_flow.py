@@ -86,7 +86,7 @@ def test_a_champion_measured_on_other_data_is_evaluated_again_on_todays_images(c
 @pytest.mark.slow  # ~70 s on 2 cores: one training, two evaluations and a merge, each a child process
 def test_a_merged_model_worse_than_its_adapter_is_not_published(tiny_model, tmp_path, monkeypatch):
     """The adapter clears the gate; the merged model (what would be published) is measured below it."""
-    import vlmdet.runsteps as runsteps
+    import vlmdet.pipeline.steps as runsteps
 
     real = runsteps.run_step
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from data_fixtures import encode, noise, off_rows, write_coco
-from vlmdet.config import DataConfig
+from vlmdet.config.settings import DataConfig
 from vlmdet.data import prepare
 from vlmdet.data.sources import to_coco
 

@@ -24,10 +24,11 @@ import pytest
 
 from hub_server import HubServer, resolve_path
 from pubkit import NO_SLEEP, online_classic_lfs, records
-from vlmdet import publishing, runsteps
-from vlmdet.champion import champion_model, published_predictions
-from vlmdet.config import RunConfig
-from vlmdet.gate import decide
+from vlmdet import publishing
+from vlmdet.pipeline import steps as runsteps
+from vlmdet.decide.champion import champion_model, published_predictions
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.gate import decide
 from vlmdet.publishing import PermanentPublishError, PublishError, TransientPublishError
 from vlmdet.publishing.hub import RUN_MARKER, RetryPolicy
 

@@ -16,9 +16,9 @@ import torch
 from hub_server import HubServer
 from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
-from vlmdet.config import RunConfig
-from vlmdet.champion import champion_model, published_predictions
-from vlmdet.gate import decide
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.champion import champion_model, published_predictions
+from vlmdet.decide.gate import decide
 from vlmdet.modeling.tiny import build_tiny_model
 from vlmdet.publishing import PermanentPublishError, TransientPublishError
 from vlmdet.publishing.hub import RUN_MARKER

@@ -1,4 +1,4 @@
-"""What retrains and what does not: the keys of vlmdet/keys.py, the data cache, check runs."""
+"""What retrains and what does not: the keys of vlmdet/run/keys.py, the data cache, check runs."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ from prefect import flow
 import tasks.prepare_data
 from data_fixtures import encode, noise, write_coco
 from tasks.prepare_data import prepare_data
-from vlmdet.config import CHECK_RUN_TARGET, guard_check_run, load_preset
-from vlmdet.keys import decision_settings, evaluation_key, stamp_revision, training_key
+from vlmdet.config.settings import CHECK_RUN_TARGET, guard_check_run, load_preset
+from vlmdet.run.keys import decision_settings, evaluation_key, stamp_revision, training_key
 
 
 def test_training_settings_change_the_key_gate_and_publish_do_not():

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from vlmdet.records import DatasetRef
+from vlmdet.run.records import DatasetRef
 
 
 class Handed(Exception):

@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 
 import vlmdet
 from pubkit import records
-from vlmdet.config import RunConfig
-from vlmdet.gate import decide
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.gate import decide
 from vlmdet.publishing import PermanentPublishError, TargetChangedError
 from vlmdet.publishing import local
 from vlmdet.publishing.files import plan
 from vlmdet.publishing.local import folder_revision, publish_folder, read_champion_folder
-from vlmdet.records import TRANSPORT
+from vlmdet.run.records import TRANSPORT
 
 ROOT = Path(vlmdet.__file__).resolve().parents[1]
 NOBODY = 65534

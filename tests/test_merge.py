@@ -7,9 +7,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmdet.data.images import open_image
-from vlmdet.merging import MergeMismatch, check_batch, merge
-from vlmdet.records import AdapterRef
-from vlmdet.samples import load_split
+from vlmdet.publishing.merge import MergeMismatch, check_batch, merge
+from vlmdet.run.records import AdapterRef
+from vlmdet.data.samples import load_split
 
 
 @pytest.fixture

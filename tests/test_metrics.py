@@ -4,7 +4,7 @@ import json
 import pytest
 
 from vlmdet.formats import Box
-from vlmdet.metrics import coco_map, predictions_to_coco
+from vlmdet.decide.metrics import coco_map, predictions_to_coco
 
 # COCO AP samples precision at 101 recall points 0.00, 0.01, ..., 1.00 (interpolated: the best
 # precision at that recall or above; 0 for recall never reached).

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from test_families import FAMILIES  # the same families and micro runs as the fp32 family tests
-from vlmdet.config import DataConfig
+from vlmdet.config.settings import DataConfig
 
 FULL = ["lm_head", "embed_tokens"]
 
@@ -47,9 +47,9 @@ def mixed_config(family: str):
 @pytest.fixture(scope="module", params=FAMILIES)
 def run(request, prepared, tmp_path_factory):
     from vlmdet.data.images import open_image
-    from vlmdet.evaluation import evaluate
-    from vlmdet.merging import merge
-    from vlmdet.samples import load_split
+    from vlmdet.prediction.evaluate import evaluate
+    from vlmdet.publishing.merge import merge
+    from vlmdet.data.samples import load_split
     from vlmdet.training.train import train
 
     family = request.param
@@ -79,7 +79,7 @@ def test_trainable_weights_are_fp32_and_the_full_modules_were_trained(run):
 
 
 def test_evaluates_the_mixed_adapter(run, prepared):
-    from vlmdet.metrics import coco_map
+    from vlmdet.decide.metrics import coco_map
 
     report = run["report"]
     again = coco_map(prepared.splits["test"], report.predictions)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmdet.config import ConfigError, ModelConfig
+from vlmdet.config.settings import ConfigError, ModelConfig
 from vlmdet.modeling import load
 
 

@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from vlmdet import pipeline
-from vlmdet.config import ConfigError, load_preset
-from vlmdet.runsteps import PlainSteps
+from vlmdet.pipeline import run as pipeline
+from vlmdet.config.settings import ConfigError, load_preset
+from vlmdet.pipeline.steps import PlainSteps
 
 FORMAT = '''
 """A made-up family: `<box>x1 y1 x2 y2</box>` per box, integers 0-1000 of the image; no box: `none`."""

@@ -82,7 +82,7 @@ def test_tiny_nightly_run_times_every_step_and_commits_to_the_hub(tmp_path, monk
     assert repo.head.files["model.safetensors"][0] == weights.read_bytes()
     assert "README.md" in repo.head.files and f"run-{published['run_id']}" in repo.tags
 
-    # where each step child's seconds went (vlmdet.timeline): its phases cover the child's wall time (what
+    # where each step child's seconds went (vlmdet.run.timeline): its phases cover the child's wall time (what
     # no phase covers is the step's own unexplained overhead), and the child ran inside the driver's step
     for name, expected in (("train", {"start-up", "imports", "load weights", "train", "save", "exit"}),
                            ("evaluate adapter", {"start-up", "imports", "load weights", "detect", "score", "save"}),

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdet.config import ConfigError, load_preset
-from vlmdet.records import DatasetRef
-from vlmdet.runner import plan_processes
-from vlmdet.training import profiles
+from vlmdet.config.settings import ConfigError, load_preset
+from vlmdet.run.records import DatasetRef
+from vlmdet.run.runner import plan_processes
+from vlmdet.config import profiles
 
 
 def _dataset(coco_path) -> DatasetRef:
@@ -91,8 +91,8 @@ def test_processes_default_to_every_visible_gpu(monkeypatch):
 def test_how_an_evaluation_runs_is_not_what_it_measures(tmp_path):
     """eval.num_processes and eval.timeout_s change speed only (eval.workers is gone, ignored): the same
     keys, so nothing re-evaluates."""
-    from vlmdet.keys import evaluation_key
-    from vlmdet.layout import RunLayout
+    from vlmdet.run.keys import evaluation_key
+    from vlmdet.run.layout import RunLayout
 
     def task_key(model, ds, config, workdir, name):  # the evaluate step's cache key
         return RunLayout.at(workdir).eval_key(model, ds, config, name)
@@ -193,7 +193,7 @@ def test_loss_scores_the_answer_tokens_only_and_equals_full_logits(synth_coco, m
 
 def test_pre_resized_images_and_lengths(tmp_path, micro_config):
     from vlmdet.formats.resize import smart_resize
-    from vlmdet.samples import load_split
+    from vlmdet.data.samples import load_split
     from vlmdet.training.train import build_dataset
 
     # two photos larger than the pixel budget, of different shapes, one box each
@@ -333,7 +333,7 @@ class _NoHead:
 
 
 def test_chosen_token_logprobs_sorting_and_prefetch_change_no_detection(tiny_model):
-    from vlmdet.config import RunConfig
+    from vlmdet.config.settings import RunConfig
     from vlmdet.formats import get_format
     from vlmdet.modeling.load import load_for_inference
     from vlmdet.prediction.predict import Detector
@@ -432,9 +432,9 @@ def _shard_worker(rank: int, world: int, port: int, coco: str, out: str) -> None
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    from vlmdet.config import RunConfig
-    from vlmdet.evaluation import detect_sharded
-    from vlmdet.samples import load_split
+    from vlmdet.config.settings import RunConfig
+    from vlmdet.prediction.evaluate import detect_sharded
+    from vlmdet.data.samples import load_split
 
     samples, _ = load_split(coco)
     preds = detect_sharded(_IndexDetector(), samples, RunConfig(), desc="test")
@@ -448,7 +448,7 @@ def test_evaluation_shards_images_over_processes_and_gathers_them_in_order(synth
 
     import torch.multiprocessing as mp
 
-    from vlmdet.samples import load_split
+    from vlmdet.data.samples import load_split
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -461,8 +461,8 @@ def test_evaluation_shards_images_over_processes_and_gathers_them_in_order(synth
 
 def test_an_adapter_is_evaluated_on_the_base_it_was_trained_on(tmp_path, micro_config):
     """A profile (large: bf16 base) the flow's config does not show travels with the adapter."""
-    from vlmdet.carried import trained_with as trained_model_settings
-    from vlmdet.training.profiles import TRAINED_WITH
+    from vlmdet.modeling.carried import trained_with as trained_model_settings
+    from vlmdet.config.profiles import TRAINED_WITH
 
     preset = load_preset("qwen2-vl-7b-nutrition")  # nf4 base as written
     trained = profiles.apply(preset, "large")

@@ -20,15 +20,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import vlmdet.runsteps
+import vlmdet.pipeline.steps
 from pubkit import NO_SLEEP, online_classic_lfs, records
-from vlmdet import pipeline, publishing
-from vlmdet.config import RunConfig
-from vlmdet.layout import RunLayout
+from vlmdet.pipeline import run as pipeline
+from vlmdet import publishing
+from vlmdet.config.settings import RunConfig
+from vlmdet.run.layout import RunLayout
 from vlmdet.publishing import PermanentPublishError
-from vlmdet.records import AdapterRef, DatasetRef, EvalReport
-from vlmdet.runsteps import PlainSteps
-from vlmdet.steps import STEPS
+from vlmdet.run.records import AdapterRef, DatasetRef, EvalReport
+from vlmdet.pipeline.steps import PlainSteps
+from vlmdet.pipeline.child import STEPS
 
 
 def _adapter(base: str, out: Path, seed: int) -> AdapterRef:
@@ -61,7 +62,7 @@ def merges(monkeypatch) -> list[str]:
         made.append(request["out"])
         return json.loads(json.dumps(STEPS[step](json.loads(json.dumps(request, default=str)))))
 
-    monkeypatch.setattr(vlmdet.runsteps, "run_step", run_step)
+    monkeypatch.setattr(vlmdet.pipeline.steps, "run_step", run_step)
     return made
 
 
@@ -145,24 +146,24 @@ def test_a_merge_removes_the_merges_no_running_run_holds_and_reuses_a_finished_o
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "model.safetensors").write_bytes(b"x" * 10)  # the one-folder layout's leftover
     config = resolved.config
-    one = vlmdet.runsteps.merge(adapters[0], data, config, layout)
+    one = vlmdet.pipeline.steps.merge(adapters[0], data, config, layout)
     with layout.holding(Path(one.path)):  # a run between its merge and its publish
-        two = vlmdet.runsteps.merge(adapters[1], data, config, layout)
+        two = vlmdet.pipeline.steps.merge(adapters[1], data, config, layout)
         assert sorted(p.name for p in (tmp_path / "merged").iterdir() if p.is_dir()) == sorted(
             [Path(one.path).name, Path(two.path).name])
-    three = vlmdet.runsteps.merge(adapters[2], data, config, layout)  # nobody holds one or two now
+    three = vlmdet.pipeline.steps.merge(adapters[2], data, config, layout)  # nobody holds one or two now
     name = Path(three.path).name
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [name, f"{name}.json", f"{name}.lock"]
     assert len(merges) == 3
     # the same adapter again: found complete and reused, not merged (nor rewritten) again
     assert layout.merge_done(adapters[2], data, config)
-    assert vlmdet.runsteps.merge(adapters[2], data, config, layout) == three and len(merges) == 3
+    assert vlmdet.pipeline.steps.merge(adapters[2], data, config, layout) == three and len(merges) == 3
 
 
 def test_one_byte_changed_after_the_merge_is_refused_with_both_hashes(tiny_model, synth_coco, adapters, merges,
                                                                       tmp_path):
     resolved, data = _resolved(tiny_model), _data(synth_coco)
-    merged = vlmdet.runsteps.merge(adapters[0], data, resolved.config, RunLayout.at(tmp_path))
+    merged = vlmdet.pipeline.steps.merge(adapters[0], data, resolved.config, RunLayout.at(tmp_path))
     before = _bytes(merged.path)
     weights = Path(merged.path) / "model.safetensors"
     raw = bytearray(weights.read_bytes())

@@ -1,4 +1,4 @@
-"""vlmdet.pipeline: the step sequence and its branches, the configuration resolved once, the summary.
+"""vlmdet.pipeline.run: the step sequence and its branches, the configuration resolved once, the summary.
 
 The steps are fakes that record their calls (no model, no Prefect): what is tested is the order,
 which branch runs, what each step is given and what summary.json says.
@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from vlmdet import pipeline
-from vlmdet.gate import decide
-from vlmdet.records import AdapterRef, DatasetRef, EvalReport, MergedRef, Publication
-from vlmdet.training import profiles
+from vlmdet.pipeline import run as pipeline
+from vlmdet.decide.gate import decide
+from vlmdet.run.records import AdapterRef, DatasetRef, EvalReport, MergedRef, Publication
+from vlmdet.config import profiles
 
 
 class FakeSteps:

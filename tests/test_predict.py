@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import vlmdet.carried as carried
+import vlmdet.modeling.carried as carried
 import vlmdet.prediction.files as predict_cli
 import vlmdet.prediction.load as detector_factory
 from vlmdet.cli import main
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.modeling.load import saved_pixel_budget
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-photos"
@@ -244,7 +244,7 @@ def test_scores_are_the_coordinate_tokens_confidence_from_raw_logits(family, fam
 def test_the_checkpoints_repetition_penalty_does_not_change_greedy_answers(tiny_model):
     # Qwen2-VL-7B-Instruct's generation_config.json has repetition_penalty=1.05, which penalises
     # a digit already written in the coordinates even under greedy decoding.
-    from vlmdet.config import RunConfig
+    from vlmdet.config.settings import RunConfig
     from vlmdet.formats import get_format
     from vlmdet.modeling.load import load_for_inference
     from vlmdet.prediction.predict import Detector

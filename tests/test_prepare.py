@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import encode, noise, write_coco
-from vlmdet.config import DataConfig
+from vlmdet.config.settings import DataConfig
 from vlmdet.data import DataError, ImageError, open_image, prepare
 from vlmdet.data.images import content_hash
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vlmdet.progress import Progress, ProgressReader, ProgressWriter
+from vlmdet.run.progress import Progress, ProgressReader, ProgressWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "serve-secret-token"
@@ -61,13 +61,13 @@ def test_progress_lines_one_per_percent_with_the_loss_and_torn_lines_wait(tmp_pa
 @pytest.fixture
 def progress_steps(monkeypatch, tmp_path):
     """Throwaway steps in the child (as tests/test_runner.py): one that reports 4 images, one that hangs."""
-    from vlmdet import runner
+    from vlmdet.run import runner
 
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     (tmp_path / "progsteps.py").write_text(
         "import time\n"
-        "from vlmdet import steps\n"
-        "from vlmdet.progress import ProgressWriter\n"
+        "from vlmdet.pipeline import child as steps\n"
+        "from vlmdet.run.progress import ProgressWriter\n"
         "def images(req):\n"
         "    w = ProgressWriter.from_env('image', 4)\n"
         "    for i in range(1, 5):\n"
@@ -77,12 +77,12 @@ def progress_steps(monkeypatch, tmp_path):
         "    time.sleep(60)\n"
         "steps.STEPS.update(images=images, hang=hang)\n")
     monkeypatch.setattr(runner, "command", lambda step, req, res, n=1: [
-        sys.executable, "-c", f"import sys, progsteps; from vlmdet.steps import main; sys.exit(main({[step, str(req), str(res)]!r}))"])
+        sys.executable, "-c", f"import sys, progsteps; from vlmdet.pipeline.child import main; sys.exit(main({[step, str(req), str(res)]!r}))"])
 
 
 def test_the_parent_forwards_every_line_then_100_and_a_failing_callback_never_stops_the_step(progress_steps, tmp_path,
                                                                                            caplog):
-    from vlmdet.runner import StepTimeout, run_step
+    from vlmdet.run.runner import StepTimeout, run_step
 
     seen: list[tuple[float, str]] = []
     assert run_step("images", {}, tmp_path / "a", timeout_s=120, on_progress=lambda f, t: seen.append((f, t))) == {"ok": True}

@@ -15,10 +15,10 @@ from data_fixtures import off_dataset  # noqa: F401 - fixture
 from hub_server import HubServer
 from pubkit import records
 from vlmdet import publishing
-from vlmdet.config import RunConfig, load_preset
-from vlmdet.keys import source_stamp
+from vlmdet.config.settings import RunConfig, load_preset
+from vlmdet.run.keys import source_stamp
 from vlmdet.modeling.tiny import build_tiny_model
-from vlmdet.provenance import PACKAGES, base_model_record, package_versions, provenance
+from vlmdet.run.provenance import PACKAGES, base_model_record, package_versions, provenance
 from vlmdet.publishing.card import champion_from_card
 
 TOKEN = "hf_testwritetoken"

@@ -22,9 +22,9 @@ from PIL import Image
 from hub_server import HubServer
 from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
-from vlmdet.champion import champion_model, published_predictions, reuse_report
-from vlmdet.config import RunConfig
-from vlmdet.gate import Comparison, compare, decide
+from vlmdet.decide.champion import champion_model, published_predictions, reuse_report
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.gate import Comparison, compare, decide
 from vlmdet.modeling.tiny import build_tiny_model
 from vlmdet.publishing import PermanentPublishError, TargetChangedError
 

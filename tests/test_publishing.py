@@ -9,8 +9,8 @@ from huggingface_hub import ModelCard, metadata_load
 
 from pubkit import records
 from vlmdet import publishing
-from vlmdet.config import ConfigError, RunConfig
-from vlmdet.gate import decide
+from vlmdet.config.settings import ConfigError, RunConfig
+from vlmdet.decide.gate import decide
 from vlmdet.modeling.tiny import build_tiny_model
 from vlmdet.publishing import PermanentPublishError, parse_target
 

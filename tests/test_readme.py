@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from vlmdet import cli
-from vlmdet.config import list_presets, load_preset
+from vlmdet.config.settings import list_presets, load_preset
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmdet.config import ConfigError, ModelConfig, TrainConfig, load_preset
+from vlmdet.config.settings import ConfigError, ModelConfig, TrainConfig, load_preset
 from vlmdet.modeling import load
-from vlmdet.records import DatasetRef
+from vlmdet.run.records import DatasetRef
 from vlmdet.training.train import build_trainer
 
 

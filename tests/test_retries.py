@@ -108,7 +108,7 @@ def test_a_transient_failure_shows_two_attempts_and_the_first_error(prefect_harn
 
 
 def test_a_wrong_flow_run_id_is_a_one_line_error_that_says_where_ids_come_from(prefect_harness):
-    from vlmdet.config import ConfigError
+    from vlmdet.config.settings import ConfigError
 
     with pytest.raises(ConfigError, match="not a UUID.*runs/flow-run"):
         task_run_attempts("not-a-uuid")
@@ -182,7 +182,7 @@ def test_without_an_id_the_latest_failed_run_of_the_deployment_is_taken(prefect_
     from prefect.states import Failed as FailedState
 
     from flows.retries import latest_failed_run
-    from vlmdet.config import ConfigError
+    from vlmdet.config.settings import ConfigError
 
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name("retries-probe-nightly")

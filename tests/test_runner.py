@@ -13,8 +13,10 @@ import time
 
 import pytest
 
-from vlmdet import runner, steps
-from vlmdet.runner import StepFailed, StepTimeout, run_step
+from vlmdet.run import runner
+
+from vlmdet.pipeline import child as steps
+from vlmdet.run.runner import StepFailed, StepTimeout, run_step
 
 
 @pytest.fixture
@@ -23,19 +25,19 @@ def fake_steps(monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     (tmp_path / "fakesteps.py").write_text(
         "import os, time, signal\n"
-        "from vlmdet import steps\n"
+        "from vlmdet.pipeline import child as steps\n"
         "def ok(req): return {'echo': req['x'] * 2}\n"
         "def boom(req): raise ValueError('bad value 42')\n"
         "def sleep(req):\n"
         "    open(req['pidfile'], 'w').write(str(os.getpid())); time.sleep(60); return {}\n"
         "def die(req): os.kill(os.getpid(), signal.SIGKILL)\n"
         "def conf(req):\n"
-        "    from vlmdet.config import ConfigError\n"
+        "    from vlmdet.config.settings import ConfigError\n"
         "    raise ConfigError('train.learning_rate=-1 must be > 0; set e.g. --train.learning_rate 1e-4')\n"
         "steps.STEPS.update(ok=ok, boom=boom, sleep=sleep, die=die, conf=conf)\n")
     # the child imports fakesteps before dispatching
     monkeypatch.setattr(runner, "command", lambda step, req, res, n=1: [
-        runner.sys.executable, "-c", f"import sys, fakesteps; from vlmdet.steps import main; sys.exit(main({[step, str(req), str(res)]!r}))"])
+        runner.sys.executable, "-c", f"import sys, fakesteps; from vlmdet.pipeline.child import main; sys.exit(main({[step, str(req), str(res)]!r}))"])
 
 
 def test_result_record_comes_back(fake_steps, tmp_path):
@@ -101,10 +103,10 @@ def test_the_child_dies_when_its_parent_is_sigkilled(fake_steps, tmp_path):
     pidfile = tmp_path / "childpid"
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
-        from vlmdet import runner
+        from vlmdet.run import runner
         runner.command = lambda step, req, res, n=1: [
             runner.sys.executable, "-c",
-            f"import sys, fakesteps; from vlmdet.steps import main; sys.exit(main({{[step, str(req), str(res)]!r}}))"]
+            f"import sys, fakesteps; from vlmdet.pipeline.child import main; sys.exit(main({{[step, str(req), str(res)]!r}}))"]
         runner.run_step("sleep", {{"pidfile": {str(pidfile)!r}}}, {str(tmp_path / "s")!r}, timeout_s=120)
     """))
     parent = subprocess.Popen([sys.executable, str(script)])
@@ -126,18 +128,18 @@ def test_the_child_dies_when_its_parent_is_sigkilled(fake_steps, tmp_path):
 def test_a_stale_child_of_a_crashed_parent_is_killed_before_the_step_runs(fake_steps, tmp_path, caplog):
     step_dir = tmp_path / "s"
     step_dir.mkdir()
-    # A leftover child: its own session, "vlmdet.steps" on its command line, pid in child.pid.
-    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "vlmdet.steps", "train"],
+    # A leftover child: its own session, "vlmdet.pipeline.child" on its command line, pid in child.pid.
+    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "vlmdet.pipeline.child", "train"],
                              start_new_session=True)
     # Not a step child: a reused pid must never be killed.
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         (step_dir / "child.pid").write_text(str(other.pid))
-        with caplog.at_level(logging.WARNING, logger="vlmdet.runner"):
+        with caplog.at_level(logging.WARNING, logger="vlmdet.run.runner"):
             assert run_step("ok", {"x": 1}, step_dir, timeout_s=60) == {"echo": 2}
         assert other.poll() is None and not caplog.records
         (step_dir / "child.pid").write_text(str(stale.pid))
-        with caplog.at_level(logging.WARNING, logger="vlmdet.runner"):
+        with caplog.at_level(logging.WARNING, logger="vlmdet.run.runner"):
             assert run_step("ok", {"x": 2}, step_dir, timeout_s=60) == {"echo": 4}
         assert stale.wait(timeout=10) == -signal.SIGKILL
         assert any(str(stale.pid) in r.getMessage() and "still running" in r.getMessage() for r in caplog.records)

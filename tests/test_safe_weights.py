@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.modeling import load as loadmod
 from vlmdet.modeling.load import ModelError, check_model_source, family_of, load_for_inference, saved_pixel_budget
 
@@ -66,7 +66,7 @@ def test_an_adapter_holding_only_adapter_model_bin_is_refused(adapter_dir, tmp_p
     folder = _pickle_only(adapter_dir, tmp_path / "adapter-bin", "adapter_model.safetensors", "adapter_model.bin")
     with pytest.raises(ModelError, match="adapter_model.bin.*pickle.*arbitrary code"):
         load_for_inference(str(folder), RunConfig().model)
-    from vlmdet.merging import merge
+    from vlmdet.publishing.merge import merge
 
     with pytest.raises(ModelError, match="adapter_model.bin"):
         merge(str(folder), RunConfig(), tmp_path / "merged", images=[])

@@ -35,7 +35,7 @@ def served():
     import uvicorn
 
     from test_serve import _free_port
-    from vlmdet.config import RunConfig
+    from vlmdet.config.settings import RunConfig
     from vlmdet.serving.app import create_app
     from vlmdet.serving.engine import Engine
     from vlmdet.serving.source import ModelSource

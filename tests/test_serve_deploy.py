@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from vlmdet.cli import _overrides, cmd_serve, parser
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "deployments" / "serve" / "compose.yaml"

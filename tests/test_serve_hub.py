@@ -27,7 +27,7 @@ from huggingface_hub import snapshot_download
 from hub_server import HubServer
 from pubkit import records
 from vlmdet import publishing
-from vlmdet.config import load_preset
+from vlmdet.config.settings import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "vlmdet" / "assets" / "tiny-qwen2-vl-grounding"
@@ -85,7 +85,7 @@ def merged(config, tmp_path_factory):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlmdet.data.synth import render
-    from vlmdet.merging import merge
+    from vlmdet.publishing.merge import merge
 
     tmp = tmp_path_factory.mktemp("merge")
     model = AutoModelForImageTextToText.from_pretrained(config.model.base)
@@ -204,7 +204,7 @@ def test_serve_reloads_on_its_schedule(hub, config, merged, published, tmp_path)
 
 
 def test_a_published_folder_is_followed_by_its_run_id(tmp_path):
-    from vlmdet.config import ConfigError
+    from vlmdet.config.settings import ConfigError
     from vlmdet.serving.source import ModelSource
 
     folder = tmp_path / "published"
@@ -222,7 +222,7 @@ def test_a_published_folder_is_followed_by_its_run_id(tmp_path):
 def test_serve_asks_with_the_prompt_and_category_the_model_was_published_with(tmp_path):
     """As `vlmdet predict`: the published vlmdet.json's prompt and category, unless given explicitly;
     the serve settings' own prompt and category only for a model without the file."""
-    from vlmdet.config import RunConfig
+    from vlmdet.config.settings import RunConfig
     from vlmdet.serving.engine import Engine
     from vlmdet.serving.source import ModelSource
 

@@ -1,4 +1,4 @@
-"""Settings carry their metadata (vlmdet/config.py): a role for every one, the lists derived from it,
+"""Settings carry their metadata (vlmdet/config/settings.py): a role for every one, the lists derived from it,
 allowed values checked generically before anything runs, presets that extend a base."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import typing
 
 import pytest
 
-from vlmdet import config as C
-from vlmdet.config import ConfigError, RunConfig, keys_where, load_preset, settings
+from vlmdet.config.settings import settings as C
+from vlmdet.config.settings import ConfigError, RunConfig, keys_where, load_preset, settings
 
 # What the code listed by hand before the lists were derived (main at 5e78b3c), to show that deriving
 # them changed nothing but the fixes named in DELIBERATE_FIXES.
@@ -65,7 +65,9 @@ def _baseline(name: str, items: set[str]) -> set[str]:
 
 
 def derived() -> dict[str, set[str]]:
-    from vlmdet import carried, cli, keys
+    from vlmdet.modeling import carried
+    from vlmdet import cli
+    from vlmdet.run import keys
 
     base = RunConfig()
     return {
@@ -83,7 +85,7 @@ def derived() -> dict[str, set[str]]:
 
 
 # where the first other allowed value cannot stand in a built run: train.profile=auto is resolved before
-# any step or key sees it (vlmdet.pipeline.resolve)
+# any step or key sees it (vlmdet.pipeline.run.resolve)
 NO_GENERIC_FLIP = {"train.profile": "qlora"}
 
 
@@ -123,7 +125,7 @@ def test_the_derived_lists_equal_the_hand_written_ones_but_for_the_named_fixes()
 
 
 # --- what flipping each setting moves: the product's own cache keys, against an independent statement ----------
-# What each setting is for, written here independently of its declaration in vlmdet/config.py (the keys are
+# What each setting is for, written here independently of its declaration in vlmdet/config/settings.py (the keys are
 # derived from that declaration, so comparing them with it alone could never fail): the role of its section,
 # and the settings that differ from their section, each with why. A setting added to config.py takes its
 # section's role here; one that differs must be named below too, where a reviewer sees it.
@@ -155,11 +157,11 @@ FP = "fingerprint-of-the-prepared-data"
 
 
 def step_keys(config: RunConfig, root) -> dict[str, object]:
-    """Every cache key a run is looked up by (tasks/*.py cache_key_fn, the markers of vlmdet.runsteps, and
+    """Every cache key a run is looked up by (tasks/*.py cache_key_fn, the markers of vlmdet.pipeline.steps, and
     the two halves of the pipeline's "nothing new since" check), for one configuration."""
-    from vlmdet.keys import decision_settings, evaluation_key
-    from vlmdet.layout import RunLayout
-    from vlmdet.records import AdapterRef, DatasetRef
+    from vlmdet.run.keys import decision_settings, evaluation_key
+    from vlmdet.run.layout import RunLayout
+    from vlmdet.run.records import AdapterRef, DatasetRef
 
     layout = RunLayout.at(root)
     data = DatasetRef(fingerprint=FP, root=str(root), splits={}, counts={})
@@ -233,7 +235,7 @@ def _gate_scenarios(tmp_path):
     with the revision seen), and a readable one scored on the same images with the paired bootstrap."""
     from PIL import Image
 
-    from vlmdet.records import CONTENT, Champion, EvalReport
+    from vlmdet.run.records import CONTENT, Champion, EvalReport
 
     images, anns = [], []
     for i in range(1, 9):
@@ -259,7 +261,7 @@ def _gate_scenarios(tmp_path):
 
 
 def _decisions(config: RunConfig, scenarios) -> list[dict]:
-    from vlmdet.gate import compare, decide
+    from vlmdet.decide.gate import compare, decide
 
     gt, new, old, unreadable, readable = scenarios
     comparison, _, _ = compare(new, old, gt, config.gate)
@@ -268,7 +270,7 @@ def _decisions(config: RunConfig, scenarios) -> list[dict]:
 
 
 def test_every_gate_setting_changes_a_decision_and_so_the_decision_key(tmp_path, families_listed_once):
-    """Independent of any declaration: the real gate (vlmdet.gate.compare and decide) is run in each branch
+    """Independent of any declaration: the real gate (vlmdet.decide.gate.compare and decide) is run in each branch
     with each gate setting flipped; a setting that changes a decision must move the key the pipeline
     decides again on, or a run with it changed would be skipped as already decided."""
     base, scenarios = _base().override({"gate.resamples": 200}), _gate_scenarios(tmp_path)
@@ -332,7 +334,7 @@ def test_a_removed_setting_still_loads_with_a_one_line_warning(tmp_path, caplog,
     from vlmdet.cli import main, parser, settings_overrides
 
     (tmp_path / "old.yaml").write_text("extends: smoke\neval:\n  workers: 4\n  cache: static\n")
-    with caplog.at_level("WARNING", logger="vlmdet.config"):
+    with caplog.at_level("WARNING", logger="vlmdet.config.settings"):
         old = load_preset(str(tmp_path / "old.yaml"), {"eval.workers": 2})
     assert old.eval == load_preset("smoke").eval
     warned = [r.getMessage() for r in caplog.records]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import REAL_PHOTOS, encode, noise, off_dataset, off_features, off_rows  # noqa: F401 (fixture)
-from vlmdet.config import DataConfig
+from vlmdet.config.settings import DataConfig
 from vlmdet.data import DataError, materialize, open_image, prepare
 
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from vlmdet.formats import get_format
 from vlmdet.formats.resize import pixel_budget, smart_resize
-from vlmdet.modeling import tiny_families
+from vlmdet.modeling import tiny
 from vlmdet.modeling.tiny import build_tiny_model
 
 MIN_PIXELS, MAX_PIXELS = 16 * 28 * 28, 64 * 28 * 28  # small budgets keep the image token count low
@@ -89,18 +89,18 @@ def test_generates_and_trains(loaded):
 def test_seeded_and_reused(tmp_path, family):
     import safetensors.torch
 
-    a = tiny_families.build(tmp_path / "a", family, seed=3)
-    b = tiny_families.build(tmp_path / "b", family, seed=3)
-    c = tiny_families.build(tmp_path / "c", family, seed=4)
+    a = tiny.build_family(tmp_path / "a", family, seed=3)
+    b = tiny.build_family(tmp_path / "b", family, seed=3)
+    c = tiny.build_family(tmp_path / "c", family, seed=4)
     wa, wb, wc = (safetensors.torch.load_file(p / "model.safetensors") for p in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     stamp = (a / "model.safetensors").stat().st_mtime_ns
-    assert tiny_families.build(a, family, seed=5) == a and (a / "model.safetensors").stat().st_mtime_ns == stamp
+    assert tiny.build_family(a, family, seed=5) == a and (a / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_unknown_family_or_size_is_named(tmp_path):
     with pytest.raises(ValueError, match="qwen9_vl"):
-        tiny_families.build(tmp_path / "x", "qwen9_vl")
+        tiny.build_family(tmp_path / "x", "qwen9_vl")
     with pytest.raises(ValueError, match="huge"):
-        tiny_families.build(tmp_path / "x", "qwen3_vl", size="huge")
+        tiny.build_family(tmp_path / "x", "qwen3_vl", size="huge")

@@ -14,7 +14,7 @@ import pytest
 
 from hub_server import HubServer
 from pubkit import records
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.modeling.tiny import build_tiny_model
 
 SECRET = "hf_SECRETtoken123"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmdet import pipeline
+from vlmdet.pipeline import run as pipeline
 from vlmdet.cli import EXIT_CONFIG, main
-from vlmdet.runsteps import PlainSteps
+from vlmdet.pipeline.steps import PlainSteps
 
 FLOW_RUN = "0b6f1a52-3c1d-4e8f-9a7b-5d2c6e4f8a10"
 
@@ -122,9 +122,9 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_runs(tmp_pa
 
 def _decided(tmp_path: Path, threshold: float = 0.3, report_to: str = "tensorboard"):
     """The summary of a run whose training logged to no tracker (trained before the setting, or with none)."""
-    from vlmdet.config import load_preset
-    from vlmdet.gate import decide
-    from vlmdet.records import AdapterRef, DatasetRef, EvalReport
+    from vlmdet.config.settings import load_preset
+    from vlmdet.decide.gate import decide
+    from vlmdet.run.records import AdapterRef, DatasetRef, EvalReport
 
     config = load_preset("smoke", {"gate.threshold": threshold, "train.report_to": report_to})
     report = EvalReport(map=0.25, map50=0.5, map75=0.125, split="test", num_images=4, parse_failures=0,
@@ -139,7 +139,7 @@ def test_the_flow_run_reaches_the_tracker_through_the_flows_environment(tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util.tensor_util import make_ndarray
 
-    from vlmdet import tracking
+    from vlmdet.run import tracking
 
     monkeypatch.delenv("VLMDET_FLOW_RUN_ID", raising=False)
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
@@ -158,7 +158,7 @@ def test_the_flow_run_reaches_the_tracker_through_the_flows_environment(tmp_path
 def test_mlflow_without_a_training_run_gets_a_run_of_its_own_for_the_results(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from vlmdet import tracking
+    from vlmdet.run import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", FLOW_RUN)  # what a Prefect worker sets in the flow run's process

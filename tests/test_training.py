@@ -8,8 +8,8 @@ import torch
 from transformers import TrainerCallback
 
 from vlmdet.formats import get_format
-from vlmdet.records import DatasetRef
-from vlmdet.samples import load_split
+from vlmdet.run.records import DatasetRef
+from vlmdet.data.samples import load_split
 from vlmdet.training import faults, select
 from vlmdet.training.train import build_trainer, train
 

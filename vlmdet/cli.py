@@ -1,7 +1,7 @@
 """The `vlmdet` command.
 
 Settings options (`--train.max_steps 10`) are generated from the config dataclasses, so their
-defaults and help live in one place (vlmdet/config.py). Commands that run the Prefect flow or read
+defaults and help live in one place (vlmdet/config/settings.py). Commands that run the Prefect flow or read
 the Prefect API import it lazily: the library itself never imports Prefect.
 
 A mistake in the input (a setting, a path, a model, a token) is one line on stderr naming the input
@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import DEPRECATED, ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
+from vlmdet.config.settings import DEPRECATED, ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
 
 # Exit codes, documented in README "Exit codes"; scripts and schedulers can tell the kinds apart.
 EXIT_OK = 0
@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 # The settings `vlmdet predict` (and any other command that only runs a trained model: `serve`)
 # reads: how the model is loaded and prompted and how images are batched (declared with each field in
-# vlmdet/config.py, `applies=("inference",)`). Training, gate and publish settings mean nothing there,
+# vlmdet/config/settings.py, `applies=("inference",)`). Training, gate and publish settings mean nothing there,
 # so its --help does not list them.
 INFERENCE_SETTINGS = keys_where(applies="inference")
 
@@ -47,7 +47,7 @@ SERVE_SETTINGS = INFERENCE_SETTINGS + keys_where(applies="serve")
 
 
 def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] | None = None) -> None:
-    """Add `--KEY V` for each dotted setting in `keys` (all of vlmdet/config.py when None) and `--set KEY=VALUE`.
+    """Add `--KEY V` for each dotted setting in `keys` (all of vlmdet/config/settings.py when None) and `--set KEY=VALUE`.
 
     The hook for every command with settings: `add_settings(p, INFERENCE_SETTINGS)`, then
     `settings_overrides(args)` gives the dict for `RunConfig.override`/`load_preset` (only those keys
@@ -59,7 +59,7 @@ def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] |
     unknown = [k for k in keys if k not in helps]
     if unknown:
         raise ValueError(f"add_settings: no such settings {unknown}")
-    g = p.add_argument_group("settings (override the preset; see vlmdet/config.py)")
+    g = p.add_argument_group("settings (override the preset; see vlmdet/config/settings.py)")
     for key in keys:
         default, help_ = helps[key]
         # argparse %-formats help text: a literal % (e.g. "~30% slower") must be doubled
@@ -112,7 +112,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from vlmdet.metrics import coco_map
+    from vlmdet.decide.metrics import coco_map
 
     gt = json.loads(Path(args.gt).read_text())
     pred = json.loads(Path(args.pred).read_text())
@@ -121,7 +121,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from vlmdet.pipeline import configure
+    from vlmdet.pipeline.run import configure
 
     overrides = _overrides(args)
     # a bad setting, dataset spec or base model is a one-line error now, not after Prefect starts
@@ -162,8 +162,8 @@ def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlmdet import pipeline
-    from vlmdet.runsteps import PlainSteps
+    from vlmdet.pipeline import run as pipeline
+    from vlmdet.pipeline.steps import PlainSteps
 
     # the flow's configuration (train.profile resolved once), layout and steps, without Prefect
     resolved = pipeline.resolve(args.preset, _overrides(args))
@@ -174,9 +174,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmdet import pipeline
+    from vlmdet.pipeline import run as pipeline
     from vlmdet.modeling.load import check_model_source
-    from vlmdet.runsteps import PlainSteps
+    from vlmdet.pipeline.steps import PlainSteps
 
     config = pipeline.configure(args.preset, _overrides(args), check_base=False)  # --model is what loads
     check_model_source(args.model, "--model")

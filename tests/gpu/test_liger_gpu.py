@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from vlmdet.config import load_preset
+    from vlmdet.config.settings import load_preset
     from vlmdet.data import materialize, prepare
 
     cfg = load_preset("smoke", {"data.dataset": "synth:24"}).data
@@ -60,7 +60,7 @@ def _norms(trainer) -> dict[str, torch.nn.Module]:
 def test_the_trainer_built_with_liger_kernels_has_ligers_rmsnorm(liger, dataset, tmp_path, plain_transformers_after):
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
-    from vlmdet.config import load_preset
+    from vlmdet.config.settings import load_preset
     from vlmdet.training.train import build_trainer
 
     config = load_preset("smoke", {"data.dataset": "synth:24", "train.profile": "preset", "train.max_steps": 2,

@@ -23,7 +23,7 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from vlmdet.config import load_preset  # noqa: E402
+from vlmdet.config.settings import load_preset  # noqa: E402
 
 PRESET = "qwen2-vl-7b-nutrition"
 REPORT: dict = {}
@@ -239,8 +239,8 @@ def test_nightly_recipe_moves_every_adapter_weight(base7b, dataset, tmp_path_fac
 
 
 def test_evaluation(trained, dataset, config, tmp_path_factory):
-    from vlmdet.evaluation import evaluate
-    from vlmdet.metrics import coco_map
+    from vlmdet.prediction.evaluate import evaluate
+    from vlmdet.decide.metrics import coco_map
 
     adapter, _ = trained
     out = tmp_path_factory.mktemp("eval")
@@ -261,8 +261,8 @@ def test_evaluation(trained, dataset, config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def merged(trained, dataset, config, tmp_path_factory):
     from vlmdet.data.images import open_image
-    from vlmdet.merging import merge
-    from vlmdet.samples import load_split
+    from vlmdet.publishing.merge import merge
+    from vlmdet.data.samples import load_split
 
     adapter, _ = trained
     samples, _ = load_split(dataset.splits["test"])

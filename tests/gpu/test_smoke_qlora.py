@@ -1,7 +1,7 @@
 """Issue 9 item 4: the real (QLoRA) code path learns on a pretrained base.
 
 The smoke task (600 synthetic tables, the shipped pretrained tiny Qwen2-VL, 400 steps) trained twice on the
-GPU, side by side in two child processes (the same `python -m vlmdet.steps` the flow runs):
+GPU, side by side in two child processes (the same `python -m vlmdet.pipeline.child` the flow runs):
 - reference: fp32 weights and compute, as on the CPU (the smoke preset as shipped);
 - nightly path: the base in nf4 (bitsandbytes, double quant, bf16 compute), bf16 autocast,
   gradient checkpointing, the nightly preset's LoRA targets, vision-tower precision and fp32 adapter
@@ -32,7 +32,7 @@ def _run_steps(step: str, requests: dict[str, dict], folder: Path) -> dict[str, 
         rq, rs = folder / f"{step}-{name}.request.json", folder / f"{step}-{name}.result.json"
         rq.write_text(json.dumps(req, default=str))
         log = open(folder / f"{step}-{name}.log", "w")
-        procs[name] = (subprocess.Popen([sys.executable, "-m", "vlmdet.steps", step, str(rq), str(rs)],
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "vlmdet.pipeline.child", step, str(rq), str(rs)],
                                         stdout=log, stderr=subprocess.STDOUT), rs, log)
     out = {}
     for name, (proc, rs, log) in procs.items():
@@ -45,7 +45,7 @@ def _run_steps(step: str, requests: dict[str, dict], folder: Path) -> dict[str, 
 
 
 def test_nightly_code_path_learns_the_smoke_task_like_fp32(tmp_path):
-    from vlmdet.config import load_preset
+    from vlmdet.config.settings import load_preset
     from vlmdet.data import materialize, prepare
 
     nightly = load_preset("qwen2-vl-7b-nutrition")

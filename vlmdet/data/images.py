@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageError
+from vlmdet.data.errors import ImageError
 
 # EXIF tag 0x0112: values 5-8 store the pixels transposed (width and height swap when displayed).
 ORIENTATION_TAG = 0x0112

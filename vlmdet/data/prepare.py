@@ -46,10 +46,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..config import DataConfig
-from ..records import DatasetRef, QuarantineEntry, write_json
-from .errors import DataError, ImageError
-from .images import content_hash, load_image
+from vlmdet.config.settings import DataConfig
+from vlmdet.run.records import DatasetRef, QuarantineEntry, write_json
+from vlmdet.data.errors import DataError, ImageError
+from vlmdet.data.images import content_hash, load_image
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from .errors import DataError
-from .images import ORIENTATION_TAG
-from .synth import generate
+from vlmdet.data.errors import DataError
+from vlmdet.data.images import ORIENTATION_TAG
+from vlmdet.data.synth import generate
 
 BBOX_LAYOUTS = ("yxyx-norm", "xyxy-norm", "xyxy-abs", "xywh-abs")
 SCHEMES = ("synth", "coco", "hub", "hf-disk", "parquet")

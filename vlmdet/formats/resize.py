@@ -65,3 +65,16 @@ def pixel_budget(processor) -> tuple[int, int]:
         raise ValueError(f"{type(ip).__name__} has no pixel budget (size={size!r}); expected a Qwen-VL image "
                          f"processor with size {{'shortest_edge': min_pixels, 'longest_edge': max_pixels}}")
     return int(lo), int(hi)
+
+
+def factor(family: str) -> int:
+    """Pixels per visual token side after the merge: a fact of the family's format class."""
+    from vlmdet.formats.base import format_class
+
+    return format_class(family).factor
+
+
+def visual_tokens(width: int, height: int, family: str, min_pixels: int, max_pixels: int) -> int:
+    f = factor(family)
+    h, w = smart_resize(height, width, factor=f, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // f) * (w // f)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vlmdet.config import ConfigError, ModelConfig
+from vlmdet.config.settings import ConfigError, ModelConfig
 from vlmdet.formats.resize import pixel_budget
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

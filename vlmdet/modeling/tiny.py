@@ -91,9 +91,7 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_vl", size: str = "mic
                      min_pixels: int = 64 * 28 * 28, max_pixels: int = 256 * 28 * 28) -> Path:
     """Write a random tiny model of `family` with its processor to `out`; returns the folder."""
     if family != "qwen2_vl":
-        from vlmdet.modeling import tiny_families  # Qwen2.5-VL and Qwen3-VL stand-ins
-
-        return tiny_families.build(out, family=family, size=size, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
+        return build_family(out, family=family, size=size, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
     out = Path(out)
     if (out / "config.json").is_file():
         return out
@@ -114,3 +112,113 @@ def save_random(model_cls, config, processor, out: Path, seed: int) -> Path:
     processor.save_pretrained(tmp)
     tmp.replace(out)
     return out
+
+
+# --- Qwen2.5-VL and Qwen3-VL ----------------------------------------------------------------------
+# Tiny random Qwen2.5-VL and Qwen3-VL models with their real processor classes, built in-process.
+#
+# Same idea as `tiny.py` (Qwen2-VL): a few layers, a locally trained tokenizer with the Qwen special
+# tokens, saved to a folder that loads through `from_pretrained`. What differs per family, and is
+# why this module exists rather than a config switch:
+#
+# - Qwen2.5-VL: 14 px patches, windowed vision attention (`window_size`, `fullatt_block_indexes`),
+#   Qwen2-VL's chat template (a default system prompt), `Qwen2_5_VLProcessor`.
+# - Qwen3-VL: 16 px patches (resize factor 32), learned vision position embeddings interpolated
+#   over the grid, "deepstack" features from vision layers fed to the first text layers,
+#   interleaved M-RoPE, explicit `head_dim`, no default system prompt in the chat template, image
+#   mean/std 0.5, `Qwen3VLProcessor` with `Qwen3VLVideoProcessor`, and `mm_token_type_ids`, which
+#   the processor returns and the model needs to place M-RoPE positions.
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+# Qwen3-VL-Instruct's chat template without tools, video and vision ids: unlike Qwen2-VL it adds
+# no system prompt of its own.
+QWEN3_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _check(family: str, size: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} has no tiny builder here; choose one of {FAMILIES} "
+                         f"(qwen2_vl: build_tiny_model)")
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not a tiny model size; choose one of {list(SIZES)}")
+
+
+def _family_processor(family: str, min_pixels: int, max_pixels: int) -> transformers.ProcessorMixin:
+    """The family's real processor classes around a locally trained tokenizer."""
+    _check(family, "micro")
+    tok = build_tokenizer()
+    if family == "qwen2_5_vl":
+        ip = transformers.Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+        return transformers.Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok,
+                                                video_processor=transformers.Qwen2VLVideoProcessor(),
+                                                chat_template=CHAT_TEMPLATE)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    # Qwen3-VL's preprocessor_config: 16 px patches merged 2x2, mean/std 0.5 (not CLIP's).
+    ip = transformers.Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                            image_std=[0.5] * 3, min_pixels=min_pixels, max_pixels=max_pixels)
+    return transformers.Qwen3VLProcessor(image_processor=ip, tokenizer=tok,
+                                         video_processor=transformers.Qwen3VLVideoProcessor(),
+                                         chat_template=QWEN3_CHAT_TEMPLATE)
+
+
+def _token_ids(tokenizer) -> dict:
+    return {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+
+
+def _family_config(family: str, tokenizer, size: str = "micro") -> transformers.PretrainedConfig:
+    _check(family, size)
+    s = SIZES[size]
+    head_dim = s["hidden"] // s["heads"]
+    half = head_dim // 2  # rotary frequencies, split over (temporal, height, width) by mrope_section
+    text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=s["inter"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id)
+    if family == "qwen2_5_vl":
+        mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # Qwen2.5-VL-7B: [16, 24, 24] of 64
+        text.update(rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0},
+                    eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None)
+        # window_size is in pixels: 56 px = 2x2 merged tokens a window, so a 64-token image has
+        # several windows and the window/full attention split really runs.
+        vision = dict(depth=s["v_depth"], hidden_size=s["v_dim"], intermediate_size=2 * s["v_dim"],
+                      num_heads=s["v_heads"], out_hidden_size=s["hidden"], window_size=56,
+                      fullatt_block_indexes=[s["v_depth"] - 1])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                             **_token_ids(tokenizer))
+    # Qwen3-VL interleaves H and W frequencies every third index (recomposition_frequencies), so
+    # each may take at most a third of them: Qwen3-VL: [24, 20, 20] of 64.
+    hw = half * 20 // 64 or 1
+    text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "mrope_section": [half - 2 * hw, hw, hw],
+                                                    "mrope_interleaved": True, "rope_theta": 5000000.0})
+    depth = s["v_depth"]
+    # Deepstack: features after these vision layers are added to the first len(...) text layers.
+    deepstack = list(range(1, depth))[: min(3, s["layers"])]
+    vision = dict(depth=depth, hidden_size=s["v_dim"], intermediate_size=2 * s["v_dim"], num_heads=s["v_heads"],
+                  out_hidden_size=s["hidden"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=64, deepstack_visual_indexes=deepstack)  # 8x8 learned grid, interpolated
+    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                      **_token_ids(tokenizer))
+
+
+def build_family(out: str | Path, family: str, size: str = "micro", seed: int = 0, min_pixels: int = 64 * 28 * 28,
+          max_pixels: int = 256 * 28 * 28) -> Path:
+    """Write a random tiny `family` model with its processor to `out` (kept if already built)."""
+    _check(family, size)
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    processor = _family_processor(family, min_pixels, max_pixels)
+    config = _family_config(family, processor.tokenizer, size)
+    cls = (transformers.Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
+           else transformers.Qwen3VLForConditionalGeneration)
+    return save_random(cls, config, processor, out, seed)

@@ -8,11 +8,11 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from vlmdet.carried import config_for_model
-from vlmdet.config import RunConfig
+from vlmdet.modeling.carried import config_for_model
+from vlmdet.config.settings import RunConfig
 from vlmdet.data.images import ImageError, open_image
 from vlmdet.modeling.load import adapter_base, check_model_source, is_adapter
-from vlmdet.prediction.draw import draw
+from vlmdet.data.draw import draw
 from vlmdet.prediction.load import load_detector
 
 log = logging.getLogger(__name__)

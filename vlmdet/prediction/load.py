@@ -2,7 +2,7 @@
 the model it already holds with `make_detector`)."""
 from __future__ import annotations
 
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.formats import get_format
 from vlmdet.modeling.load import load_for_inference
 from vlmdet.prediction.predict import Detector
@@ -17,6 +17,6 @@ def make_detector(model, processor, config: RunConfig) -> Detector:
 
 def load_detector(model_path: str, config: RunConfig) -> Detector:
     """Load `model_path` (merged folder, adapter folder or base) as `config.model` says and wrap it.
-    The caller resolves the settings the model carries first (vlmdet.carried)."""
+    The caller resolves the settings the model carries first (vlmdet.modeling.carried)."""
     model, processor = load_for_inference(model_path, config.model)
     return make_detector(model, processor, config)

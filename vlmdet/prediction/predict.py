@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmdet.formats import Box, BoxFormat
-from vlmdet.samples import user_message
+from vlmdet.data.samples import user_message
 
 
 @dataclass

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vlmdet.config import ConfigError, RunConfig
+from vlmdet.config.settings import ConfigError, RunConfig
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import PermanentPublishError, PublishError, TargetChangedError, TransientPublishError
 from vlmdet.publishing.files import check_pinned, check_staged, make_run_id, pinned_names, plan
-from vlmdet.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
+from vlmdet.run.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
 
 __all__ = ["publish", "read_champion", "parse_target", "PublishError", "PermanentPublishError",
            "TransientPublishError", "TargetChangedError", "make_run_id"]

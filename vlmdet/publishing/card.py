@@ -4,7 +4,7 @@ The card is what the Hub shows and indexes: its `model-index` carries mAP, mAP50
 named split, with the Hub dataset's commit as `dataset.revision` (None for local data) and the
 evaluation data's fingerprint in `dataset.args.fingerprint`, so the next run's gate can tell
 whether the champion was measured on the same data. The provenance (dataset and base-model
-revisions, library versions; vlmdet.provenance) is in the front matter, the body and vlmdet.json. `vlmdet.json` holds the same facts in full
+revisions, library versions; vlmdet.run.provenance) is in the front matter, the body and vlmdet.json. `vlmdet.json` holds the same facts in full
 (config, metrics, fingerprint, gate) for machines; the card is the source of truth when both exist
 because it is the file people edit on the Hub.
 """
@@ -21,15 +21,15 @@ import yaml
 from huggingface_hub import ModelCardData
 from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_results
 
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.formats.base import format_class
-from vlmdet.gate import decision_markdown
-from vlmdet.keys import REPO_ID
-from vlmdet.records import CONTENT, AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
+from vlmdet.decide.gate import decision_markdown
+from vlmdet.run.keys import REPO_ID
+from vlmdet.run.records import CONTENT, AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
+from vlmdet.modeling.carried import ANSWER_SETTINGS, META_FILE, read_meta
 
 log = logging.getLogger(__name__)
 
-META_FILE = "vlmdet.json"
 CARD_FILE = "README.md"
 LOSS_CURVE = "assets/loss_curve.png"
 PREVIEW = "assets/predictions.png"
@@ -37,7 +37,7 @@ GATE_PICTURE = "assets/gate_disagreements.png"
 PREDICTIONS = "eval/predictions.json"  # the published model's detections on its test split (COCO results)
 METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
 
-_REPO_ID = REPO_ID  # vlmdet.keys: one pattern for Hub ids
+_REPO_ID = REPO_ID  # vlmdet.run.keys: one pattern for Hub ids
 _HUB_SHA = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit; our fingerprints are 64 hex characters
 
 
@@ -413,10 +413,9 @@ def _why_unreadable(card_text: str | None, meta: dict | None, metrics: dict, con
 
 
 def _answer_problem(config: dict) -> str:
-    """Why the champion's answer settings (vlmdet/config.py, applies "answer") cannot all be taken from its
+    """Why the champion's answer settings (vlmdet/config/settings.py, applies "answer") cannot all be taken from its
     vlmdet.json `config` ("" when they can): it is evaluated with its own, every one of them, or not at all."""
-    from vlmdet.carried import ANSWER_SETTINGS
-    from vlmdet.config import ConfigError, settings
+    from vlmdet.config.settings import ConfigError, settings
     from vlmdet.formats import REGISTRY
 
     declared, theirs = settings(), {}
@@ -486,19 +485,6 @@ def _files_problem(files: list[str] | None) -> str:
         return (f"it has no {', no '.join(missing)}, which evaluating it loads from the same place as its weights "
                 "(the processor that save_pretrained writes)")
     return ""
-
-
-def read_meta(folder: str | Path) -> dict | None:
-    """The folder's vlmdet.json, or None where there is none or it is not a readable JSON object."""
-    meta = Path(folder) / META_FILE
-    if not meta.is_file():
-        return None
-    try:
-        data = json.loads(meta.read_text())
-    except (OSError, ValueError) as err:
-        log.warning("%s cannot be read (%s); ignored", meta, err)
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def base_model_id(configured: str, resolved: str | None) -> str:

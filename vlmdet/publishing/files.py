@@ -14,10 +14,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import PermanentPublishError
-from vlmdet.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, content_sha256,
+from vlmdet.run.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, content_sha256,
                             files_sha256, model_files)
 
 Source = Path | bytes

@@ -29,7 +29,7 @@ Reading the champion fails closed, and every fault is classified where it happen
   missing repo with a bad token: the Hub does not say which) and 403 ("fix the token"). It gives a
   Champion marked unreadable with fault TRANSPORT, which no setting replaces.
 Card, vlmdet.json, predictions and weights are all read at the one commit sha model_info named;
-fetching the predictions or the weights to measure the champion (vlmdet.champion) follows the same
+fetching the predictions or the weights to measure the champion (vlmdet.decide.champion) follows the same
 rule, and a transport fault there fails the step instead of passing for a champion without them.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import (PermanentPublishError, PublishError, TargetChangedError,
                                       TransientPublishError, scrub)
 from vlmdet.publishing.files import KEEP, Source
-from vlmdet.records import TRANSPORT, Champion, Publication
+from vlmdet.run.records import TRANSPORT, Champion, Publication
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -43,7 +43,7 @@ from typing import Callable, Iterator
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import PermanentPublishError, TargetChangedError
 from vlmdet.publishing.files import KEEP, Source
-from vlmdet.records import CONTENT, TRANSPORT, Champion, Publication
+from vlmdet.run.records import CONTENT, TRANSPORT, Champion, Publication
 
 # Files up to this size are hashed by content into the revision (the card, vlmdet.json, config.json,
 # processor files, predictions); larger ones (weights) by size and modification time only.

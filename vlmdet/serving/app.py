@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vlmdet.config import ServeConfig
+from vlmdet.config.settings import ServeConfig
 from vlmdet.serving.batcher import Batcher, Busy
 from vlmdet.serving.engine import Engine
 from vlmdet.serving.inputs import RequestError, check_pixels, decode, read_upload
@@ -191,7 +191,7 @@ class Uploads:
 
 
 def _drawn(image, boxes) -> str:
-    from vlmdet.prediction.draw import draw
+    from vlmdet.data.draw import draw
 
     buf = io.BytesIO()
     draw(image, boxes).save(buf, "JPEG", quality=90)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmdet.config import RunConfig
-from vlmdet.carried import config_for_model
-from vlmdet.evaluation import detector_for
+from vlmdet.config.settings import RunConfig
+from vlmdet.modeling.carried import config_for_model
+from vlmdet.prediction.evaluate import detector_for
 from vlmdet.formats.resize import smart_resize
 from vlmdet.modeling.load import ModelError
 from vlmdet.prediction.files import check_model

@@ -5,7 +5,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from vlmdet.config import ConfigError, RunConfig
+from vlmdet.config.settings import ConfigError, RunConfig
 from vlmdet.serving.engine import Engine
 from vlmdet.serving.source import ModelSource
 

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from vlmdet.keys import REPO_ID
+from vlmdet.run.keys import REPO_ID
 from vlmdet.modeling.load import ModelError
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
-"""Training progress for the parent of the train step (vlmdet.progress): optimizer step of total, loss."""
+"""Training progress for the parent of the train step (vlmdet.run.progress): optimizer step of total, loss."""
 from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from vlmdet.progress import ProgressWriter
+from vlmdet.run.progress import ProgressWriter
 
 
 class ProgressLines(TrainerCallback):

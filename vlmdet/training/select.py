@@ -68,9 +68,9 @@ def load_checkpoint_weights(model, folder: str | Path) -> None:
 def val_map(model, processor, config, split_json: str, max_images: int) -> dict[str, float]:
     """COCO mAP of the model in memory on the first `max_images` images of the validation split."""
     from vlmdet.data.images import open_image
-    from vlmdet.metrics import coco_map, predictions_to_coco
+    from vlmdet.decide.metrics import coco_map, predictions_to_coco
     from vlmdet.prediction.load import make_detector
-    from vlmdet.samples import load_split
+    from vlmdet.data.samples import load_split
 
     samples, coco = load_split(split_json)
     samples = samples[:max_images]
@@ -124,7 +124,7 @@ def select_checkpoint(model, processor, config, ckpt_dir: str | Path, log_histor
 
 
 def _has_boxes(split_json: str, max_images: int) -> bool:
-    from vlmdet.samples import load_split
+    from vlmdet.data.samples import load_split
 
     samples, _ = load_split(split_json)
     return any(s.boxes for s in samples[:max_images])

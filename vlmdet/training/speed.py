@@ -38,7 +38,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from vlmdet.formats.resize import smart_resize
+from vlmdet.formats.resize import factor, smart_resize
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class EveryTrainableWeightGetsAGradient(TrainerCallback):
         self.checked = True
         missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         if missing:
-            from vlmdet.config import ConfigError
+            from vlmdet.config.settings import ConfigError
 
             raise ConfigError(f"{len(missing)} trainable weight(s) got no gradient in the first step "
                               f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); with several "
@@ -157,19 +157,6 @@ def grouping_independent_of_gpus(sampler, args):
     if isinstance(sampler, LengthGroupedSampler):
         sampler.batch_size = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     return sampler
-
-
-def factor(family: str) -> int:
-    """Pixels per visual token side after the merge: a fact of the family's format class."""
-    from vlmdet.formats.base import format_class
-
-    return format_class(family).factor
-
-
-def visual_tokens(width: int, height: int, family: str, min_pixels: int, max_pixels: int) -> int:
-    f = factor(family)
-    h, w = smart_resize(height, width, factor=f, min_pixels=min_pixels, max_pixels=max_pixels)
-    return (h // f) * (w // f)
 
 
 def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int, max_pixels: int,

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 
-from vlmdet import tracking
-from vlmdet.config import RunConfig
+from vlmdet.run import tracking
+from vlmdet.config.settings import RunConfig
 from vlmdet.formats import get_format
+from vlmdet.formats.resize import visual_tokens
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base, torch_dtype
-from vlmdet.records import AdapterRef, DatasetRef
-from vlmdet.samples import load_split, training_example
-from vlmdet.timeline import folder_bytes, phase
+from vlmdet.run.records import AdapterRef, DatasetRef
+from vlmdet.data.samples import load_split, training_example
+from vlmdet.run.timeline import folder_bytes, phase
 from vlmdet.training import faults, select, speed
 from vlmdet.training.precision import set_adapter_dtype  # noqa: F401 - also imported from here
-from vlmdet.training.profiles import TRAINED_WITH, accumulation_per_process
+from vlmdet.config.profiles import TRAINED_WITH, accumulation_per_process
 from vlmdet.training.progress import ProgressLines
 from transformers import TrainerCallback  # already imported by faults; the step counter below is one
 
@@ -61,7 +62,7 @@ def add_speed_columns(rows: list[dict], samples: list, config: RunConfig, image_
     if config.train.group_by_length:
         for row, s in zip(rows, samples):  # visual tokens dominate; the answer's characters bound its tokens
             answer = row["completion"][0]["content"][0]["text"]
-            row["length"] = speed.visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) + len(answer)
+            row["length"] = visual_tokens(s.width, s.height, m.family, m.min_pixels, m.max_pixels) + len(answer)
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -112,7 +113,7 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
-        # the trainer's own integration logs the loss, learning rate and val loss per step (vlmdet.tracking)
+        # the trainer's own integration logs the loss, learning rate and val loss per step (vlmdet.run.tracking)
         report_to=tracking.report_to(config),
         run_name=f"{config.name} {out.name}",  # the tracker run: the preset and the training folder (its key)
         project="vlmdet",  # trackio's project
@@ -186,7 +187,7 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
     counter = StepCounter()
     trainer.add_callback(counter)
     trainer.add_callback(TrackerRecord(config, out))
-    trainer.add_callback(ProgressLines())  # step of total and loss, for the parent's progress (vlmdet.progress)
+    trainer.add_callback(ProgressLines())  # step of total and loss, for the parent's progress (vlmdet.run.progress)
     # under bf16 autocast (Accelerate wraps the forward in it for mixed precision): fp32 LoRA weights, bf16 inputs
     amp = trainer.accelerator
     with speed.adapter_inputs_uncast(trainer.model, autocast=amp.native_amp and amp.mixed_precision == "bf16"), \
@@ -206,13 +207,13 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
         if trainer.is_world_process_zero():  # one GPU's process writes; the others would race on the same files
             processor.save_pretrained(str(adapter_dir))
             # how the base was loaded for training (a speed profile may differ from the preset): evaluation
-            # of this adapter loads the base the same way (vlmdet.carried.trained_with)
+            # of this adapter loads the base the same way (vlmdet.modeling.carried.trained_with)
             (adapter_dir / TRAINED_WITH).write_text(json.dumps({"profile": config.train.profile,
                                                                 "model": config.to_dict()["model"]}, indent=1))
             (out / "log_history.json").write_text(json.dumps(history, indent=1))
             curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
     with phase("provenance"):  # what the adapter was trained from: data, configuration, base and code
-        from vlmdet.provenance import provenance
+        from vlmdet.run.provenance import provenance
 
         made_from = provenance(dataset, config, base)
     return AdapterRef(path=str(adapter_dir.resolve()), base_model=base, family=config.model.family,
@@ -278,7 +279,7 @@ class StepCounter(TrainerCallback):
 
 
 class TrackerRecord(TrainerCallback):
-    """Records where the trainer's tracker integration logs (vlmdet.tracking.record_location) once training
+    """Records where the trainer's tracker integration logs (vlmdet.run.tracking.record_location) once training
     begins: added after the trainer's report_to callbacks, it runs after they started their run."""
 
     def __init__(self, config: RunConfig, out: Path) -> None:

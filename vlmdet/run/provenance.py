@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import RunConfig
-from vlmdet.records import DatasetRef
+from vlmdet.config.settings import RunConfig
+from vlmdet.run.records import DatasetRef
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "vlmdet")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -45,7 +45,7 @@ def base_model_record(base: str, resolved: str) -> dict[str, Any]:
     """{"id", "revision", "files_hash"}: revision is a Hub commit sha for a Hub id (None if it cannot
     be known); a local folder has no Hub revision, so a hash of its files names it instead (a folder
     inside the HF cache, .../snapshots/<sha>, does have one)."""
-    from vlmdet.keys import REPO_ID, hub_revision
+    from vlmdet.run.keys import REPO_ID, hub_revision
 
     path = Path(resolved)
     if path.is_dir():

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import RunConfig, keys_where, names_where
+from vlmdet.config.settings import RunConfig, keys_where, names_where
 
 
 def _hash(obj: Any) -> str:
@@ -44,7 +44,7 @@ def training_key(config: RunConfig, data_fingerprint: str) -> str:
                   "selection": selection})
 
 
-# Derived from the roles declared with each field (vlmdet/config.py): settings that change how fast a
+# Derived from the roles declared with each field (vlmdet/config/settings.py): settings that change how fast a
 # step runs, never what it produces.
 TRAIN_EXECUTION_ONLY = names_where("train", role="execution")
 EVAL_EXECUTION_ONLY = names_where("eval", role="execution")

@@ -1,8 +1,8 @@
 """Each step of a run as a plain call into its run-folder place: what the Prefect tasks wrap (adding
 retries, caching and artifacts) and what the CLI and the GPU benchmark run as they are.
 
-Heavy steps (train, evaluate, merge) run in a child process (vlmdet.runner.run_step); each writes the
-marker of its key beside its output (vlmdet.layout) once complete.
+Heavy steps (train, evaluate, merge) run in a child process (vlmdet.run.runner.run_step); each writes the
+marker of its key beside its output (vlmdet.run.layout) once complete.
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import logging
 import os
 from typing import Callable
 
-from vlmdet.champion import (champion_config, champion_model, needs_measuring, published_predictions, reuse_report,
+from vlmdet.decide.champion import (champion_config, champion_model, needs_measuring, published_predictions, reuse_report,
                              was_evaluated)
-from vlmdet.config import RunConfig
-from vlmdet.gate import Champion, compare, decide, decision_markdown, disagreement_picture
-from vlmdet.keys import source_revision, source_stamp, stamp_revision, write_marker
-from vlmdet.layout import RunLayout
-from vlmdet.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, atomic_write_text
-from vlmdet.runner import OnProgress, plan_processes, run_step
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.gate import Champion, compare, decide, decision_markdown, disagreement_picture
+from vlmdet.run.keys import source_revision, source_stamp, stamp_revision, write_marker
+from vlmdet.run.layout import RunLayout
+from vlmdet.run.records import AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, atomic_write_text
+from vlmdet.run.runner import OnProgress, plan_processes, run_step
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def prepare(config: RunConfig, layout: RunLayout, stamp: str | None = None) -> D
 def train(dataset: DatasetRef, config: RunConfig, layout: RunLayout, fresh: bool = False,
           env: dict[str, str] | None = None, on_progress: OnProgress | None = None) -> AdapterRef:
     """QLoRA fine-tuning in a child (accelerate launch over the visible GPUs); config already resolved.
-    on_progress(fraction, text): the optimizer step of total and the loss while it trains (vlmdet.runner)."""
+    on_progress(fraction, text): the optimizer step of total and the loss while it trains (vlmdet.run.runner)."""
     processes, plan_env = plan_processes(config.train.num_processes)
     out = layout.train_dir(dataset, config, fresh)
     record = run_step("train", {"dataset": dataset.to_dict(), "config": config.to_dict(), "out": str(out)},
@@ -56,7 +56,7 @@ def train(dataset: DatasetRef, config: RunConfig, layout: RunLayout, fresh: bool
 def evaluate(model: str, dataset: DatasetRef, config: RunConfig, layout: RunLayout, name: str = "adapter",
              env: dict[str, str] | None = None, on_progress: OnProgress | None = None) -> EvalReport:
     """COCO mAP of `model` (adapter, merged or base) on config.eval.split, one process per GPU.
-    on_progress(fraction, text): the images detected of total while it runs (vlmdet.runner)."""
+    on_progress(fraction, text): the images detected of total while it runs (vlmdet.run.runner)."""
     out = layout.eval_dir(name)
     processes, plan_env = plan_processes(config.eval.num_processes, setting="eval.num_processes")
     record = run_step("evaluate", {"model": model, "dataset": dataset.to_dict(), "config": config.to_dict(),
@@ -71,7 +71,7 @@ def evaluate(model: str, dataset: DatasetRef, config: RunConfig, layout: RunLayo
 def merge(adapter: AdapterRef, dataset: DatasetRef, config: RunConfig, layout: RunLayout,
           env: dict[str, str] | None = None) -> MergedRef:
     """The adapter merged into the unquantized base, checked against base + adapter on test images, into
-    merged/<id> of its own (vlmdet.layout); pinned by its files' hashes (MergedRef). A complete merge of
+    merged/<id> of its own (vlmdet.run.layout); pinned by its files' hashes (MergedRef). A complete merge of
     the same adapter is reused, never rewritten: a run next to this one may have gated it."""
     out = layout.merge_dir(adapter, dataset, config)
     with layout.merging(out):

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from vlmdet.carried import ANSWER_SETTINGS, answer_settings, held_answer_settings
-from vlmdet.config import RunConfig
+from vlmdet.modeling.carried import ANSWER_SETTINGS, answer_settings, held_answer_settings
+from vlmdet.config.settings import RunConfig
 from vlmdet.publishing.card import PREDICTIONS
-from vlmdet.records import Champion, EvalReport
+from vlmdet.run.records import Champion, EvalReport
 
 if TYPE_CHECKING:  # the Hub client is imported only where a Hub champion is fetched
     from vlmdet.publishing.hub import RetryPolicy
@@ -30,7 +30,7 @@ def needs_measuring(champion: Champion | None) -> bool:
 
 
 def champion_config(champion: Champion, config: RunConfig) -> RunConfig:
-    """Today's configuration with every one of the champion's own answer settings (vlmdet.carried:
+    """Today's configuration with every one of the champion's own answer settings (vlmdet.modeling.carried:
     family, pixel budget, prompt, category, answer length, ...), to evaluate it. A champion lacking one
     is not judged by today's (after a family, prompt or category change it would score ~0 and be
     replaced); reading it already marked it unreadable (publishing.card), so this only guards the call."""

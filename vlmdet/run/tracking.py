@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 
 log = logging.getLogger(__name__)
 RECORD = "tracker.json"  # in the training folder: which tracker run the training logged to
@@ -33,7 +33,7 @@ def report_to(config: RunConfig) -> str | list[str]:
 
 
 def _workdir(train_dir: Path) -> Path:
-    return train_dir.parent.parent  # vlmdet.layout: WORKDIR/train/<training key>
+    return train_dir.parent.parent  # vlmdet.run.layout: WORKDIR/train/<training key>
 
 
 def mlflow_store(train_dir: Path) -> str:
@@ -155,7 +155,7 @@ def run_texts(summary: Any, flow_run_id: str | None, flow_run_url: str | None) -
 
 def log_run(summary: Any, config: RunConfig, flow_run_id: str | None = None,
             flow_run_url: str | None = None) -> dict[str, Any]:
-    """Log the run's numbers (vlmdet.pipeline.RunSummary) to the tracker run its training logged to.
+    """Log the run's numbers (vlmdet.pipeline.run.RunSummary) to the tracker run its training logged to.
 
     Returns where that run is (summary.json's `tracker`); {} with train.report_to=none. A tracker that
     cannot be written is a warning, never a failed run: the model may already be published."""

@@ -2,12 +2,12 @@
 
 Three drivers run it: flows/retrain.py passes Prefect tasks as the steps (retries, caching,
 artifacts, persisted results), `vlmdet train`/`evaluate` and benchmarks/nightly_run.py pass plain
-calls (vlmdet.runsteps.PlainSteps). What this module owns, so that a change to it is one edit:
+calls (vlmdet.pipeline.steps.PlainSteps). What this module owns, so that a change to it is one edit:
 
 - the configuration, resolved once up front (`resolve`): preset + overrides, inputs checked before
   any data or GPU work, the check-run guard, and train.profile (auto: from the GPU's free memory).
   The resolved configuration is what every step gets and what WORKDIR/config.json records;
-- the run folder (vlmdet.layout.RunLayout);
+- the run folder (vlmdet.run.layout.RunLayout);
 - the step sequence and its branches (`run`): the gate sees the champion measured on today's test
   images; a passing adapter is merged, the merged model measured and gated again, then published;
 - the run summary (`RunSummary`, WORKDIR/summary.json, docs in DESIGN.md "Contracts").
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlmdet import timeline, tracking
-from vlmdet.config import RunConfig, guard_check_run, load_preset
-from vlmdet.gate import Champion, clears_threshold
-from vlmdet.keys import decision_settings, evaluation_key
-from vlmdet.layout import RunLayout
+from vlmdet.run import timeline, tracking
+from vlmdet.config.settings import RunConfig, guard_check_run, load_preset
+from vlmdet.decide.gate import Champion, clears_threshold
+from vlmdet.run.keys import decision_settings, evaluation_key
+from vlmdet.run.layout import RunLayout
 from vlmdet.publishing.files import check_folder
-from vlmdet.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, Record,
+from vlmdet.run.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, Record,
                             write_json)
 
 __all__ = ["RunLayout", "Resolved", "Steps", "RunSummary", "configure", "resolve", "run", "trained"]
@@ -73,7 +73,7 @@ class Resolved:
 def resolve(preset: str, overrides: dict[str, Any] | None = None, threshold: float | None = None,
             dataset: str | None = None, free_gib: float | None | str = "query") -> Resolved:
     """The configuration the run uses, decided once: checked, guarded, the speed profile applied."""
-    from vlmdet.training import profiles
+    from vlmdet.config import profiles
 
     config = configure(preset, overrides, threshold, dataset)
     config, note = guard_check_run(config, set(overrides or {}))
@@ -138,7 +138,7 @@ class RunSummary(Record):
     from_cache: bool = False
     skip_reason: str | None = None
     tracker: dict[str, Any] = field(default_factory=dict)  # where the run is in train.report_to's tracker
-    # where each step child's seconds went (vlmdet.timeline), and the same as a picture
+    # where each step child's seconds went (vlmdet.run.timeline), and the same as a picture
     timeline: list[dict[str, Any]] = field(default_factory=list)
     timeline_picture: str | None = None
 

@@ -7,8 +7,8 @@ one has to see it, so each step child records its phases:
     with phase("load weights", nbytes=folder_bytes(base)):
         model = load_model(...)
 
-and the parent (vlmdet.runner.run_step) adds what only it can see: the seconds from starting the
-child to its first line of step code (interpreter start-up and the imports of vlmdet.steps) and from
+and the parent (vlmdet.run.runner.run_step) adds what only it can see: the seconds from starting the
+child to its first line of step code (interpreter start-up and the imports of vlmdet.pipeline.child) and from
 the child's result to its exit (tearing down CUDA and the interpreter). The result is
 STEP_DIR/timeline.json:
 

@@ -3,7 +3,7 @@
 The champion is the model now at the target. Its card's numbers may come from other data (the
 data changed, which is why the flow retrained), so the flow evaluates the champion again on
 today's test split, and `compare` scores both models' detections on the same images: a paired
-bootstrap over test images (vlmdet.bootstrap) gives the probability that the new model is better
+bootstrap over test images (vlmdet.decide.bootstrap) gives the probability that the new model is better
 and a 95% interval of the difference. `decide` then publishes only when the metric clears
 `gate.threshold` and that probability reaches `gate.min_probability`. Only a target without a
 champion (missing or empty) is decided by the threshold alone; a champion that could not be read,
@@ -16,12 +16,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmdet.bootstrap import Matches, match, paired_bootstrap, per_image_ap
-from vlmdet.config import GateConfig
-from vlmdet.records import CONTENT, TRANSPORT, Champion, EvalReport, GateDecision
+from vlmdet.decide.bootstrap import Matches, match, paired_bootstrap, per_image_ap
+from vlmdet.config.settings import GateConfig
+from vlmdet.run.records import CONTENT, TRANSPORT, Champion, EvalReport, GateDecision
 
 __all__ = ["Champion", "Comparison", "compare", "decide", "clears_threshold", "decision_markdown",
-           "disagreement_picture"]  # Champion lives in vlmdet.records; re-exported for older imports
+           "disagreement_picture"]  # Champion lives in vlmdet.run.records; re-exported for older imports
 
 
 @dataclass
@@ -190,8 +190,8 @@ def disagreement_picture(comparison: Comparison, gt_path: str | Path, champion_r
 
     from vlmdet.data.images import open_image
     from vlmdet.formats import Box
-    from vlmdet.prediction.draw import draw
-    from vlmdet.samples import load_split
+    from vlmdet.data.draw import draw
+    from vlmdet.data.samples import load_split
 
     if not comparison.disagreements:
         return None

@@ -11,7 +11,7 @@
     WORKDIR/gate/<name>                  decision.md and the disagreement picture
     WORKDIR/summary.json, last_success.json, .prefect-results
 
-Each heavy step's key covers its output folder and every input (vlmdet.keys); a marker file beside
+Each heavy step's key covers its output folder and every input (vlmdet.run.keys); a marker file beside
 the output records which key produced it, so a cache (Prefect's) is trusted only while the folder
 still holds that output: Prefect keeps the result record, not the files it points to.
 """
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from vlmdet.config import RunConfig
-from vlmdet.keys import EVAL_EXECUTION_ONLY, data_key, marker_matches, path_stamp, step_key, training_key
-from vlmdet.records import AdapterRef, DatasetRef, MergedRef
+from vlmdet.config.settings import RunConfig
+from vlmdet.run.keys import EVAL_EXECUTION_ONLY, data_key, marker_matches, path_stamp, step_key, training_key
+from vlmdet.run.records import AdapterRef, DatasetRef, MergedRef
 
 log = logging.getLogger(__name__)
 _MERGE_ID = re.compile(r"[0-9a-f]{16}")  # merged/<id>: the hash part of a merge key (keys.step_key)
@@ -83,9 +83,9 @@ class RunLayout:
     def train_dir(self, dataset: DatasetRef, config: RunConfig, fresh: bool = False) -> Path:
         if config.train.profile == "auto":
             # the folder is named by what the profile sets (quantization, batch split): resolve it first,
-            # once, where the run starts (vlmdet.pipeline.resolve), so every step sees the same choice
+            # once, where the run starts (vlmdet.pipeline.run.resolve), so every step sees the same choice
             raise ValueError("train.profile=auto reached the run layout unresolved; resolve the configuration "
-                             "with vlmdet.pipeline.resolve (or training.profiles.resolve) first")
+                             "with vlmdet.pipeline.run.resolve (or training.profiles.resolve) first")
         key = training_key(config, dataset.fingerprint)
         return self.path("train", key + (f"-{self.run_id}" if fresh else ""))
 
@@ -146,7 +146,7 @@ class RunLayout:
     @contextlib.contextmanager
     def holding(self, folder: Path) -> Iterator[None]:
         """Keep merged/<id> (and its record) from being removed while this run needs it: a shared flock on
-        merged/<id>.lock, from before the merge until the publish returns (vlmdet.pipeline). The kernel
+        merged/<id>.lock, from before the merge until the publish returns (vlmdet.pipeline.run). The kernel
         drops it when the process ends, so a crashed run holds nothing."""
         lock = folder.with_name(folder.name + ".lock")
         lock.parent.mkdir(parents=True, exist_ok=True)

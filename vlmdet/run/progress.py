@@ -1,7 +1,7 @@
 """How far a step's child process is, as lines its parent follows while it waits.
 
 The child (training steps, evaluation images) appends one JSON line to the file named by
-VLMDET_PROGRESS, which vlmdet.runner sets to STEP_DIR/progress.jsonl:
+VLMDET_PROGRESS, which vlmdet.run.runner sets to STEP_DIR/progress.jsonl:
 
     {"done": 3, "total": 20, "unit": "step", "loss": 1.2345}
 

@@ -6,16 +6,16 @@ import os
 import time
 from pathlib import Path
 
-from vlmdet import timeline
-from vlmdet.carried import trained_with
-from vlmdet.config import RunConfig
-from vlmdet.metrics import coco_map, predictions_to_coco
-from vlmdet.prediction.draw import draw, grid
+from vlmdet.run import timeline
+from vlmdet.modeling.carried import trained_with
+from vlmdet.config.settings import RunConfig
+from vlmdet.decide.metrics import coco_map, predictions_to_coco
+from vlmdet.data.draw import draw, grid
 from vlmdet.prediction.load import load_detector
 from vlmdet.prediction.predict import Detector
-from vlmdet.progress import ProgressWriter
-from vlmdet.records import DatasetRef, EvalReport, write_json
-from vlmdet.samples import load_split
+from vlmdet.run.progress import ProgressWriter
+from vlmdet.run.records import DatasetRef, EvalReport, write_json
+from vlmdet.data.samples import load_split
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str,
     GPU) each rank detects every Nth image and all ranks receive all predictions. progress: where
     the main rank reports images done (its own count times N: the ranks move at one pace)."""
     from vlmdet.data.images import open_image
-    from vlmdet.training.speed import visual_tokens
+    from vlmdet.formats.resize import visual_tokens
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     mine = samples[rank::world]

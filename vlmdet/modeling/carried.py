@@ -9,7 +9,7 @@ vlmdet.json) says about how it must be run, laid over a configuration.
 - `config_for_model`: what `vlmdet predict` and `vlmdet serve` detect with: family and pixel budget
   from the folder, prompt and category from its vlmdet.json, unless given explicitly.
 
-Which settings each of these covers is declared with the fields (vlmdet/config.py `applies`).
+Which settings each of these covers is declared with the fields (vlmdet/config/settings.py `applies`).
 """
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config import RunConfig, keys_where, names_where
+from vlmdet.config.settings import RunConfig, keys_where, names_where
 
 log = logging.getLogger(__name__)
+
+META_FILE = "vlmdet.json"  # what a published model carries beside its weights: its run's settings and numbers
 
 
 def trained_with(model_path: str, config: RunConfig) -> RunConfig:
@@ -28,7 +30,7 @@ def trained_with(model_path: str, config: RunConfig) -> RunConfig:
 
     The train step applies a speed profile (train.profile) the preset does not show: an adapter
     trained on the bf16 base (profile large) is measured on the bf16 base, not on the preset's 4-bit one."""
-    from vlmdet.training.profiles import TRAINED_WITH
+    from vlmdet.config.profiles import TRAINED_WITH
 
     path = Path(model_path) / TRAINED_WITH
     if not path.is_file():
@@ -39,7 +41,7 @@ def trained_with(model_path: str, config: RunConfig) -> RunConfig:
 
 
 # How a merged model answers (family, pixel budget, prompt, category, answer length, ...; declared with
-# each field, vlmdet/config.py applies=("answer",)): a champion is evaluated with its own, all of them.
+# each field, vlmdet/config/settings.py applies=("answer",)): a champion is evaluated with its own, all of them.
 ANSWER_SETTINGS = keys_where(applies="answer")
 
 
@@ -68,14 +70,13 @@ def answer_settings(run_config: dict[str, Any] | None, config: RunConfig) -> Run
 
 # What a published model was trained to answer: the publish step writes them into its vlmdet.json
 # (the run's whole config). Another prompt or category gives worse boxes without any error.
-# Declared with each field (vlmdet/config.py, applies=("published",)).
+# Declared with each field (vlmdet/config/settings.py, applies=("published",)).
 PUBLISHED_SETTINGS = {key: tuple(key.split(".")) for key in keys_where(applies="published")}
 
 
 def published_settings(model_path: str) -> dict[str, str]:
     """{dotted key: value} of PUBLISHED_SETTINGS from the model folder's vlmdet.json; {} for a folder
     without one (an adapter, a merged folder not yet published, a plain base) or an unreadable one."""
-    from vlmdet.publishing.card import read_meta
 
     meta = read_meta(model_path) or {}
     run = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -95,7 +96,6 @@ def config_for_model(model_path: str, config: RunConfig, explicit: set[str] = fr
     category it was published with (its vlmdet.json), unless set in `explicit` (the dotted keys the
     user gave): what `vlmdet predict` and `vlmdet serve` detect with. Logs where prompt and category came from."""
     from vlmdet.modeling.load import family_of, saved_pixel_budget
-    from vlmdet.publishing.card import META_FILE
 
     overrides = {}
     if "model.family" not in explicit:
@@ -115,3 +115,16 @@ def config_for_model(model_path: str, config: RunConfig, explicit: set[str] = fr
     log.info("prompt %r: %s; category %r: %s", config.model.prompt, sources["model.prompt"], config.data.category,
              sources["data.category"])
     return config
+
+
+def read_meta(folder: str | Path) -> dict | None:
+    """The folder's vlmdet.json, or None where there is none or it is not a readable JSON object."""
+    meta = Path(folder) / META_FILE
+    if not meta.is_file():
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s cannot be read (%s); ignored", meta, err)
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,4 +1,4 @@
-"""Entry point of the child processes: `python -m vlmdet.steps STEP REQUEST.json RESULT.json`.
+"""Entry point of the child processes: `python -m vlmdet.pipeline.child STEP REQUEST.json RESULT.json`.
 
 Each step reads its input records from the request, calls one library function and writes
 {"record": ...} or {"kind": "oom"|"config"|"error", "message": ..., "traceback": ...}.
@@ -14,9 +14,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmdet.config import ConfigError, RunConfig
-from vlmdet.records import AdapterRef, DatasetRef, write_json
-from vlmdet.timeline import phase, take
+from vlmdet.config.settings import ConfigError, RunConfig
+from vlmdet.run.records import AdapterRef, DatasetRef, write_json
+from vlmdet.run.timeline import phase, take
 
 
 def _train(req: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def _train(req: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate(req: dict[str, Any]) -> dict[str, Any]:
     with phase("imports"):
-        from vlmdet.evaluation import evaluate
+        from vlmdet.prediction.evaluate import evaluate
 
     return evaluate(req["model"], DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"]),
                     req["out"], split=req.get("split")).to_dict()
@@ -37,8 +37,8 @@ def _evaluate(req: dict[str, Any]) -> dict[str, Any]:
 def _merge(req: dict[str, Any]) -> dict[str, Any]:
     with phase("imports"):
         from vlmdet.data.images import open_image
-        from vlmdet.merging import merge
-        from vlmdet.samples import load_split
+        from vlmdet.publishing.merge import merge
+        from vlmdet.data.samples import load_split
 
     dataset = DatasetRef.from_dict(req["dataset"])
     with phase("decode images"):  # the few the merge checks its logits on
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         code = 1
     if rank0:
-        # where the step's seconds went (vlmdet.timeline); the parent adds start-up and exit
+        # where the step's seconds went (vlmdet.run.timeline); the parent adds start-up and exit
         write_json(result, {**out, "timeline": take(), "written": time.time()}, indent=1)
     return code
 

@@ -97,7 +97,7 @@ class AdapterRef(Record):
     steps_run: int | None = None  # optimizer steps this call executed (global_step minus the resumed step)
     selected_step: int | None = None  # the checkpoint the adapter was taken from (validation picks it)
     validation: dict[str, Any] = field(default_factory=dict)  # per-checkpoint val loss / mAP and the rule
-    provenance: dict[str, Any] = field(default_factory=dict)  # vlmdet.provenance.provenance()
+    provenance: dict[str, Any] = field(default_factory=dict)  # vlmdet.run.provenance.provenance()
 
 
 @dataclass

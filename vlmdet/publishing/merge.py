@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vlmdet.config import RunConfig
+from vlmdet.config.settings import RunConfig
 from vlmdet.modeling.load import adapter_base, check_safe_weights, load_model, load_processor, torch_dtype
 from vlmdet.prediction.predict import GREEDY, stop_token_ids
-from vlmdet.records import AdapterRef, MergedRef
-from vlmdet.samples import user_message
-from vlmdet.timeline import folder_bytes, phase
+from vlmdet.run.records import AdapterRef, MergedRef
+from vlmdet.data.samples import user_message
+from vlmdet.run.timeline import folder_bytes, phase
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmdet import progress, timeline
-from vlmdet.records import write_json
+from vlmdet.run import progress, timeline
+from vlmdet.run.records import write_json
 
 log = logging.getLogger(__name__)
 OnProgress = Callable[[float, str], None]  # (fraction done 0..1, what it is: "step 3/20, loss 1.2345")
@@ -49,8 +49,8 @@ def command(step: str, request: Path, result: Path, num_processes: int = 1) -> l
     if num_processes > 1:
         # accelerate starts one process per GPU (torchrun underneath); only rank 0 writes the result.
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-                "--module", "vlmdet.steps", step, str(request), str(result)]
-    return [sys.executable, "-m", "vlmdet.steps", step, str(request), str(result)]
+                "--module", "vlmdet.pipeline.child", step, str(request), str(result)]
+    return [sys.executable, "-m", "vlmdet.pipeline.child", step, str(request), str(result)]
 
 
 def plan_processes(requested: int, visible: int | None = None, environ: dict[str, str] | None = None,
@@ -61,7 +61,7 @@ def plan_processes(requested: int, visible: int | None = None, environ: dict[str
     nn.DataParallel, which it refuses. So N processes (accelerate launch) for N visible GPUs, and a
     request for fewer than are visible pins the first ones with CUDA_VISIBLE_DEVICES.
     """
-    from vlmdet.config import ConfigError
+    from vlmdet.config.settings import ConfigError
 
     environ = os.environ if environ is None else environ
     if visible is None:
@@ -136,7 +136,7 @@ def _gone(pid: int) -> bool:
 def kill_stale_child(step_dir: Path, wait_s: float = 10.0) -> bool:
     """Kill the process group of a step child left by a crashed parent (step_dir/child.pid).
 
-    Only a live process whose command line runs vlmdet.steps is touched: a pid can be reused by an
+    Only a live process whose command line runs vlmdet.pipeline.child is touched: a pid can be reused by an
     unrelated process after a reboot or a long time. Returns True when one was killed.
     """
     pidfile = step_dir / "child.pid"
@@ -144,7 +144,7 @@ def kill_stale_child(step_dir: Path, wait_s: float = 10.0) -> bool:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return False
-    if pid <= 1 or _gone(pid) or "vlmdet.steps" not in _cmdline(pid):
+    if pid <= 1 or _gone(pid) or "vlmdet.pipeline.child" not in _cmdline(pid):
         return False
     log.warning("step child %d from an earlier attempt is still running (its parent crashed); killing its "
                 "process group before starting again so two runs do not share the GPU and %s", pid, step_dir)
@@ -165,10 +165,10 @@ def kill_stale_child(step_dir: Path, wait_s: float = 10.0) -> bool:
 def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s: float,
              num_processes: int = 1, env: dict[str, str] | None = None,
              on_progress: OnProgress | None = None) -> dict[str, Any]:
-    """Run `python -m vlmdet.steps STEP` with `request`; return the record dict it wrote.
+    """Run `python -m vlmdet.pipeline.child STEP` with `request`; return the record dict it wrote.
 
     on_progress(fraction, text): called while the child runs, once for every line it appends to
-    STEP_DIR/progress.jsonl (vlmdet.progress: at most one a whole percent), and with 1.0 when the
+    STEP_DIR/progress.jsonl (vlmdet.run.progress: at most one a whole percent), and with 1.0 when the
     step succeeded. An error inside it is logged and never stops the step."""
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s
     res.unlink(missing_ok=True)
     progress_file = step_dir / progress.FILE
     progress_file.unlink(missing_ok=True)  # an earlier attempt's lines would read as this one's
-    spawned = time.time()  # the timeline's zero: start-up counts from here (vlmdet.timeline)
+    spawned = time.time()  # the timeline's zero: start-up counts from here (vlmdet.run.timeline)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", progress.ENV: str(progress_file),
                  timeline.SPAWNED_ENV: repr(spawned)}
     started = time.monotonic()

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from vlmdet.config import ConfigError, RunConfig
+from vlmdet.config.settings import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Run configuration: one dataclass per stage, each field with its default, its reason and its metadata.
 
-Presets (`vlmdet/presets/*.yaml`, which may extend another with `extends: NAME`) are data over these
+Presets (`vlmdet/config/presets/*.yaml`, which may extend another with `extends: NAME`) are data over these
 dataclasses. The CLI options (`--train.max_steps 10`) and the flow's `overrides` parameter are
 derived from the fields here, never re-typed, so a default lives in exactly one place.
 
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake: the message names the field, the value and the fix."""
 
 
-# What changing a setting changes; the keys of vlmdet/keys.py and the run-folder layout follow from it.
+# What changing a setting changes; the keys of vlmdet/run/keys.py and the run-folder layout follow from it.
 ROLES = {
     "learned": "what is trained: the data, the base, LoRA and training settings (part of the training key)",
     "measured": "how a model is measured: an evaluation's numbers (part of the evaluation key)",
@@ -213,7 +213,7 @@ class TrainConfig(_Section):
     save_total_limit: int = _f(2, "Keep this many checkpoints.", "learned")
     logging_steps: int = _f(1, "Log the loss every N steps.", "execution")
     report_to: str = _f("tensorboard", "Experiment tracker the trainer logs to (TRL's report_to), and the run's mAP, "
-                                       "gate decision, publication and Prefect flow run after it (vlmdet/tracking.py): "
+                                       "gate decision, publication and Prefect flow run after it (vlmdet/run/tracking.py): "
                                        "tensorboard (event files in the run folder, train/<key>/tensorboard), mlflow "
                                        "(MLFLOW_TRACKING_URI, else WORKDIR/mlflow.db), wandb, trackio, or none. All "
                                        "but tensorboard are extras: pip install vlmdet[mlflow].", "execution",
@@ -229,7 +229,7 @@ class TrainConfig(_Section):
                                        "lr<=1e-4 is below half a bf16 ulp of a LoRA weight and rounds to nothing "
                                        "(docs/recipe.md); bfloat16 reproduces that.", "learned",
                             choices=("float32", "bfloat16"))
-    # --- speed levers (vlmdet/training/profiles.py sets them together; benchmarks/RESULTS.md measures them) ---
+    # --- speed levers (vlmdet/config/profiles.py sets them together; benchmarks/RESULTS.md measures them) ---
     # profile is execution: what it changes (quantization, batch split, the levers) is in the fields it sets
     profile: str = _f("auto", "Speed/memory profile applied over the preset: auto (large when the GPU has >= 70 GiB "
                               "free, else qlora), qlora (4-bit base, peak <= 12 GiB), large (bf16 base, no "
@@ -543,7 +543,7 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """A preset by name (vlmdet/presets/NAME.yaml) or by path, then the overrides."""
+    """A preset by name (vlmdet/config/presets/NAME.yaml) or by path, then the overrides."""
     # A preset name wins; only then is the argument a path. Path.suffix cannot tell the two apart:
     # "qwen2.5-vl-7b-nutrition" has the suffix ".5-vl-7b-nutrition".
     path = Path(name_or_path)

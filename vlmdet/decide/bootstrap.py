@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmdet.metrics import _check_gt, _check_predictions, _load
+from vlmdet.decide.metrics import _check_gt, _check_predictions, _load
 
 # pycocotools' Params for bbox, written the same way so the floats are identical.
 IOU_THRS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1)
