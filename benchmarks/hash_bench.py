@@ -6,11 +6,11 @@ which reads every file again (a Hub target: the sha256 huggingface_hub computes 
 huggingface_hub >= 2 hashes a file when its `upload_info.sha256` is first read, the check reads it, one file
 after the other). New: the run's process hashes each file once (in parallel threads) and remembers the digest
 with the file's (dev, inode, size, mtime, ctime); a later check in that process re-reads only a file whose
-stat changed (vlmdet/publishing/files.py says what that catches and what it does not).
+stat changed (vlmdet/publishing/digests.py says what that catches and what it does not).
 
 The folder is shaped like a merged 7B (4 safetensors shards, config, tokenizer), scaled down to fit this
 machine's disk and page cache (default 4 x 512 MiB, printed). Its files are left alone for
-files.RACY_S + 0.5 s after writing, as a merged folder is during its evaluation (minutes): a file written
+digests.RACY_S + 0.5 s after writing, as a merged folder is during its evaluation (minutes): a file written
 within RACY_S of being hashed is never remembered.
 
     python benchmarks/hash_bench.py [--shards 4 --shard-mib 512 --repeat 3 --work /tmp/hash-bench]
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from huggingface_hub.utils.sha import sha_fileobj  # noqa: E402 - the client's own hashing of an LFS file
 
-from vlmdet.publishing import files as pubfiles  # noqa: E402
+from vlmdet.publishing import digests, files as pubfiles  # noqa: E402
 from vlmdet.run.records import MergedRef, files_sha256, model_files  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def new_night(merged: MergedRef) -> None:
     """The same two checks through files.py: check_folder hashes, the publication's check re-reads nothing
     unchanged (hub.publish_repo hands these digests to the client's upload_info)."""
     pubfiles.check_folder(merged, "gating it")
-    pubfiles.check_pinned(merged, pubfiles.file_digests(model_files(merged.path)))
+    pubfiles.check_pinned(merged, digests.file_digests(model_files(merged.path)))
 
 
 def timed(fn, repeat: int, before=None) -> float:
@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = args.work / "merged"
     build(folder, args.shards, args.shard_mib)
-    time.sleep(pubfiles.RACY_S + 0.5)
+    time.sleep(digests.RACY_S + 0.5)
     merged = MergedRef.pinned(folder, "random-7b", 0.0)  # the merge child's pin (another process in a run)
     size = sum(p.stat().st_size for p in model_files(folder).values())
     gb = size / 1e9
 
-    forget = pubfiles.forget_digests  # each repeat starts as a fresh run's process does: nothing remembered
+    forget = digests.forget  # each repeat starts as a fresh run's process does: nothing remembered
     rows = [
         ("check_folder, as it was (records.files_sha256)", timed(
             lambda: pubfiles.check_pinned(merged, files_sha256(model_files(folder)), "gating it"), args.repeat), 1),
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         ("publish's check, as it was (the client's sha256, file by file)", timed(
             lambda: {rel: sha_fileobj(open(p, "rb")) for rel, p in model_files(folder).items()}, args.repeat), 1),
         ("publish's check after check_folder in the same process", timed(
-            lambda: pubfiles.check_pinned(merged, pubfiles.file_digests(model_files(folder))), args.repeat), 1),
+            lambda: pubfiles.check_pinned(merged, digests.file_digests(model_files(folder))), args.repeat), 1),
         ("the run's process, both checks, as it was", timed(lambda: old_night(merged), args.repeat), 1),
         ("the run's process, both checks, hashing once", timed(lambda: new_night(merged), args.repeat, forget), 1),
     ]

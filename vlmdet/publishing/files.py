@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vlmdet.config.settings import RunConfig
 from vlmdet.publishing import card as cardlib
+from vlmdet.publishing import digests
 from vlmdet.publishing.errors import PermanentPublishError
 from vlmdet.run.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, content_sha256,
                             files_sha256, model_files)
@@ -97,8 +98,9 @@ def check_pinned(merged: MergedRef, digests: dict[str, str], what: str = "publis
 
 
 def check_folder(merged: MergedRef, what: str) -> None:
-    """check_pinned on the merged folder as it is on disk now (after its evaluation, for one)."""
-    check_pinned(merged, files_sha256(model_files(merged.path)), what)
+    """check_pinned on the merged folder as it is on disk now (after its evaluation, for one). A file this
+    process hashed before and whose stat is unchanged is not read again (digests.py: what that catches)."""
+    check_pinned(merged, digests.file_digests(model_files(merged.path)), what)
 
 
 def check_staged(merged: MergedRef, files: dict[str, Source], staged: Path) -> None:

@@ -53,6 +53,7 @@ from huggingface_hub.utils import validate_repo_id
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import (PermanentPublishError, PublishError, TargetChangedError,
                                       TransientPublishError, scrub)
+from vlmdet.publishing import digests
 from vlmdet.publishing.files import KEEP, Source
 from vlmdet.run.records import TRANSPORT, Champion, Publication
 
@@ -210,7 +211,13 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
                      for rel, src in files.items()]
         ops += [CommitOperationDelete(path_in_repo=rel, is_folder=False)
                 for rel in present if rel not in files and rel not in KEEP]
-        if check is not None:  # hashed from the files now; the client reuses these hashes for the upload
+        if check is not None:  # the sha256 each file's LFS pointer will name, as the client will send it
+            # huggingface_hub >= 2 hashes a file when upload_info.sha256 is first read: give it this process's
+            # digests instead (read in parallel, once a process while the file's stat is unchanged: digests.py)
+            lazy = {op.path_in_repo: Path(op.path_or_fileobj) for op in ops if isinstance(op, CommitOperationAdd)
+                    and isinstance(op.path_or_fileobj, str) and not getattr(op.upload_info, "is_hashed", True)}
+            for rel, hexdigest in digests.file_digests(lazy).items():
+                next(op for op in ops if op.path_in_repo == rel).upload_info.sha256 = bytes.fromhex(hexdigest)
             check({op.path_in_repo: op.upload_info.sha256.hex() for op in ops if isinstance(op, CommitOperationAdd)})
         try:
             info = api.create_commit(repo_id, ops, commit_message=title, commit_description=body, parent_commit=head)
