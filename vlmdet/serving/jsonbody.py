@@ -15,6 +15,7 @@ server a Python step per character).
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import re
 from typing import Any, Callable
@@ -62,6 +63,20 @@ class Base64Stream:
     def finish(self) -> None:
         if self.carry:
             raise bad_base64(f"Incorrect padding ({self.seen} characters, not a multiple of 4)")
+
+
+def _at_token(state: Callable[[Any, int], int | None]) -> Callable[[Any, int], int | None]:
+    """A state of JsonImageReader that starts at the next byte that is not whitespace: JSON allows whitespace
+    between any two tokens, so the state reads only its own token. Whitespace up to the chunk's end is
+    consumed (and counted) and the state waits for the next chunk."""
+
+    @functools.wraps(state)
+    def skip_whitespace(self: Any, pos: int) -> int | None:
+        if (end := self._ws(pos)) >= len(self.buf):
+            return end if end > pos else None
+        return state(self, end)
+
+    return skip_whitespace
 
 
 class JsonImageReader:
@@ -118,12 +133,10 @@ class JsonImageReader:
     def _unexpected(self, pos: int, wanted: str) -> RequestError:
         return malformed(f"expected {wanted} at byte {self.offset + pos}, found {chr(self.buf[pos])!r}")
 
+    @_at_token
     def _start(self, pos: int) -> int | None:
         if self.offset == 0 and pos == 0 and self.buf[:3] == b"\xef\xbb\xbf"[:len(self.buf)]:
             return 3 if len(self.buf) >= 3 else None  # a UTF-8 byte-order mark, as json.loads allows
-        if (end := self._ws(pos)) >= len(self.buf):
-            return end if end > pos else None
-        pos = end
         if self.buf[pos] != ord("{"):
             if self.buf[pos] in b'["-0123456789tfn':
                 raise RequestError(400, "missing-image", f"the JSON is not an object; {SHAPE}")
@@ -132,10 +145,8 @@ class JsonImageReader:
         self.state = self._first_key
         return pos + 1
 
+    @_at_token
     def _first_key(self, pos: int) -> int | None:
-        if (end := self._ws(pos)) >= len(self.buf):
-            return end if end > pos else None
-        pos = end
         if self.buf[pos] == ord("}"):
             self._count(1)
             self.state = self._done
@@ -143,10 +154,8 @@ class JsonImageReader:
         self.state = self._key
         return pos
 
+    @_at_token
     def _key(self, pos: int) -> int | None:
-        if (end := self._ws(pos)) >= len(self.buf):
-            return end if end > pos else None
-        pos = end
         if self.buf[pos] != ord('"'):
             raise self._unexpected(pos, "a key in double quotes")
         self.state = self._capture(self._got_key)
@@ -156,20 +165,16 @@ class JsonImageReader:
         self.key = key
         self.state = self._colon
 
+    @_at_token
     def _colon(self, pos: int) -> int | None:
-        if (end := self._ws(pos)) >= len(self.buf):
-            return end if end > pos else None
-        pos = end
         if self.buf[pos] != ord(":"):
             raise self._unexpected(pos, "':'")
         self._count(1)
         self.state = self._value
         return pos + 1
 
+    @_at_token
     def _value(self, pos: int) -> int | None:
-        if (end := self._ws(pos)) >= len(self.buf):
-            return end if end > pos else None
-        pos = end
         if self.key == "image":
             if self.image_done:
                 raise malformed("the key 'image' appears twice")
@@ -185,20 +190,16 @@ class JsonImageReader:
         self.fields[self.key] = value
         self.state = self._after_value
 
+    @_at_token
     def _after_value(self, pos: int) -> int | None:
-        if (end := self._ws(pos)) >= len(self.buf):
-            return end if end > pos else None
-        pos = end
         if self.buf[pos] not in b",}":
             raise self._unexpected(pos, "',' or '}'")
         self._count(1)
         self.state = self._key if self.buf[pos] == ord(",") else self._done
         return pos + 1
 
+    @_at_token
     def _done(self, pos: int) -> int | None:
-        if (end := self._ws(pos)) >= len(self.buf):
-            return end if end > pos else None
-        pos = end
         raise malformed(f"extra data after the JSON object at byte {self.offset + pos}")
 
     def _capture(self, then: Callable[[Any], None]) -> Callable[[int], int | None]:
