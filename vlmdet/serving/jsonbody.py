@@ -130,6 +130,13 @@ class JsonImageReader:
             raise RequestError(400, "malformed-json", f"the JSON holds more than {OTHER_LIMIT // 1024} KB besides the "
                                                       f"image's base64; {SHAPE}")
 
+    def _took(self, pos: int, then: Callable[[int], int | None]) -> int:
+        """Consume the one-byte token at pos (a brace, colon, comma or quote, counted against OTHER_LIMIT)
+        and go on with the state `then`."""
+        self._count(1)
+        self.state = then
+        return pos + 1
+
     def _unexpected(self, pos: int, wanted: str) -> RequestError:
         return malformed(f"expected {wanted} at byte {self.offset + pos}, found {chr(self.buf[pos])!r}")
 
@@ -141,16 +148,12 @@ class JsonImageReader:
             if self.buf[pos] in b'["-0123456789tfn':
                 raise RequestError(400, "missing-image", f"the JSON is not an object; {SHAPE}")
             raise self._unexpected(pos, "'{'")
-        self._count(1)
-        self.state = self._first_key
-        return pos + 1
+        return self._took(pos, self._first_key)
 
     @_at_token
     def _first_key(self, pos: int) -> int | None:
         if self.buf[pos] == ord("}"):
-            self._count(1)
-            self.state = self._done
-            return pos + 1
+            return self._took(pos, self._done)
         self.state = self._key
         return pos
 
@@ -169,9 +172,7 @@ class JsonImageReader:
     def _colon(self, pos: int) -> int | None:
         if self.buf[pos] != ord(":"):
             raise self._unexpected(pos, "':'")
-        self._count(1)
-        self.state = self._value
-        return pos + 1
+        return self._took(pos, self._value)
 
     @_at_token
     def _value(self, pos: int) -> int | None:
@@ -180,9 +181,7 @@ class JsonImageReader:
                 raise malformed("the key 'image' appears twice")
             if self.buf[pos] != ord('"'):
                 raise RequestError(400, "missing-image", f"'image' is not a string; {SHAPE}")
-            self._count(1)
-            self.state = self._image
-            return pos + 1
+            return self._took(pos, self._image)
         self.state = self._capture(self._got_value)
         return pos
 
@@ -194,9 +193,7 @@ class JsonImageReader:
     def _after_value(self, pos: int) -> int | None:
         if self.buf[pos] not in b",}":
             raise self._unexpected(pos, "',' or '}'")
-        self._count(1)
-        self.state = self._key if self.buf[pos] == ord(",") else self._done
-        return pos + 1
+        return self._took(pos, self._key if self.buf[pos] == ord(",") else self._done)
 
     @_at_token
     def _done(self, pos: int) -> int | None:
@@ -267,9 +264,7 @@ class JsonImageReader:
         if end < 0:
             return stop
         self._end_image()
-        self._count(1)
-        self.state = self._after_value
-        return end + 1
+        return self._took(end, self._after_value)
 
     def _image_text(self, text: bytes) -> None:
         if self.prefix is not None:  # the first bytes: a data: URL's "data:image/jpeg;base64," is dropped
