@@ -1,4 +1,5 @@
-"""The GPU check: one command, one H200, one device call (< 9 minutes), one results file named by commit.
+"""The GPU check: one command, one H100 or H200, one device call (540 s; a call is 600 s with the wheels'
+install), one results file named by commit.
 
 A change to training, evaluation, prediction, merging, modeling or publishing ends with this command
 on the final commit (docs/gpu.md says how to send it to the lent GPU machine). It runs:
@@ -11,15 +12,23 @@ on the final commit (docs/gpu.md says how to send it to the lent GPU machine). I
    bootstrap on the same test images). Scaled: 24 training and 8 test images, and a random Qwen2-VL-7B
    with 4 of its 28 decoder layers (vision tower, embeddings and LM head whole; 2.7B): the same code
    and layer shapes, a third of the 7B's minutes of loading, merging and uploading. The whole 7B's
-   path is tests/gpu's; the whole night at full size is nightly_run.py's own measurement;
-3. the bench rows `recipe,qlora,large` (benchmarks/bench.py), compared with each other in the same call.
+   path is tests/gpu's; the whole night at full size is nightly_run.py's own measurement. Run 2 trains
+   one optimizer step (run 1: two, with validation selection between checkpoints): its part is the
+   champion's lookup and the paired comparison, and its gate closes (both random models score 0), so
+   it neither merges nor publishes;
+3. with --bench only: the bench rows `recipe,qlora,large` (benchmarks/bench.py), compared with each other
+   in the same call. They do not fit beside 1 and 2 in one call on an H100 (71a01ce71783, 2026-12-07: 518 s
+   with the recipe row cut), so the check leaves them out unless asked; a bench asked for and cut by the
+   budget makes the check not green, as any part that did not run.
 
 1 and 2 run side by side (one GPU has the memory for both; they are checks, not timings): the smoke
 task's test starts at once (a few minutes of mostly Python on a 3.8M model), the nightly runs once their
-small base is built, the 7B tests once the random 7B is. Once the 7B tests and the nightly runs are done
-their files are deleted (disk: 64 GiB) and 3 runs, beside the smoke test's tail if any.
+small base is built, the 7B tests once the random 7B is. Each part has its own deadline, printed at the
+start and written to the results ("budget"): run 1 must end --run2-s before the end so that run 2 has its
+time; the tests and run 2 end by the end. On an H100 (71a01ce71783): base 38 s, run 1 256 s, run 2 ~95 s
+(the H200's 64 s x the H100's 1.45), the tests 399 s beside them: ~400 s of the 540.
 Writes OUT/gpu_check-<commit>.json (every phase: ok, seconds, counts, the nightly runs' step tables,
-the bench rows) beside the logs, and exits 1 if anything failed.
+the bench rows) beside the logs, and exits 1 if anything failed or did not run.
 
     python benchmarks/gpu_check.py --out $OUT --commit $(git rev-parse --short=12 HEAD)
 """
@@ -108,7 +117,12 @@ def find(obj: Any, key: str) -> list[Any]:
     return []
 
 
-def nightly_cmd(out: Path, work: Path, base: Path | None, hub: str, args: argparse.Namespace) -> list[str]:
+# Run 2: one optimizer step, checkpointed (run 1's two steps and validation between them are run 1's to check)
+RUN2_SETTINGS = ["--set", "train.max_steps=1", "--set", "train.save_steps=1"]
+
+
+def nightly_cmd(out: Path, work: Path, base: Path | None, hub: str, args: argparse.Namespace,
+                extra: list[str] | None = None) -> list[str]:
     model = ["--tiny", "--workers", "1"] if base is None else ["--base", str(base)]
     return [sys.executable, "benchmarks/nightly_run.py", "--out", str(out), "--workdir", str(work), *model,
             "--train-images", str(args.train_images), "--test-images", str(args.test_images), "--epochs", "1",
@@ -119,22 +133,29 @@ def nightly_cmd(out: Path, work: Path, base: Path | None, hub: str, args: argpar
             # 7B's logits by 0.455 where bf16 rounding alone moves them ~0.49 (gpu_check of 4bffffe7727b)
             "--set", "train.save_steps=2", "--set", "train.warmup_steps=0", "--set", "train.learning_rate=1e-3",
             "--set", "train.scheduler=constant", "--set", "eval.max_new_tokens=24",
-            "--set", "eval.val_max_images=8"]
+            "--set", "eval.val_max_images=8", *(extra or [])]
 
 
-def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
-    """Two scaled nightly runs on one Hub server: the first publishes, the second measures against it."""
+def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Namespace,
+                  deadlines: tuple[float, float]) -> dict[str, Any]:
+    """Two scaled nightly runs on one Hub server: the first publishes, the second measures against it.
+    deadlines: when each run is stopped (run 1's leaves run 2 its time)."""
     from nightly_run import LocalHub  # tests/hub_server.py on loopback, as nightly_run starts it
 
     hub = LocalHub()
     runs: list[dict[str, Any]] = []
     try:
-        for k in (1, 2):
+        for k, deadline, extra in ((1, deadlines[0], []), (2, deadlines[1], RUN2_SETTINGS)):
             out = work / f"nightly-{k}"
             out.mkdir(parents=True, exist_ok=True)
             t = time.time()
-            code = wait(start(nightly_cmd(out, work / "nightly-work", base, hub.url, args), logs / f"nightly{k}.log"),
-                        deadline)
+            if deadline - t < 30:  # not started: a run cut by the budget has not checked anything
+                runs.append({"exit": None, "state": f"not run: {deadline - t:.0f} s of its budget left",
+                             "seconds": 0.0, "p_better": [], "published": False, "revision": None,
+                             "champion_revision": None})
+                break
+            code = wait(start(nightly_cmd(out, work / "nightly-work", base, hub.url, args, extra),
+                              logs / f"nightly{k}.log"), deadline)
             result = json.loads((out / "nightly_run.json").read_text()) if (out / "nightly_run.json").is_file() else {}
             shutil.copy(out / "nightly_run.json", args.out / f"nightly{k}.json") if result else None
             runs.append({"exit": code, "seconds": round(time.time() - t, 1), "state": result.get("state"),
@@ -145,6 +166,7 @@ def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Name
                          "revision": (result.get("published") or {}).get("revision"),
                          "published": any(find(result, "published")) or any(
                              s.get("step") == "publish" for s in result.get("steps", [])),
+                         "budget_s": round(deadline - t, 1), "cut_by_budget": code == 124,
                          "tail": [] if code == 0 else tail(logs / f"nightly{k}.log")})
             if code != 0:
                 break
@@ -168,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-images", type=int, default=24)
     ap.add_argument("--test-images", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal: the micro model, bench --tiny, no 7B")
-    ap.add_argument("--bench-reserve-s", type=float, default=160, help="seconds kept for the bench after 1 and 2")
+    ap.add_argument("--bench", action="store_true", help="also the bench rows (does not fit one H100 call beside 1 and 2)")
+    ap.add_argument("--bench-min-s", type=float, default=150, help="--bench: the least time the rows need")
+    ap.add_argument("--run2-s", type=float, default=150, help="seconds kept for nightly run 2 after run 1's deadline")
     ap.add_argument("--budget-s", type=float, default=540, help="everything ends by then (device calls: 600 s)")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -191,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                               "card": card, "versions": versions(), "phases": {}}
     path = args.out / f"gpu_check-{commit}.json"
+    bench_asked = args.bench and "bench" not in skip
+    # Each part's deadline, in seconds from the start: run 1 leaves run 2 its time, everything ends by the budget.
+    report["budget"] = {"total_s": args.budget_s, "nightly_run_1_by_s": args.budget_s - args.run2_s,
+                        "nightly_run_2_by_s": args.budget_s - 10, "tests_by_s": args.budget_s - 5,
+                        "bench": f"needs {args.bench_min_s:.0f} s left after 1 and 2" if bench_asked else "not asked"}
+    print(f"[gpu-check] budget: {json.dumps(report['budget'])}", flush=True)
 
     def save() -> None:
         report["wall_s"] = round(time.time() - t0, 1)
@@ -237,13 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         save()
         return code
 
-    middle = deadline - args.bench_reserve_s
     small = None if args.tiny else work / f"random-qwen2-vl-7b-{NIGHTLY_LAYERS}-layers"
     nightly = None
     if "nightly" not in skip and (small is None or build(small, NIGHTLY_LAYERS, "base_nightly") == 0):
         def nightly_thread() -> None:
             t = time.time()
-            report["phases"]["nightly"] = {**nightly_phase(work, logs, small, args, middle),
+            runs_by = (t0 + report["budget"]["nightly_run_1_by_s"], t0 + report["budget"]["nightly_run_2_by_s"])
+            report["phases"]["nightly"] = {**nightly_phase(work, logs, small, args, runs_by),
                                            "seconds": round(time.time() - t, 1)}
             save()
 
@@ -257,17 +287,18 @@ def main(argv: list[str] | None = None) -> int:
         tests.append(pytest("tests/gpu/test_qwen2_vl_7b.py", "gpu_7b", VLMDET_RANDOM_7B=str(base or "")))
     if nightly is not None:
         nightly.join()
-    # the 7B's tests end before the bench; the smoke task's (a 3.8M model: light on the GPU, mostly Python)
-    # may still run beside the bench, whose rows are compared with each other only
-    if len(tests) > 1:
-        wait(tests[1][0], middle)
-    for leftover in work.iterdir():  # the 7B, the merged models (~50 GB): the bench needs the disk
-        if leftover.name != "gpu_smoke":
-            shutil.rmtree(leftover, ignore_errors=True)
-
-    # 3 once the 7B work is done
+    # 3 (asked for) once the 7B work is done; the smoke task's test (a 3.8M model: light on the GPU, mostly
+    # Python) may still run beside the bench, whose rows are compared with each other only
     bench = None
-    if "bench" not in skip:
+    if bench_asked and len(tests) > 1:
+        wait(tests[1][0], deadline - args.bench_min_s)
+    if bench_asked and deadline - time.time() < args.bench_min_s:
+        report["phases"]["bench"] = {"ok": False, "seconds": 0.0, "skipped": f"budget: {deadline - time.time():.0f} s "
+                                     f"left after the tests and the nightly runs, the rows need {args.bench_min_s:.0f}"}
+    elif bench_asked:
+        for leftover in work.iterdir():  # the 7B, the merged models (~50 GB): the bench needs the disk
+            if leftover.name != "gpu_smoke":
+                shutil.rmtree(leftover, ignore_errors=True)
         t_bench = time.time()
         bench_out = work / "bench-out"
         bench = start([sys.executable, "benchmarks/bench.py", "--rows", BENCH_ROWS, "--steps", "5", "--profile", "",
@@ -300,12 +331,18 @@ def main(argv: list[str] | None = None) -> int:
                                      "seconds": round(time.time() - t_bench, 1), "rows": rows.get("rows", rows),
                                      "tail": [] if rc == 0 else tail(logs / "bench.log", 30)}
     shutil.rmtree(work, ignore_errors=True)
+    report["not_asked"] = [] if bench_asked else ["bench (--bench)"]
     save()
     print(f"[gpu-check] {card} commit {commit}: {'OK' if report['ok'] else 'FAILED'} in {report['wall_s']} s -> {path}",
           flush=True)
     for name, phase in report["phases"].items():
         print(f"[gpu-check]   {name}: {'ok' if phase.get('ok') else 'FAILED'} {phase.get('seconds', '')} s "
-              f"{phase.get('counts', '')}", flush=True)
+              f"{phase.get('counts', '')}{phase.get('skipped', '')}", flush=True)
+        for k, run in enumerate(phase.get("runs", []), 1):
+            print(f"[gpu-check]     run {k}: {run.get('state')} (exit {run.get('exit')}) in {run.get('seconds')} s "
+                  f"of its {run.get('budget_s', 0)} s", flush=True)
+    if report["not_asked"]:
+        print(f"[gpu-check]   not asked, not part of this verdict: {', '.join(report['not_asked'])}", flush=True)
     return 0 if report["ok"] else 1
 
 
