@@ -26,6 +26,8 @@ from typing import Any, Callable, ClassVar
 
 import yaml
 
+from vlmdet.config.specs import split_spec
+
 log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -91,13 +93,13 @@ def _families() -> tuple[str, ...]:
 
 
 def _f(default: Any, help: str, role: str, *, choices: tuple | Callable[[], tuple] = (), applies: tuple[str, ...] = (),
-       forms: dict[str, str] | None = None, **kw: Any) -> Any:
-    """A setting: its default, help, role (ROLES), where it applies (APPLIES), allowed values (a tuple, or
-    a function for lists known at run time) and, for `kind:rest` strings, the allowed kinds (forms)."""
+       **kw: Any) -> Any:
+    """A setting: its default, help, role (ROLES), where it applies (APPLIES) and allowed values (a tuple, or
+    a function for lists known at run time)."""
     if role not in ROLES or set(applies) - set(APPLIES):
         raise ValueError(f"setting with role {role!r} / applies {applies!r}: use roles {list(ROLES)}, "
                          f"applies {list(APPLIES)}")
-    meta = {"help": help, "role": role, "choices": choices, "applies": tuple(applies), "forms": forms or {}}
+    meta = {"help": help, "role": role, "choices": choices, "applies": tuple(applies)}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -109,7 +111,7 @@ def allowed_values(f: dataclasses.Field) -> tuple:
 
 
 class _Section:
-    """Checks every field's allowed values and forms (declared with the field), then the section's own rules."""
+    """Checks every field's allowed values (declared with the field), then the section's own rules."""
 
     section: ClassVar[str] = ""
 
@@ -119,9 +121,6 @@ class _Section:
             allowed = allowed_values(f)
             if allowed and value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}.")
-            forms = f.metadata.get("forms")
-            if forms and not any(isinstance(value, str) and value.startswith(k) and len(value) > len(k) for k in forms):
-                raise ConfigError(f"{key}={value!r} is not understood; use {' or '.join(forms.values())}.")
         self.check()
 
     def check(self) -> None:
@@ -327,9 +326,8 @@ class GateConfig(_Section):
 @dataclass
 class PublishConfig(_Section):
     section: ClassVar[str] = "publish"
-    target: str = _f("local:published", "Where the merged model goes: local:DIR (relative to the workdir) or hub:ORG/NAME.",
-                     "decided", forms={"local:": "local:DIR (a folder, relative to the workdir)",
-                                       "hub:": "hub:ORG/NAME (a Hub model repo)"})
+    target: str = _f("local:published", "Where the merged model goes: local:DIR (relative to the workdir), hub:ORG/NAME, "
+                                        "or KIND:REST of a target kind an installed package registers.", "decided")
     endpoint: str = _f("", "Hub endpoint URL (empty = huggingface_hub's default / HF_ENDPOINT).", "decided",
                        applies=("serve",))
     private: bool = _f(True, "Create the Hub repo private.", "decided")
@@ -337,6 +335,11 @@ class PublishConfig(_Section):
                            "decided")
     license: str = _f("apache-2.0", "License written in the model card.", "decided")
     merge_timeout_s: int = _f(3600, "Kill the merge child after this many seconds.", "execution")
+
+    def check(self) -> None:
+        # Only the shape: the kinds are registered by the publishing layer and installed packages, and looked
+        # up when the run resolves its configuration (vlmdet.publishing.resolve_target).
+        split_spec(self.target, "publish.target")
 
 
 @dataclass
@@ -586,17 +589,18 @@ CHECK_RUN_TARGET = "local:check-published"
 
 
 def guard_check_run(config: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) -> tuple[RunConfig, str | None]:
-    """A check run (train.max_steps or data.max_images set) never publishes to the Hub by accident.
+    """A check run (train.max_steps or data.max_images set) never publishes beyond a local folder by accident.
 
-    Returns the config to run and, when it was redirected, a sentence saying so. A Hub target is
-    replaced by CHECK_RUN_TARGET (a folder under the workdir) unless publish.target is among the
-    `explicit` keys (named on the command line or in the flow's overrides). A local target is left
-    alone: it is not production.
+    Returns the config to run and, when it was redirected, a sentence saying so. Any target but a local
+    folder (the Hub, or a kind an installed package adds) is replaced by CHECK_RUN_TARGET (a folder under
+    the workdir) unless publish.target is among the `explicit` keys (named on the command line or in the
+    flow's overrides). A local target is left alone: it is not production.
     """
     reasons = [f"train.max_steps={config.train.max_steps}" if config.train.max_steps > 0 else "",
                f"data.max_images={config.data.max_images}" if config.data.max_images > 0 else ""]
     reasons = [r for r in reasons if r]
-    if not reasons or not config.publish.target.startswith("hub:") or "publish.target" in explicit:
+    kind, _ = split_spec(config.publish.target, "publish.target")
+    if not reasons or kind == "local" or "publish.target" in explicit:
         return config, None
     note = (f"check run ({', '.join(reasons)}): publishing to {CHECK_RUN_TARGET} under the workdir instead of "
             f"{config.publish.target}; pass publish.target explicitly to publish a check run there.")

@@ -36,12 +36,14 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from vlmdet.config.specs import split_spec
 from vlmdet.data.errors import DataError
 from vlmdet.data.images import ORIENTATION_TAG
 from vlmdet.data.synth import generate
 
 BBOX_LAYOUTS = ("yxyx-norm", "xyxy-norm", "xyxy-abs", "xywh-abs")
-SCHEMES = ("synth", "coco", "hub", "hf-disk", "parquet")
+SCHEMES = {"synth": "synth:N", "coco": "coco:PATH", "hub": "hub:ORG/NAME[@bbox=LAYOUT]", "hf-disk": "hf-disk:PATH",
+           "parquet": "parquet:PATH"}  # each kind of dataset spec, and its form
 SPLIT_NAMES = ("train", "val", "validation", "valid", "test", "dev")
 COCO_LAYOUT = ("a COCO annotations.json (keys images, annotations, categories) or a folder holding one, "
                "with each image's file_name relative to the json's folder (what `vlmdet synth --out DIR` writes)")
@@ -84,10 +86,7 @@ def _image_roots(scheme: str, target: str) -> tuple[Path, ...]:
 
 def parse_spec(spec: str) -> tuple[str, str, str]:
     """(scheme, target, box layout) of a dataset spec; DataError naming the spec when it is malformed."""
-    scheme, sep, rest = spec.partition(":")
-    if not sep or scheme not in SCHEMES or not rest:
-        raise DataError(f"data.dataset={spec!r} is not a dataset spec; use one of synth:N, coco:PATH, "
-                        "hub:ORG/NAME[@bbox=LAYOUT], hf-disk:PATH, parquet:PATH.")
+    scheme, rest = split_spec(spec, "data.dataset", SCHEMES, error=DataError)
     target, layout = _split_layout(spec, rest)
     if scheme == "synth" and (layout != BBOX_LAYOUTS[0] or not target.isdigit() or int(target) < 1):
         raise DataError(f"data.dataset={spec!r}: synth takes a positive image count, e.g. synth:240.")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmdet.config.settings import RunConfig, keys_where, names_where
+from vlmdet.config.specs import split_spec
 
 
 def _hash(obj: Any) -> str:
@@ -155,9 +156,10 @@ def hub_revision(repo_id: str, repo_type: str = "model", cached: bool = True) ->
 def source_revision(spec: str, stamp: str) -> str | None:
     """The Hub commit to load a hub: spec at and to record: the one its stamp pinned, else (offline)
     the cached copy's; None for local data."""
-    if not spec.startswith("hub:"):
+    kind, rest = split_spec(spec, "data.dataset", default="")
+    if kind != "hub":
         return None
-    return stamp_revision(stamp) or hub_revision(spec[4:].split("@")[0], "dataset")
+    return stamp_revision(stamp) or hub_revision(rest.split("@")[0], "dataset")
 
 
 def source_stamp(spec: str) -> str:
@@ -168,7 +170,7 @@ def source_stamp(spec: str) -> str:
     Hub is reachable, else the spec itself (offline, the cached copy is what would load anyway).
     synth: the spec (generation is seeded).
     """
-    kind, _, rest = spec.partition(":")
+    kind, rest = split_spec(spec, "data.dataset", default="")
     target = rest.split("@")[0]
     if kind == "hub":
         # materialize loads the dataset at this revision (prepare_data passes it on), so the data a

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmdet.config.settings import RunConfig
+from vlmdet.config.specs import split_spec
 from vlmdet.run.records import DatasetRef
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "vlmdet")
@@ -59,7 +60,8 @@ def base_model_record(base: str, resolved: str) -> dict[str, Any]:
 def provenance(dataset: DatasetRef, config: RunConfig, base_resolved: str) -> dict[str, Any]:
     """The provenance record of a model trained on `dataset` from `base_resolved`."""
     source = dataset.source or config.data.dataset
-    hub_id = source[4:].split("@", 1)[0] if source.startswith("hub:") else None
+    kind, rest = split_spec(source, "data.dataset", default="")
+    hub_id = rest.split("@", 1)[0] if kind == "hub" else None
     return {
         "dataset": {"source": source, "hub_id": hub_id, "revision": dataset.revision,
                     "fingerprint": dataset.fingerprint},

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from vlmdet.config.specs import split_spec
 from vlmdet.run.keys import REPO_ID
 from vlmdet.modeling.load import ModelError
 
@@ -31,7 +32,7 @@ class ModelSource:
                                   "merged model folder, an adapter folder or a Hub repo id ORG/NAME.")
             self.kind, self.where = "local", str(path.resolve())
             return
-        repo = spec[4:] if spec.startswith("hub:") else spec
+        _, repo = split_spec(spec, "--model", ("hub",), default="hub")  # hub:ORG/NAME, or ORG/NAME as it is
         if not REPO_ID.match(repo):
             raise ModelError(f"--model {spec!r} is neither an existing folder nor a Hub repo id (ORG/NAME); "
                               "check the path, or pass hub:ORG/NAME.")
