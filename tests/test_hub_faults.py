@@ -26,7 +26,6 @@ from hub_server import HubServer, resolve_path
 from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
 from vlmdet.pipeline import steps as runsteps
-from vlmdet.decide.champion import champion_model, published_predictions
 from vlmdet.config.settings import RunConfig
 from vlmdet.decide.gate import decide
 from vlmdet.publishing import PermanentPublishError, PublishError, TransientPublishError
@@ -46,7 +45,7 @@ def _api(name: str) -> str:
 
 
 # Every request a read of the champion makes, as (method, path pattern), by what it reads (the server log
-# of read_champion, published_predictions and champion_model: model_info, then HEAD + GET of each file;
+# of read_champion and fetch_champion (predictions, model): model_info, then HEAD + GET of each file;
 # snapshot_download lists the tree at the commit, then HEAD + GET per file).
 READ = {  # read by publishing.read_champion: a fault closes the gate
     "model-info": ("GET", rf"^/api/models/{REPO}$"),
@@ -129,6 +128,12 @@ def _faulted(hub: HubServer, method: str, path: str) -> list:
     return [r for r in hub.calls(method, path) if r[2] != 200]
 
 
+def _fetch(hub: HubServer, champ, work: Path, predictions_only: bool, sleep, repo: str = REPO):
+    """The champion's predictions or model, fetched as the run's gate fetches them."""
+    return publishing.fetch_champion(champ, _cfg(hub, repo), work, TOKEN, predictions_only, sleep=sleep,
+                                     retry_policy=POLICY)
+
+
 def _assert_untouched(hub: HubServer) -> None:
     repo = hub.state.repos[REPO]
     assert repo.head.oid == hub.champion.revision and len(repo.commits) == 2  # the initial commit and the champion
@@ -181,15 +186,14 @@ def test_a_fault_fetching_the_champion_to_measure_it_fails_the_step(hub, tmp_pat
     assert not champ.unreadable and champ.revision == hub.champion.revision
     work = tmp_path / "run"
     if where.startswith("weights"):  # the run folder already holds the predictions, as after a measured_on miss
-        assert Path(published_predictions(champ, work, hub.url, TOKEN, POLICY, NO_SLEEP)).read_text() == "[]"
+        assert Path(_fetch(hub, champ, work, True, NO_SLEEP)).read_text() == "[]"
     method, path = FETCH[where]
     hub.fail(method, path, fault, times=10_000, hold_s=HOLD_S)
     sleeps = Sleeps()
     evaluated = []
 
     def fetch(c, predictions_only: bool):
-        get = published_predictions if predictions_only else champion_model
-        return get(c, work, hub.url, TOKEN, POLICY, sleeps)
+        return _fetch(hub, c, work, predictions_only, sleeps)
 
     _, report, *_ = records(tmp_path / "challenger", Path(tiny_model), map50=0.95,
                             fp="fp-test" if where.startswith("predictions") else "fp-other")
@@ -233,7 +237,7 @@ def test_a_real_404_for_the_predictions_is_published_none(hub, tmp_path, tiny_mo
     hub.land_commit(repo, {}, delete={"eval/predictions.json"})
     champ = publishing.read_champion(_cfg(hub, repo), tmp_path, TOKEN, sleep=NO_SLEEP, retry_policy=POLICY)
     assert not champ.unreadable
-    assert published_predictions(champ, tmp_path / "run", hub.url, TOKEN, POLICY, NO_SLEEP) is None
+    assert _fetch(hub, champ, tmp_path / "run", True, NO_SLEEP, repo) is None
     assert [r[2] for r in hub.calls("HEAD", resolve_path(repo, "eval/predictions.json"))] == [404]
 
 

@@ -17,7 +17,6 @@ from hub_server import HubServer
 from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
 from vlmdet.config.settings import RunConfig
-from vlmdet.decide.champion import champion_model, published_predictions
 from vlmdet.decide.gate import decide
 from vlmdet.modeling.tiny import build_tiny_model
 from vlmdet.publishing import PermanentPublishError, TransientPublishError
@@ -118,14 +117,14 @@ def test_gate_reads_the_champion_from_the_hub_card(hub, tmp_path, merged_dir):
 
     # the champion fetched to be evaluated again: its model at the card's revision, even after the repo moved on
     _publish(hub, tmp_path, merged_dir, map50=0.9, fp="fp-later", champion_revision=champ.revision)
-    folder = champion_model(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN)
+    folder = publishing.fetch_champion(champ, cfg, tmp_path / "run", TOKEN)
     assert (Path(folder) / "model.safetensors").read_bytes() == (merged_dir / "model.safetensors").read_bytes()
     assert json.loads((Path(folder) / "vlmdet.json").read_text())["eval"]["data_fingerprint"] == "fp-test"
-    assert published_predictions(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN) is None  # pred.json unwritten
+    assert publishing.fetch_champion(champ, cfg, tmp_path / "run", TOKEN, predictions_only=True) is None  # pred.json unwritten
     # the next champion's download replaces this one's in the run folder (a 7B is ~15 GB a revision)
     newer = publishing.read_champion(cfg, tmp_path, TOKEN, sleep=NO_SLEEP)
     assert newer.revision != champ.revision
-    again = champion_model(newer, tmp_path / "run", endpoint=hub.url, token=TOKEN)
+    again = publishing.fetch_champion(newer, cfg, tmp_path / "run", TOKEN)
     assert [p.name for p in (tmp_path / "run" / "champion").iterdir()] == [Path(again).name] == [newer.revision[:12]]
 
 

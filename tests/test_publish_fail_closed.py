@@ -22,7 +22,7 @@ from PIL import Image
 from hub_server import HubServer
 from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
-from vlmdet.decide.champion import champion_model, published_predictions, reuse_report
+from vlmdet.decide.champion import reuse_report
 from vlmdet.config.settings import RunConfig
 from vlmdet.decide.gate import Comparison, compare, decide
 from vlmdet.modeling.tiny import build_tiny_model
@@ -313,7 +313,7 @@ def test_local_a_crash_between_the_renames_then_a_new_run_recovers_and_compares_
     champ = _read(cfg, tmp_path)
     assert champ is not None and not champ.unreadable and champ.revision == first.revision
     assert champ.measured_on(report)
-    champion_report = reuse_report(champ, report, published_predictions(champ, tmp_path))
+    champion_report = reuse_report(champ, report, publishing.fetch_champion(champ, cfg, tmp_path, predictions_only=True))
     comparison, _, _ = compare(report, champion_report, gt, cfg.gate, champion_evaluated=False)
     decision = decide(report, cfg.gate, champ, comparison)
     assert decision.passed and decision.images == 6 and decision.champion_revision == first.revision
@@ -357,7 +357,7 @@ def test_hub_everything_read_from_the_champion_comes_from_one_commit(hub, tmp_pa
     assert hub.state.repos[REPO].head.title == "revert"  # it did land in between
     assert champ.revision == second.revision and champ.metrics["map50"] == pytest.approx(0.95)
     assert champ.run_id == second.run_id and not champ.unreadable
-    folder = Path(champion_model(champ, tmp_path / "run", endpoint=hub.url, token=TOKEN))
+    folder = Path(publishing.fetch_champion(champ, cfg, tmp_path / "run", TOKEN))
     assert json.loads((folder / "vlmdet.json").read_text())["run_id"] == second.run_id
     assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
 

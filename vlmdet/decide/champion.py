@@ -2,26 +2,20 @@
 
 The gate compares both models on the same images. A published model carries its own test
 predictions (`eval/predictions.json`); when its card says they were measured on today's split of
-the same prepared data they are reused as they are. Otherwise the model itself is fetched (the
-local target folder, or the Hub repo at the exact commit its card was read from) and evaluated
-again, with its own answer settings (family, pixel budget, prompt, category, answer length) from its
-`vlmdet.json`, every one of them, since that is how it answers in production. A champion lacking
+the same prepared data they are reused as they are. Otherwise the model itself is fetched at the
+revision its card was read at and evaluated again (the publish target fetches either one:
+vlmdet.publishing.fetch_champion), with its own answer settings (family, pixel budget, prompt,
+category, answer length) from its `vlmdet.json`, every one of them, since that is how it answers in
+production. A champion lacking
 one is never evaluated with today's (after a family or prompt change it would score ~0 and be
 replaced): it is unreadable, and `needs_measuring` says so before anything is fetched.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-from vlmdet.modeling.carried import ANSWER_SETTINGS, answer_settings, held_answer_settings
 from vlmdet.config.settings import RunConfig
-from vlmdet.publishing.card import PREDICTIONS
+from vlmdet.modeling.carried import ANSWER_SETTINGS, answer_settings, held_answer_settings
 from vlmdet.run.records import Champion, EvalReport
 
-if TYPE_CHECKING:  # the Hub client is imported only where a Hub champion is fetched
-    from vlmdet.publishing.hub import RetryPolicy
 
 def needs_measuring(champion: Champion | None) -> bool:
     """Whether there is a champion to measure: none at an empty target, none that cannot be read
@@ -40,91 +34,6 @@ def champion_config(champion: Champion, config: RunConfig) -> RunConfig:
                          "vlmdet.json (or no vlmdet.json); evaluating it with today's would judge it by an answer it "
                          "was not trained to give. Set gate.replace_unreadable_champion=true to replace it on purpose.")
     return answer_settings(champion.config, config)
-
-
-def _download(champion: Champion, filename: str | None, out: Path, endpoint: str, token: str | None,
-              policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> str | None:
-    """The champion's whole repo (filename None) or one file, at its revision.
-
-    None only when the Hub says the file does not exist at that revision (a 404 entry-not-found). A
-    server error, a refused token, a timeout or a dropped connection is retried (vlmdet.publishing.hub)
-    and then raised: a champion that could not be fetched is never taken for one without the file.
-    """
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-
-    from vlmdet.publishing.errors import PermanentPublishError, PublishError, TransientPublishError
-    from vlmdet.publishing.hub import RetryPolicy, missing_file, read_failure, with_retries
-
-    if not champion.revision:  # "main" could be another model than the card the gate read
-        raise ValueError(f"champion {champion.source!r} has no revision; it is fetched only at the commit its card "
-                         "was read at")
-    repo, revision = champion.location, champion.revision
-    policy = policy or RetryPolicy()
-    api = HfApi(endpoint=endpoint or None, token=token)
-    kw: dict[str, Any] = dict(revision=revision, endpoint=endpoint or None, token=token, local_dir=str(out))
-    _drop_other_revisions(out)
-
-    def fetch() -> str | None:
-        if filename is None:
-            listed = [s.rfilename for s in api.model_info(repo, revision=revision, timeout=policy.timeout_s).siblings
-                      or []]
-            folder = snapshot_download(repo, **kw)
-            absent = [name for name in listed if not (Path(folder) / name).is_file()]
-            if absent:
-                # snapshot_download returns a non-empty local_dir as it is when it cannot list the repo (and only
-                # logs why): list it again to raise that error, classified; else the files did not come.
-                list(api.list_repo_tree(repo, recursive=True, revision=revision))
-                raise TransientPublishError(f"{len(absent)} of the {len(listed)} files of hub:{repo} at "
-                                            f"{revision[:12]} did not download ({', '.join(absent[:3])})")
-            return folder
-        try:
-            return hf_hub_download(repo, filename, **kw)
-        except Exception as err:  # noqa: BLE001 - only the server's "no such file" is an answer; the rest is retried
-            if missing_file(err):
-                return None
-            raise
-
-    what = f"the champion's {filename or 'model'}"
-    try:
-        return with_retries(fetch, f"download {what}", repo, token, policy, sleep)
-    except PublishError as err:  # the same kind (a transient one is worth the task's retry), said as a read
-        kind = TransientPublishError if isinstance(err, TransientPublishError) else PermanentPublishError
-        raise kind(f"could not download {what} from hub:{repo} at {revision[:12]}: "
-                   f"{read_failure(err, repo, token)}") from None
-
-
-def _drop_other_revisions(out: Path) -> None:
-    """Delete the downloads of other champion revisions beside `out` (WORKDIR/champion/<revision>): the gate
-    only ever compares with the model at the target now, and a 7B download is ~15 GB, one more each time
-    a run publishes."""
-    import shutil
-
-    if out.parent.is_dir():
-        for old in out.parent.iterdir():
-            if old.is_dir() and old.name != out.name:
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def published_predictions(champion: Champion, workdir: str | Path, endpoint: str = "", token: str | None = None,
-                          policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> str | None:
-    """The champion's published test predictions (path), or None when it published none (the Hub answered
-    404 for the file at the champion's commit); any other failure to fetch them raises."""
-    if champion.kind == "local":
-        path = Path(champion.location) / PREDICTIONS
-        return str(path) if path.is_file() else None
-    return _download(champion, PREDICTIONS, Path(workdir) / "champion" / champion.revision[:12], endpoint, token,
-                     policy, sleep)
-
-
-def champion_model(champion: Champion, workdir: str | Path, endpoint: str = "", token: str | None = None,
-                   policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
-    """A local folder holding the champion's model: the target folder itself, or a Hub download."""
-    if champion.kind == "local":
-        return champion.location
-    if champion.kind != "hub":
-        raise ValueError(f"champion {champion.source!r} has no known location (kind={champion.kind!r})")
-    return _download(champion, None, Path(workdir) / "champion" / champion.revision[:12], endpoint, token,
-                     policy, sleep)
 
 
 REUSED = "published predictions of "  # EvalReport.model of a champion that was not evaluated again

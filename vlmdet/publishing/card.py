@@ -15,18 +15,22 @@ import logging
 import re
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import ModelCardData
 from huggingface_hub.repocard_data import EvalResult, model_index_to_eval_results
 
 from vlmdet.config.settings import RunConfig
+from vlmdet.config.specs import split_spec
 from vlmdet.formats.base import format_class
 from vlmdet.decide.gate import decision_markdown
 from vlmdet.run.keys import REPO_ID
 from vlmdet.run.records import CONTENT, AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
 from vlmdet.modeling.carried import ANSWER_SETTINGS, META_FILE, read_meta
+
+if TYPE_CHECKING:
+    from vlmdet.publishing.target import Target
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,10 @@ _HUB_SHA = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit; our fingerprints are 6
 
 def hub_dataset_id(source: str) -> str | None:
     """`hub:ORG/NAME[@...]` -> ORG/NAME; other specs (synthetic, local COCO) have no Hub id."""
-    if not source.startswith("hub:"):
+    kind, rest = split_spec(source, "data.dataset", default="")
+    if kind != "hub":
         return None
-    name = source[4:].split("@", 1)[0]
+    name = rest.split("@", 1)[0]
     return name if _REPO_ID.match(name) else None
 
 
@@ -127,9 +132,9 @@ def _metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, g
 
 
 def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, has_loss_curve: bool,
-                has_preview: bool, has_gate_picture: bool = False) -> str:
+                has_preview: bool, has_gate_picture: bool = False, target: Target | None = None) -> str:
     """README.md text: YAML front matter (model-index etc.) and a body for people; the decision shown is
-    the public one of `meta` (no local paths)."""
+    the public one of `meta` (no local paths). target: where it is published (default: meta's publish.target)."""
     decision = GateDecision.from_dict(meta["gate"])
     ev = meta["eval"]
     ds = meta["dataset"]
@@ -167,7 +172,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         f"**{ds.get('category', 'nutrition-table')}** regions in photos. It answers a detection prompt with boxes in the "
         "family's native format; vlmdet parses them into xyxy pixel boxes.",
         "",
-        *how_to_use(meta),
+        *how_to_use(meta, target),
         "## Intended use and limits",
         "",
         f"- Intended: locating {ds.get('category')} regions on product photos similar to the training data, as a "
@@ -525,15 +530,17 @@ def usage_snippet(repo: str, prompt: str, family: str) -> str:
     ])
 
 
-def how_to_use(meta: dict[str, Any]) -> list[str]:
-    """The card's "How to use" section: the exact prompt, plain transformers code, the answer format."""
+def how_to_use(meta: dict[str, Any], target: Target | None = None) -> list[str]:
+    """The card's "How to use" section: the exact prompt, plain transformers code, the answer format.
+    target: where the model is published, which names what to load (default: meta's publish.target)."""
     from vlmdet.formats import Box, get_format
+    from vlmdet.publishing.target import target_of  # target.py imports files.py, which imports this module
 
     cfg = meta["config"]
     family, category = meta["family"], cfg["data"]["category"]
     prompt = cfg["model"]["prompt"].format(category=category)
-    target = cfg["publish"]["target"]
-    repo = target[4:] if target.startswith("hub:") else f"path/to/{meta['model_name']}"
+    load = (target or target_of(cfg["publish"]["target"])).load_name()
+    repo = load or f"path/to/{meta['model_name']}"
     lo, hi = cfg["model"]["min_pixels"], cfg["model"]["max_pixels"]
     fmt = get_format(family, lo, hi)
     example = fmt.render([Box(64, 48, 320, 240, category)], 640, 480, category)
@@ -555,8 +562,7 @@ def how_to_use(meta: dict[str, Any]) -> list[str]:
         "`generation_config.json` decodes greedily (no sampling, no repetition penalty: it would penalise a "
         "coordinate digit already written) and stops at `<|im_end|>` or `<|endoftext|>`.",
         "",
-        "Served over HTTP with batching: `vlmdet serve --model " + (repo if target.startswith("hub:") else "FOLDER")
-        + "` (see vlmdet's docs/serving.md).",
+        f"Served over HTTP with batching: `vlmdet serve --model {load or 'FOLDER'}` (see vlmdet's docs/serving.md).",
         "",
     ]
 

@@ -29,7 +29,7 @@ Reading the champion fails closed, and every fault is classified where it happen
   missing repo with a bad token: the Hub does not say which) and 403 ("fix the token"). It gives a
   Champion marked unreadable with fault TRANSPORT, which no setting replaces.
 Card, vlmdet.json, predictions and weights are all read at the one commit sha model_info named;
-fetching the predictions or the weights to measure the champion (vlmdet.decide.champion) follows the same
+fetching the predictions or the weights to measure the champion (`download`) follows the same
 rule, and a transport fault there fails the step instead of passing for a champion without them.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
@@ -55,6 +55,7 @@ from vlmdet.publishing.errors import (PermanentPublishError, PublishError, Targe
                                       TransientPublishError, scrub)
 from vlmdet.publishing import digests
 from vlmdet.publishing.files import KEEP, Source
+from vlmdet.publishing.target import Outgoing, Target
 from vlmdet.run.records import TRANSPORT, Champion, Publication
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,8 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
     try:
         seen = with_retries(head, "read champion", repo_id, token, policy, sleep)
     except Exception as err:  # noqa: BLE001 - whatever it was, the target was not read: fail closed
-        return Champion(metrics={}, source=where, unreadable=read_failure(err, repo_id, token), fault=TRANSPORT)
+        return Champion(metrics={}, source=where, kind=HubTarget.kind, location=repo_id,
+                        unreadable=read_failure(err, repo_id, token), fault=TRANSPORT)
     if seen is None:
         return None
     sha, files = seen
@@ -296,7 +298,7 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
         meta_raw = with_retries(lambda: fetch(cardlib.META_FILE), "read champion vlmdet.json", repo_id, token, policy,
                                 sleep)
     except Exception as err:  # noqa: BLE001 - the target was not read: nothing is known about its model
-        return Champion(metrics={}, source=source, kind="hub", location=repo_id,
+        return Champion(metrics={}, source=source, kind=HubTarget.kind, location=repo_id,
                         unreadable=read_failure(err, repo_id, token), fault=TRANSPORT)
     # What the files hold is content from here on: undecodable bytes are judged by the card reader, not retried.
     card_text = card_raw.decode("utf-8", errors="replace") if card_raw is not None else None
@@ -307,6 +309,7 @@ def read_champion_repo(repo_id: str, *, endpoint: str | None, token: str | None,
         except ValueError:  # not JSON, or not UTF-8 text
             meta = None
     champion = cardlib.champion_from_card(card_text, meta if isinstance(meta, dict) else None, source, files=files)
+    champion.kind, champion.location = HubTarget.kind, repo_id
     champion.revision = sha  # the gate reads, fetches and publishes over exactly this commit
     return champion
 
@@ -328,3 +331,94 @@ def read_failure(err: BaseException, repo_id: str, token: str | None) -> str:
                 "Hub or the network is failing. Run again when it answers")
     return (f"reading hub:{repo_id} failed ({type(err).__name__}: {scrub(str(err), token)}); the target could not be "
             "read. Run again when it answers, and check the repo and the endpoint if it repeats")
+
+
+def download(repo: str, champion: Champion, filename: str | None, out: Path, endpoint: str | None, token: str | None,
+             policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """The champion's whole repo (filename None) or one file, at its revision, into `out`.
+
+    None only when the Hub says the file does not exist at that revision (a 404 entry-not-found). A
+    server error, a refused token, a timeout or a dropped connection is retried and then raised: a
+    champion that could not be fetched is never taken for one without the file.
+    """
+    if not champion.revision:  # "main" could be another model than the card the gate read
+        raise ValueError(f"champion {champion.source!r} has no revision; it is fetched only at the commit its card "
+                         "was read at")
+    revision = champion.revision
+    policy = policy or RetryPolicy()
+    api = HfApi(endpoint=endpoint or None, token=token)
+    kw: dict[str, Any] = dict(revision=revision, endpoint=endpoint or None, token=token, local_dir=str(out))
+    _drop_other_revisions(out)
+
+    def fetch() -> str | None:
+        if filename is None:
+            listed = [s.rfilename for s in api.model_info(repo, revision=revision, timeout=policy.timeout_s).siblings
+                      or []]
+            folder = snapshot_download(repo, **kw)
+            absent = [name for name in listed if not (Path(folder) / name).is_file()]
+            if absent:
+                # snapshot_download returns a non-empty local_dir as it is when it cannot list the repo (and only
+                # logs why): list it again to raise that error, classified; else the files did not come.
+                list(api.list_repo_tree(repo, recursive=True, revision=revision))
+                raise TransientPublishError(f"{len(absent)} of the {len(listed)} files of hub:{repo} at "
+                                            f"{revision[:12]} did not download ({', '.join(absent[:3])})")
+            return folder
+        try:
+            return hf_hub_download(repo, filename, **kw)
+        except Exception as err:  # noqa: BLE001 - only the server's "no such file" is an answer; the rest is retried
+            if missing_file(err):
+                return None
+            raise
+
+    what = f"the champion's {filename or 'model'}"
+    try:
+        return with_retries(fetch, f"download {what}", repo, token, policy, sleep)
+    except PublishError as err:  # the same kind (a transient one is worth the task's retry), said as a read
+        kind = TransientPublishError if isinstance(err, TransientPublishError) else PermanentPublishError
+        raise kind(f"could not download {what} from hub:{repo} at {revision[:12]}: "
+                   f"{read_failure(err, repo, token)}") from None
+
+
+def _drop_other_revisions(out: Path) -> None:
+    """Delete the downloads of other champion revisions beside `out` (WORKDIR/champion/<revision>): the gate
+    only ever compares with the model at the target now, and a 7B download is ~15 GB, one more each time
+    a run publishes."""
+    import shutil
+
+    if out.parent.is_dir():
+        for old in out.parent.iterdir():
+            if old.is_dir() and old.name != out.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+class HubTarget(Target):
+    """`hub:ORG/NAME`: a model repo on publish.endpoint, one commit a publication."""
+
+    kind = "hub"
+    form = "hub:ORG/NAME (a Hub model repo)"
+
+    def location(self, workdir: str | Path = ".") -> str:
+        return self.rest
+
+    def model_name(self, workdir: str | Path = ".") -> str:
+        return self.rest.split("/")[-1]
+
+    def load_name(self) -> str:
+        return self.rest
+
+    def read_champion(self, workdir, token=None, *, sleep=time.sleep, retry_policy=None) -> Champion | None:
+        return read_champion_repo(self.rest, endpoint=self.settings.endpoint, token=token, policy=retry_policy,
+                                  sleep=sleep)
+
+    def fetch(self, champion, workdir, token=None, predictions_only=False, *, sleep=time.sleep,
+              retry_policy=None) -> str | None:
+        out = Path(workdir) / "champion" / champion.revision[:12]
+        return download(self.rest, champion, cardlib.PREDICTIONS if predictions_only else None, out,
+                        self.settings.endpoint, token, retry_policy, sleep)
+
+    def publish(self, out: Outgoing, workdir, token=None, *, sleep=time.sleep, retry_policy=None) -> Publication:
+        # the bytes are checked by the sha256 each file of the commit carries, hashed from what is uploaded
+        names = out.pinned
+        return publish_repo(self.rest, out.files, out.meta, out.run_id, endpoint=self.settings.endpoint, token=token,
+                            private=self.settings.private, expected=out.expected, policy=retry_policy, sleep=sleep,
+                            check=lambda sent: out.check({n: sent[n] for n in names if n in sent}))

@@ -43,6 +43,7 @@ from typing import Callable, Iterator
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import PermanentPublishError, TargetChangedError
 from vlmdet.publishing.files import KEEP, Source
+from vlmdet.publishing.target import Outgoing, Target
 from vlmdet.run.records import CONTENT, TRANSPORT, Champion, Publication
 
 # Files up to this size are hashed by content into the revision (the card, vlmdet.json, config.json,
@@ -273,6 +274,7 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
     recovering an interrupted swap); otherwise a Champion, marked unreadable when it cannot be read
     (fault TRANSPORT: a permission or I/O error, never replaced) or judged (fault CONTENT)."""
     folder = Path(folder)
+    where = dict(source=str(folder), kind=LocalTarget.kind, location=str(folder))
     try:
         if not folder.parent.is_dir():
             return None
@@ -280,12 +282,12 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
             recover(folder)
             scan = _scan(folder)
     except OSError as err:
-        return Champion(metrics={}, source=str(folder), fault=TRANSPORT,
+        return Champion(metrics={}, **where, fault=TRANSPORT,
                         unreadable=f"the target folder could not be read: {_why(folder, err)}")
     if scan.revision is None:
         return None
     if scan.revision.startswith("not-a-folder:"):
-        return Champion(metrics={}, source=str(folder), fault=CONTENT, unreadable=(
+        return Champion(metrics={}, **where, fault=CONTENT, unreadable=(
             f"publish.target points at a file, not a folder ({folder}); point it at a folder or move the file"))
     card_text = None
     if cardlib.CARD_FILE in scan.small:
@@ -295,5 +297,32 @@ def read_champion_folder(folder: str | Path) -> Champion | None:
             cardlib.log.warning("%s cannot be read (%s)", folder / cardlib.CARD_FILE, err)
     champion = cardlib.champion_from_card(card_text, _meta(scan.small.get(cardlib.META_FILE)), str(folder),
                                           files=scan.files)
-    champion.revision = scan.revision
+    champion.kind, champion.location, champion.revision = LocalTarget.kind, str(folder), scan.revision
     return champion
+
+
+class LocalTarget(Target):
+    """`local:DIR`: a repo-shaped folder, relative to the run's workdir unless absolute, swapped whole."""
+
+    kind = "local"
+    form = "local:DIR (a folder, relative to the workdir)"
+
+    def location(self, workdir: str | Path = ".") -> str:
+        path = Path(self.rest).expanduser()
+        return str(path if path.is_absolute() else Path(workdir) / path)
+
+    def read_champion(self, workdir, token=None, *, sleep=None, retry_policy=None) -> Champion | None:
+        return read_champion_folder(self.location(workdir))  # recovers an interrupted swap first
+
+    def fetch(self, champion, workdir, token=None, predictions_only=False, *, sleep=None,
+              retry_policy=None) -> str | None:
+        folder = Path(self.location(workdir))  # read in place: the gate compares with what is there
+        if predictions_only:
+            path = folder / cardlib.PREDICTIONS
+            return str(path) if path.is_file() else None
+        return str(folder)
+
+    def publish(self, out: Outgoing, workdir, token=None, *, sleep=None, retry_policy=None) -> Publication:
+        # the bytes renamed into place are checked on the staged copy, after the last copy was made
+        return publish_folder(Path(self.location(workdir)), out.files, out.run_id, expected=out.expected,
+                              check=out.check_copy)
