@@ -43,7 +43,7 @@ def build_random_qwen2_vl_7b(out: str | Path, min_pixels: int = 256 * 28 * 28, m
     LM head stay whole), e.g. 4 for a 2.7B model of the 7B's shapes that the GPU check's nightly runs use."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlmdet.modeling.tiny import build_processor
+    from vlmdet.modeling.tiny import build_processor, save_random
 
     out = Path(out)
     if (out / "config.json").is_file():
@@ -54,12 +54,7 @@ def build_random_qwen2_vl_7b(out: str | Path, min_pixels: int = 256 * 28 * 28, m
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.replace(out)
+    save_random(model, processor, out)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -97,14 +97,13 @@ def build_tiny_model(out: str | Path, family: str = "qwen2_vl", size: str = "mic
         return out
     processor = build_processor(min_pixels, max_pixels)
     config = build_config(processor.tokenizer, size)
-    return save_random(transformers.Qwen2VLForConditionalGeneration, config, processor, out, seed)
-
-
-def save_random(model_cls, config, processor, out: Path, seed: int) -> Path:
-    """Random weights of `model_cls`, stopping at <|im_end|> as the Instruct checkpoints do, saved
-    with the processor; written to a sibling folder first so a half-built model is never found."""
     torch.manual_seed(seed)
-    model = model_cls(config)
+    return save_random(transformers.Qwen2VLForConditionalGeneration(config), processor, out)
+
+
+def save_random(model, processor, out: Path) -> Path:
+    """A random-weight `model`, stopping at <|im_end|> as the Instruct checkpoints do, saved with the
+    processor; written to a sibling folder first so a half-built model is never found."""
     model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     tmp = out.with_name(out.name + ".partial")
@@ -115,11 +114,10 @@ def save_random(model_cls, config, processor, out: Path, seed: int) -> Path:
 
 
 # --- Qwen2.5-VL and Qwen3-VL ----------------------------------------------------------------------
-# Tiny random Qwen2.5-VL and Qwen3-VL models with their real processor classes, built in-process.
-#
-# Same idea as `tiny.py` (Qwen2-VL): a few layers, a locally trained tokenizer with the Qwen special
-# tokens, saved to a folder that loads through `from_pretrained`. What differs per family, and is
-# why this module exists rather than a config switch:
+# Tiny random Qwen2.5-VL and Qwen3-VL models with their real processor classes, built the same way
+# as the Qwen2-VL one above (a few layers, the locally trained tokenizer with the Qwen special
+# tokens). What differs per family, and is why each has its own processor and config builder rather
+# than a switch in Qwen2-VL's:
 #
 # - Qwen2.5-VL: 14 px patches, windowed vision attention (`window_size`, `fullatt_block_indexes`),
 #   Qwen2-VL's chat template (a default system prompt), `Qwen2_5_VLProcessor`.
@@ -221,4 +219,5 @@ def build_family(out: str | Path, family: str, size: str = "micro", seed: int = 
     config = _family_config(family, processor.tokenizer, size)
     cls = (transformers.Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
            else transformers.Qwen3VLForConditionalGeneration)
-    return save_random(cls, config, processor, out, seed)
+    torch.manual_seed(seed)
+    return save_random(cls(config), processor, out)
