@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,10 +109,19 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    with phase("check"):  # the saved folder reloaded answers as base + adapter did
-        reloaded = load_model(str(tmp), config.model, quantize=False, dtype=dtype)
-        reloaded.eval()
-        got = _logits(reloaded, batch)
+    # The pin: each saved file's sha256 (save_pretrained writes through safetensors, which offers no hook to
+    # hash while writing). Hashed in a thread while the reloaded model is checked: both read the same files
+    # from the page cache, neither writes them, and the check's seconds are mostly the GPU's. The evaluation of
+    # the merged model and the publication recompute these hashes and refuse other bytes.
+    with ThreadPoolExecutor(max_workers=1) as hashing:
+        started = time.perf_counter()
+        pinning = hashing.submit(lambda: (MergedRef.pinned(tmp, base, 0.0), time.perf_counter() - started))
+        with phase("check"):  # the saved folder reloaded answers as base + adapter did
+            reloaded = load_model(str(tmp), config.model, quantize=False, dtype=dtype)
+            reloaded.eval()
+            got = _logits(reloaded, batch)
+        with phase("hash"):  # what is left of it once the check is done
+            pinned, hash_s = pinning.result()
     diff = (got - expected).abs().max().item()
     tol = tolerance(dtype, expected.abs().max().item(), effect)
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
@@ -121,14 +131,8 @@ def merge(adapter: AdapterRef | str, config: RunConfig, out: str | Path, images:
         raise MergeMismatch(f"merged model differs from base + adapter: max |logit diff| {diff:.4g} > {tol:.4g} "
                             f"(the adapter itself moves them {effect:.4g}) "
                             f"on {len(images)} images; not publishing. Adapter: {adapter_path}")
-    # Pinned once, after the save (save_pretrained writes through safetensors, which offers no hook to hash
-    # while writing; the files were just written, so this reads the page cache): the evaluation of the
-    # merged model and the publication recompute these hashes and refuse other bytes.
-    started = time.perf_counter()
-    with phase("hash"):
-        pinned = MergedRef.pinned(tmp, base, diff)
-    log.info("merged model pinned: %d files, sha256 %s (%.1f s)", len(pinned.files), pinned.sha256,
-             time.perf_counter() - started)
+    log.info("merged model pinned: %d files, sha256 %s (%.1f s, beside the check)", len(pinned.files),
+             pinned.sha256, hash_s)
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
-    return dataclasses.replace(pinned, path=str(out.resolve()))
+    return dataclasses.replace(pinned, path=str(out.resolve()), max_abs_logit_diff=diff)
