@@ -105,6 +105,11 @@ def _f(default: Any, help: str, role: str, *, choices: tuple | Callable[[], tupl
     return field(default=default, metadata=meta, **kw)
 
 
+def _serve(default: Any, help: str) -> Any:
+    """A setting of the serve section: read by `vlmdet serve` only, and only about how it runs (never a key)."""
+    return _f(default, help, "execution", applies=("serve",))
+
+
 def allowed_values(f: dataclasses.Field) -> tuple:
     choices = f.metadata.get("choices") or ()
     return tuple(choices() if callable(choices) else choices)
@@ -345,38 +350,34 @@ class PublishConfig(_Section):
 @dataclass
 class ServeConfig(_Section):
     section: ClassVar[str] = "serve"
-    max_batch_size: int = _f(8, "`vlmdet serve`: most images in one generate call; concurrent requests share it. More "
-                                "raises images/s until the GPU is full, and each request's latency with it.",
-                             "execution", applies=("serve",))
-    max_wait_ms: float = _f(5.0, "`vlmdet serve`: how long the first request of a batch waits for others to join it; "
-                                 "a few ms costs a lone request little and lets a burst share one generate call.",
-                            "execution", applies=("serve",))
-    max_queue: int = _f(64, "`vlmdet serve`: images waiting beyond this are answered 503 (busy) at once instead of "
-                            "queueing for minutes; each holds its decoded pixels (36 MB for a 12 MP photo).",
-                        "execution", applies=("serve",))
-    max_body_mb: float = _f(20.0, "`vlmdet serve`: largest request body (upload or JSON with base64) in MB; larger "
-                                  "is refused with 413 and never stored. Bodies are held in memory only, never on disk.",
-                            "execution", applies=("serve",))
-    max_uploads: int = _f(32, "`vlmdet serve`: request bodies being read at once; one more is answered 503 with "
+    max_batch_size: int = _serve(8, "`vlmdet serve`: most images in one generate call; concurrent requests share it. "
+                                 "More raises images/s until the GPU is full, and each request's latency with it.")
+    max_wait_ms: float = _serve(5.0, "`vlmdet serve`: how long the first request of a batch waits for others to join "
+                                "it; a few ms costs a lone request little and lets a burst share one generate call.")
+    max_queue: int = _serve(64, "`vlmdet serve`: images waiting beyond this are answered 503 (busy) at once instead "
+                            "of queueing for minutes; each holds its decoded pixels (36 MB for a 12 MP photo).")
+    max_body_mb: float = _serve(20.0, "`vlmdet serve`: largest request body (upload or JSON with base64) in MB; "
+                                "larger is refused with 413 and never stored. Bodies are held in memory only, never "
+                                "on disk.")
+    max_uploads: int = _serve(32, "`vlmdet serve`: request bodies being read at once; one more is answered 503 with "
                               "Retry-After before a byte of its body is read. Each holds up to 2 x serve.max_body_mb "
                               "while it is read and checked (40 MB at the default), so 32 bound that to 1.3 GB "
                               "however many clients connect, and a burst of 32 clients (a full batch of 32 on a GPU) "
                               "is read without a 503. Raise it with the clients you expect at once; a proxy that "
-                              "buffers bodies (nginx does by default) keeps slow clients from holding places.",
-                          "execution", applies=("serve",))
-    reload_interval_s: float = _f(0.0, "`vlmdet serve` of a Hub repo or published folder: look for a newer revision "
-                                       "every N seconds and swap it in without a restart (0 = only on POST /reload).",
-                                  "execution", applies=("serve",))
-    pixel_cap_factor: float = _f(16.0, "`vlmdet serve`: images with more pixels than this times the model's "
-                                       "model.max_pixels are refused with 413, read from the file's header before any "
-                                       "decoding (the processor shrinks every image to max_pixels, so more only costs "
-                                       "memory: 3 bytes a pixel decoded). 16 x the nightly presets' 0.8 MP is 12.8 MP, "
-                                       "so a 12 MP phone photo passes while a 100 KB PNG claiming 400 MP does not; 4 "
-                                       "would refuse every phone photo.", "execution", applies=("serve",))
-    keep_revisions: int = _f(2, "`vlmdet serve` of a Hub repo: once a revision serves, keep this many revisions of "
-                                "the repo in the Hugging Face cache (the one serving and the one before it, to roll "
-                                "back to) and delete older ones through huggingface_hub's cache API (a 7B revision "
-                                "is ~15 GB). 0 keeps every revision.", "execution", applies=("serve",))
+                              "buffers bodies (nginx does by default) keeps slow clients from holding places.")
+    reload_interval_s: float = _serve(0.0, "`vlmdet serve` of a Hub repo or published folder: look for a newer "
+                                      "revision every N seconds and swap it in without a restart (0 = only on POST "
+                                      "/reload).")
+    pixel_cap_factor: float = _serve(16.0, "`vlmdet serve`: images with more pixels than this times the model's "
+                                     "model.max_pixels are refused with 413, read from the file's header before any "
+                                     "decoding (the processor shrinks every image to max_pixels, so more only costs "
+                                     "memory: 3 bytes a pixel decoded). 16 x the nightly presets' 0.8 MP is 12.8 MP, "
+                                     "so a 12 MP phone photo passes while a 100 KB PNG claiming 400 MP does not; 4 "
+                                     "would refuse every phone photo.")
+    keep_revisions: int = _serve(2, "`vlmdet serve` of a Hub repo: once a revision serves, keep this many revisions "
+                                 "of the repo in the Hugging Face cache (the one serving and the one before it, to "
+                                 "roll back to) and delete older ones through huggingface_hub's cache API (a 7B "
+                                 "revision is ~15 GB). 0 keeps every revision.")
 
     def check(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_uploads"):
