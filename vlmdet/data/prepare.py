@@ -116,7 +116,8 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
         first_seen[digest] = file
         held_out = str(img.get("split", "")).lower() in HELD_OUT_SPLITS
         group = str(img.get("group") or "").strip()
-        # an image of no known product is its own group, ranked by its bytes as before groups existed
+        # an image of no known product is its own group, ranked by its bytes: data without groups splits by
+        # content alone, whatever order or names its files have
         rank = _rank(cfg.seed, group) if group else _rank(cfg.seed, digest)
         candidates.append((_Item(order, file, digest, held_out, rank, group or f"image:{digest}"), img, path))
     if cfg.max_images > 0:

@@ -8,10 +8,11 @@ dtypes must agree by themselves:
 - LoRA layers: PEFT casts their input to the adapter's dtype and the result back (lora/layer.py).
 - `modules_to_save` copies (`lm_head`, `embed_tokens`, a norm, any module a user lists): PEFT calls
   the fp32 copy on the bf16 hidden states as they are, and `F.linear` raises "expected mat1 and mat2
-  to have the same dtype" (issue 17: validation selection crashed on the GPU with `lm_head` there).
+  to have the same dtype" (validation selection's `generate` on a GPU, with `lm_head` among them).
   `base_dtype_outside_autocast` gives each such copy what PEFT gives LoRA layers: its input in its own
   dtype, its output in the dtype of the module it replaces, so the rest of the model sees the dtype
-  it would see from the base. Under autocast the hooks step aside: training computes exactly as before.
+  it would see from the base. Under autocast the hooks step aside, so training computes exactly what it
+  would without them.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def set_adapter_dtype(model, dtype_name: str) -> int:
     SFTTrainer casts them to bf16 when the base is 4-bit (trl sft_trainer.py, "following the QLoRA
     paper"). A LoRA-A entry of Qwen2-VL-7B starts near 0.017 (kaiming over 3,584 inputs), where a
     bf16 step is 6e-5..1.2e-4, while AdamW moves a weight by about lr: at lr 1e-5 most updates round
-    to nothing (issue 9: 14% of LoRA-A entries changed in 10 steps). fp32 master weights cost 8 bytes
+    to nothing (measured in bf16: 14% of LoRA-A entries changed in 10 steps). fp32 master weights cost 8 bytes
     a LoRA parameter more (weight + grad) and keep every update; the forward still computes in bf16
     under autocast. Done before the optimizer exists (Trainer builds it in train()), so its state is
     fp32 too. The model then computes correctly outside autocast as well (base_dtype_outside_autocast).

@@ -11,7 +11,7 @@ val mAP on at most `eval.val_max_images` validation images, with the model alrea
 
 Loss alone is a poor guide for detection (a checkpoint can fit the answer tokens better and
 place boxes worse), mAP alone on a few dozen images ties often, hence the order. Without a
-validation split the last checkpoint is kept, as before.
+validation split the last checkpoint is kept: there is nothing to choose by.
 """
 from __future__ import annotations
 

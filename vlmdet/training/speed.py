@@ -164,7 +164,7 @@ def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int
     """The image at the size the processor resizes it to (same resampling), stored once in cache_dir.
 
     The processor's own resize of a picture already at its target size is the identity, so what the
-    model sees is the same; the answer is rendered from the original width/height as before.
+    model sees is the same; the answer is rendered from the original width/height, not the copy's.
     Returns src itself when no resize would happen.
     """
     from PIL import Image

@@ -91,7 +91,7 @@ def sft_config(config: RunConfig, out: Path, validation: bool = False):
 
     t = config.train
     cuda = has_cuda()
-    # bf16 autocast on a GPU (as before), and on a CPU where the base itself is bf16: the GPU's mixed
+    # bf16 autocast on a GPU, and on a CPU where the base itself is bf16: the GPU's mixed
     # path (bf16 base, fp32 adapters under autocast) then runs in the CPU tests too.
     mixed = t.bf16 and (cuda or torch_dtype(config.model) == torch.bfloat16)
     return SFTConfig(
