@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from vlmdet.formats.base import Box, BoxFormat, ParseResult
+from vlmdet.formats.resize import QWEN2_FACTOR
 
 _BOX = re.compile(
     r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>)?\s*"
@@ -17,16 +18,22 @@ _BOX = re.compile(
 )
 
 
-def _q(v: float, size: int) -> int:
-    return int(min(1000, max(0, round(v / size * 1000))))
+# Qwen2-VL's coordinate frame, which Qwen3-VL shares: thousandths of the original image's width and height.
+SCALE = 1000
+RELATIVE = "integers 0-1000 relative to the image"
+
+
+def to_scale(v: float, size: int) -> int:
+    """A pixel coordinate on a side of `size` pixels as an integer 0-SCALE, clamped to the image."""
+    return int(min(SCALE, max(0, round(v / size * SCALE))))
 
 
 class Qwen2VLFormat(BoxFormat):
     name = "qwen2_vl"
     no_object_answer = "None"
-    factor = 28  # 14 px patches x 2x2 merge
+    factor = QWEN2_FACTOR  # 14 px patches x 2x2 merge
     model_types = ("qwen2_vl",)
-    coordinates = "integers 0-1000 relative to the image"
+    coordinates = RELATIVE
     score_span = "`<|box_start|>...<|box_end|>`"
     usage_parse = (
         "# Answer: <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>, 0-1000 of the image",
@@ -39,7 +46,8 @@ class Qwen2VLFormat(BoxFormat):
             return self.no_object_answer
         return "".join(
             f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>"
-            f"({_q(b.x1, width)},{_q(b.y1, height)}),({_q(b.x2, width)},{_q(b.y2, height)})<|box_end|>"
+            f"({to_scale(b.x1, width)},{to_scale(b.y1, height)}),({to_scale(b.x2, width)},{to_scale(b.y2, height)})"
+            "<|box_end|>"
             for b in boxes)
 
     def parse(self, text: str, width: int, height: int) -> ParseResult:
@@ -48,11 +56,11 @@ class Qwen2VLFormat(BoxFormat):
             boxes = []
             for m in _BOX.finditer(text):
                 x1, y1, x2, y2 = (int(m[k]) for k in ("x1", "y1", "x2", "y2"))
-                if max(x1, y1, x2, y2) > 1000:
+                if max(x1, y1, x2, y2) > SCALE:
                     continue
                 x1, x2 = sorted((x1, x2))
                 y1, y2 = sorted((y1, y2))
-                boxes.append(Box(x1 / 1000 * width, y1 / 1000 * height, x2 / 1000 * width, y2 / 1000 * height,
+                boxes.append(Box(x1 / SCALE * width, y1 / SCALE * height, x2 / SCALE * width, y2 / SCALE * height,
                                  label=(m["label"] or "").strip(), span=m.span(), coord_span=m.span("coords")))
             stripped = text.strip()
             if boxes or stripped == self.no_object_answer:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from vlmdet.formats.base import Box, BoxFormat, ParseResult
 from vlmdet.formats.qwen2_5_vl import parse_scaled, render_json
+from vlmdet.formats.qwen2_vl import RELATIVE, SCALE, to_scale
 from vlmdet.formats.resize import QWEN3_FACTOR
-
-SCALE = 1000
 
 
 class Qwen3VLFormat(BoxFormat):
@@ -19,7 +18,7 @@ class Qwen3VLFormat(BoxFormat):
     no_object_answer = "[]"
     factor = QWEN3_FACTOR  # 16 px patches x 2x2 merge
     model_types = ("qwen3_vl",)
-    coordinates = "integers 0-1000 relative to the image"
+    coordinates = RELATIVE
     score_span = "the `bbox_2d` list"
     usage_parse = (
         '# Answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}], 0-1000 of the image',
@@ -30,11 +29,8 @@ class Qwen3VLFormat(BoxFormat):
     def render(self, boxes: list[Box], width: int, height: int, label: str) -> str:
         if width <= 0 or height <= 0:
             raise ValueError(f"image size must be positive, got width={width}, height={height}")
-
-        def q(v: float, size: int) -> int:
-            return int(min(SCALE, max(0, round(v / size * SCALE))))
-
-        return render_json([([q(b.x1, width), q(b.y1, height), q(b.x2, width), q(b.y2, height)], label) for b in boxes])
+        return render_json([([to_scale(b.x1, width), to_scale(b.y1, height), to_scale(b.x2, width),
+                              to_scale(b.y2, height)], label) for b in boxes])
 
     def parse(self, text: str, width: int, height: int) -> ParseResult:
         if not (isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0):
