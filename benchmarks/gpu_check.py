@@ -35,6 +35,7 @@ the bench rows) beside the logs, and exits 1 if anything failed or did not run.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -99,7 +100,22 @@ def wait(proc: subprocess.Popen, deadline: float) -> int:
 
 
 def tail(path: Path, n: int = 30) -> list[str]:
-    return path.read_text(errors="replace").splitlines()[-n:] if path.is_file() else []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return [ln for ln in lines if not ln.startswith("import time:")][-n:]
+
+
+def import_profile(log: Path, n: int = 8) -> dict[str, list[tuple[str, float]]]:
+    """Per step of a nightly run logged with PYTHONPROFILEIMPORTTIME=1 (the step's child and anything the run
+    imported meanwhile): the top-level packages whose own import seconds were largest. On 71a01ce the scaled
+    run's children spent 71 s importing on an H100 against ~10 s each on a 2-core CPU: this says where."""
+    step, own = "start", {}
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+        if m := re.match(r"\[nightly\] \S+ (.+?) \.\.\.$", line):
+            step = m.group(1)
+        elif m := re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line):
+            counts = own.setdefault(step, collections.Counter())
+            counts[m.group(2).split(".")[0]] += int(m.group(1)) / 1e6
+    return {s: [(k, round(v, 2)) for k, v in c.most_common(n)] for s, c in own.items()}
 
 
 def pytest_counts(log: Path) -> dict[str, int]:
@@ -154,8 +170,10 @@ def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Name
                              "seconds": 0.0, "p_better": [], "published": False, "revision": None,
                              "champion_revision": None})
                 break
+            # run 1's processes log their imports (python -X importtime), summed per step into "imports"
+            profile = {"PYTHONPROFILEIMPORTTIME": "1"} if k == 1 else {}
             code = wait(start(nightly_cmd(out, work / "nightly-work", base, hub.url, args, extra),
-                              logs / f"nightly{k}.log"), deadline)
+                              logs / f"nightly{k}.log", **profile), deadline)
             result = json.loads((out / "nightly_run.json").read_text()) if (out / "nightly_run.json").is_file() else {}
             shutil.copy(out / "nightly_run.json", args.out / f"nightly{k}.json") if result else None
             runs.append({"exit": code, "seconds": round(time.time() - t, 1), "state": result.get("state"),
@@ -167,6 +185,7 @@ def nightly_phase(work: Path, logs: Path, base: Path | None, args: argparse.Name
                          "published": any(find(result, "published")) or any(
                              s.get("step") == "publish" for s in result.get("steps", [])),
                          "budget_s": round(deadline - t, 1), "cut_by_budget": code == 124,
+                         **({"imports": import_profile(logs / f"nightly{k}.log")} if k == 1 else {}),
                          "tail": [] if code == 0 else tail(logs / f"nightly{k}.log")})
             if code != 0:
                 break
