@@ -1,4 +1,4 @@
-"""Publishing to a Hugging Face Hub repo (the `hub:ORG/NAME` target) and reading its champion.
+"""Publishing to a Hugging Face Hub repo (the `hub:ORG/NAME` target, HubTarget) and reading its champion.
 
 One publication is one commit: the Hub applies a commit atomically, so a reader sees the previous
 model or the new one. The commit replaces the model whole: it adds the new files and deletes every

@@ -1,4 +1,4 @@
-"""Publishing to a local repo-shaped folder (the `local:DIR` target), and reading its champion.
+"""Publishing to a local repo-shaped folder (the `local:DIR` target, LocalTarget), and reading its champion.
 
 The folder is replaced as a whole: the publication is written to a hidden staging sibling and swapped
 in with renames, so a reader (or the next run's gate) sees the old model or the new one, never half

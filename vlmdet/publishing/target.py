@@ -116,7 +116,8 @@ class Target(ABC):
     @abstractmethod
     def publish(self, out: Outgoing, workdir: str | Path, token: str | None = None, *,
                 sleep: Callable[[float], None] = time.sleep, retry_policy: Any = None) -> Publication:
-        """Replace the model there with `out.files` in one step if it still holds `out.expected`."""
+        """Replace the model there with `out.files` in one step if it still holds `out.expected` (else raise
+        TargetChangedError), calling `out.check` or `out.check_copy` on the bytes last read before they land."""
 
 
 def kinds() -> dict[str, str]:
