@@ -24,7 +24,7 @@ default gate.threshold is set to 0 (printed and recorded); --keep-gate leaves th
 No Prefect: Prefect and its dependencies do not fit the 64 MiB of wheels that can travel to the GPU
 machine beside bitsandbytes, so this script runs the flow's own pipeline (vlmdet.pipeline.run.run: the
 same configuration resolution, steps, order and branches, the champion's lookup and comparison
-included) with plain steps (vlmdet.pipeline.steps.PlainSteps) instead of Prefect tasks: no caching, retries
+included) with plain calls (vlmdet.pipeline.step.Plain) instead of Prefect tasks: no caching, retries
 or artifacts, which a nightly run with new data does not use either. The run folder is emptied
 first so nothing resumes or is reused.
 
@@ -328,13 +328,74 @@ def timelines(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return bars
 
 
-def bench_steps(rec: Recorder, hook: Path):
-    """vlmdet.pipeline.steps.PlainSteps timed: each call a row of `rec`, each step child with the peak-memory hook."""
-    from vlmdet.run.runner import plan_processes
-    from vlmdet.pipeline.steps import PlainSteps
+def bench_driver(rec: Recorder, hook: Path):
+    """vlmdet.pipeline.step.Plain timed: each step a row of `rec` (named by the step, and by the model for
+    evaluate and gate), each step child with the peak-memory hook; rows get what each step's record says."""
+    from huggingface_hub import HfApi
 
-    class BenchSteps(PlainSteps):
-        def env(self, step_dir: Path) -> dict[str, str]:
+    from vlmdet.pipeline.step import Plain
+    from vlmdet.run.runner import plan_processes
+
+    def size_gb(path: str) -> float:
+        return round(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e9, 2)
+
+    def prepare_data(data, a, row):
+        driver.out["counts"] = data.counts
+        rec.add(row, images=sum(c["images"] for c in data.counts.values()), quarantined=len(data.quarantine))
+
+    def train(adapter, a, row):
+        config, dataset, layout = a["config"], a["dataset"], a["layout"]
+        train_out = layout.train_dir(dataset, config, a["fresh"])
+        history = json.loads((train_out / "log_history.json").read_text()) \
+            if (train_out / "log_history.json").is_file() else []
+        final = next((h for h in reversed(history) if "train_runtime" in h), {})
+        t, processes = config.train, plan_processes(config.train.num_processes)[0]
+        rec.add(row, **peak_of(train_out / "step"), **timeline_of(train_out / "step"), global_step=adapter.global_step,
+                train_images=dataset.counts["train"]["images"], epochs=t.epochs, max_steps=t.max_steps,
+                processes=processes, effective_batch=t.per_device_batch * t.grad_accum * processes,
+                trainer_runtime_s=final.get("train_runtime"), samples_per_s=final.get("train_samples_per_second"),
+                loss_first=adapter.losses[0] if adapter.losses else None,
+                loss_last=adapter.losses[-1] if adapter.losses else None, profile=t.profile)
+        driver.out["train_config"] = config.to_dict()
+
+    def evaluate(report, a, row):
+        seconds = next(r for r in rec.steps if r["step"] == row)["seconds"]
+        step_dir = a["layout"].eval_dir(a["name"]) / "step"
+        rec.add(row, **peak_of(step_dir), **timeline_of(step_dir), images=report.num_images,
+                ms_per_image=round(1000 * seconds / max(1, report.num_images), 1),
+                processes=plan_processes(a["config"].eval.num_processes, setting="eval.num_processes")[0],
+                map=report.map, map50=report.map50, parse_failures=report.parse_failures)
+
+    def find_champion(champion, a, row):
+        rec.add(row, found=champion.source if champion else None)
+
+    def gate(decision, a, row):
+        rec.add(row, passed=decision.passed, reason=decision.reason)
+        print(f"[nightly] {row}: {'passed' if decision.passed else 'closed'}: {decision.reason}", flush=True)
+
+    def merge(merged, a, row):
+        step_dir = a["layout"].merge_step_dir
+        rec.add(row, **peak_of(step_dir), **timeline_of(step_dir), merged_gb=size_gb(merged.path),
+                max_abs_logit_diff=merged.max_abs_logit_diff)
+
+    def publish(pub, a, row):
+        commits = HfApi(endpoint=a["config"].publish.endpoint, token=a["token"]).list_repo_commits(pub.target)
+        landed = any(c.commit_id == pub.revision for c in commits)
+        rec.add(row, target=f"hub:{pub.target}", revision=pub.revision, files=len(pub.files),
+                uploaded_gb=size_gb(a["merged"].path), commit_found=landed)
+        driver.out.update(published=pub.to_dict(), commit_found=landed)
+
+    notes = {"prepare_data": prepare_data, "train": train, "evaluate": evaluate, "find-champion": find_champion,
+             "gate": gate, "merge": merge, "publish": publish}
+
+    class BenchDriver(Plain):
+        out: dict[str, Any] = {"published": None}  # what the steps produced, for the results file
+
+        @staticmethod
+        def read_secret(name: str) -> str | None:
+            return HUB_TOKEN  # the local Hub server's token, whatever the preset's secret is called
+
+        def env(self, step_dir: Path | None) -> dict[str, str]:
             for old in Path(step_dir).glob("peak.json.*.json"):
                 old.unlink()
             paths = [str(hook), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -342,82 +403,16 @@ def bench_steps(rec: Recorder, hook: Path):
             return {"PYTHONPATH": os.pathsep.join(paths), PEAK_ENV: str(Path(step_dir) / "peak.json"),
                     "HF_HUB_OFFLINE": "1"}
 
-        def resolve_token(self, config):
-            return HUB_TOKEN
+        def __call__(self, step, *args, **kwargs):
+            a = step.arguments(*args, **kwargs)
+            row = step.name.replace("-", " ") + (f" {a['name']}" if "name" in a else "")
+            record, cached = rec.run(row, lambda: super(BenchDriver, self).__call__(step, *args, **kwargs))
+            if step.name in notes:
+                notes[step.name](record, a, row)
+            return record, cached
 
-        def prepare_data(self, config, layout):
-            data = rec.run("prepare_data", lambda: super(BenchSteps, self).prepare_data(config, layout))
-            self.out["counts"] = data.counts
-            rec.add("prepare_data", images=sum(c["images"] for c in data.counts.values()),
-                    quarantined=len(data.quarantine))
-            return data
-
-        def train(self, dataset, config, layout, fresh=False):
-            adapter = rec.run("train", lambda: super(BenchSteps, self).train(dataset, config, layout, fresh))
-            train_out = layout.train_dir(dataset, config, fresh)
-            history = json.loads((train_out / "log_history.json").read_text()) \
-                if (train_out / "log_history.json").is_file() else []
-            final = next((h for h in reversed(history) if "train_runtime" in h), {})
-            t, processes = config.train, plan_processes(config.train.num_processes)[0]
-            rec.add("train", **peak_of(train_out / "step"), **timeline_of(train_out / "step"), global_step=adapter.global_step,
-                    train_images=dataset.counts["train"]["images"], epochs=t.epochs, max_steps=t.max_steps,
-                    processes=processes, effective_batch=t.per_device_batch * t.grad_accum * processes,
-                    trainer_runtime_s=final.get("train_runtime"), samples_per_s=final.get("train_samples_per_second"),
-                    loss_first=adapter.losses[0] if adapter.losses else None,
-                    loss_last=adapter.losses[-1] if adapter.losses else None, profile=t.profile)
-            self.out["train_config"] = config.to_dict()
-            return adapter
-
-        def evaluate(self, model, dataset, config, layout, name="adapter"):
-            row = f"evaluate {name}"
-            report = rec.run(row, lambda: super(BenchSteps, self).evaluate(model, dataset, config, layout, name))
-            seconds = next(r for r in rec.steps if r["step"] == row)["seconds"]
-            rec.add(row, **peak_of(layout.eval_dir(name) / "step"), **timeline_of(layout.eval_dir(name) / "step"),
-                    images=report.num_images,
-                    ms_per_image=round(1000 * seconds / max(1, report.num_images), 1),
-                    processes=plan_processes(config.eval.num_processes, setting="eval.num_processes")[0],
-                    map=report.map, map50=report.map50, parse_failures=report.parse_failures)
-            return report
-
-        def find_champion(self, config, layout, token):
-            champion = rec.run("find champion", lambda: super(BenchSteps, self).find_champion(config, layout, token))
-            rec.add("find champion", found=champion.source if champion else None)
-            return champion
-
-        def fetch_champion(self, champion, config, layout, token, predictions_only):
-            return rec.run("fetch champion", lambda: super(BenchSteps, self).fetch_champion(
-                champion, config, layout, token, predictions_only))
-
-        def gate(self, report, config, layout, *, name="adapter", **judged):
-            decision = rec.run(f"gate {name}", lambda: super(BenchSteps, self).gate(report, config, layout, name=name,
-                                                                                    **judged))
-            rec.add(f"gate {name}", passed=decision.passed, reason=decision.reason)
-            print(f"[nightly] gate {name}: {'passed' if decision.passed else 'closed'}: {decision.reason}", flush=True)
-            return decision
-
-        def merge(self, adapter, dataset, config, layout):
-            merged = rec.run("merge", lambda: super(BenchSteps, self).merge(adapter, dataset, config, layout))
-            size = sum(p.stat().st_size for p in Path(merged.path).rglob("*") if p.is_file())
-            rec.add("merge", **peak_of(layout.merge_step_dir), **timeline_of(layout.merge_step_dir), merged_gb=round(size / 1e9, 2),
-                    max_abs_logit_diff=merged.max_abs_logit_diff)
-            return merged
-
-        def publish(self, merged, report, dataset, adapter, decision, config, layout, token):
-            from huggingface_hub import HfApi
-
-            pub = rec.run("publish", lambda: super(BenchSteps, self).publish(merged, report, dataset, adapter, decision,
-                                                                             config, layout, token))
-            size = sum(p.stat().st_size for p in Path(merged.path).rglob("*") if p.is_file())
-            commits = HfApi(endpoint=config.publish.endpoint, token=token).list_repo_commits(pub.target)
-            landed = any(c.commit_id == pub.revision for c in commits)
-            rec.add("publish", target=f"hub:{pub.target}", revision=pub.revision, files=len(pub.files),
-                    uploaded_gb=round(size / 1e9, 2), commit_found=landed)
-            self.out.update(published=pub.to_dict(), commit_found=landed)
-            return pub
-
-    steps = BenchSteps()
-    steps.out = {"published": None}  # what the steps produced, for the results file
-    return steps
+    driver = BenchDriver()
+    return driver
 
 
 def nightly(resolved, workdir: Path, rec: Recorder) -> dict[str, Any]:
@@ -428,11 +423,11 @@ def nightly(resolved, workdir: Path, rec: Recorder) -> dict[str, Any]:
     hook = workdir.parent / "peak-hook"
     hook.mkdir(parents=True, exist_ok=True)
     (hook / "sitecustomize.py").write_text(PEAK_HOOK)
-    steps = bench_steps(rec, hook)
-    run = pipeline.run(resolved, pipeline.RunLayout.at(workdir), steps)
+    driver = bench_driver(rec, hook)
+    run = pipeline.run(resolved, pipeline.RunLayout.at(workdir), driver)
     # the gate as the run decided it (summary.json's `gate`: threshold, champion revision, the paired
     # bootstrap against the champion when there was one) and the champion's numbers on today's images
-    return dict(steps.out, gate=run.gate, champion_metrics=run.champion_metrics)
+    return dict(driver.out, gate=run.gate, champion_metrics=run.champion_metrics)
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -4,7 +4,8 @@
     -> gate adapter -> merge -> evaluate merged -> gate merged -> publish
 
 The order and the branches are vlmdet/pipeline/run.py's (`run`), the same that `vlmdet train` and the
-GPU benchmark run; this file maps each step to its task. Run it by hand (`vlmdet retrain --preset
+GPU benchmark run; this file runs each declared step (vlmdet.pipeline.steps) as its Prefect task
+(tasks.common.task_of). Run it by hand (`vlmdet retrain --preset
 smoke --workdir runs/demo`), from the Prefect UI (deployments/prefect.yaml), or on a schedule. It
 writes WORKDIR/summary.json whatever the gate decides and fails when a step fails.
 """
@@ -16,87 +17,59 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 
-from tasks.common import summary_artifact, tracker_artifact
-from tasks.evaluate import evaluate
-from tasks.gate import find_champion, gate, measure_champion
-from tasks.merge import merge
-from tasks.prepare_data import prepare_data
-from tasks.publish import publish, resolve_token
-from tasks.train import train
+from tasks.common import read_secret, show, task_of
 from vlmdet.pipeline import run as pipeline
+from vlmdet.pipeline.show import summary_markdown, tracker_shows
+from vlmdet.pipeline.step import Show, Step
 from vlmdet.run import tracking
-from vlmdet.run.keys import source_stamp
 from vlmdet.run.layout import RunLayout
 
 
-class PrefectSteps:
-    """Each step as its task. Train, evaluate, merge and prepare persist their results beside the run
-    folder (RunLayout.results), keyed on their inputs: a flow-run retry or a run with nothing new gets
-    them back as "Cached" states without starting a child, unless the folder no longer holds what the
-    key produced (then the cache is refreshed: Prefect keeps the record, not the files)."""
+class PrefectDriver:
+    """Each step as its task (tasks.common.task_of). Steps with a key persist their results beside the run
+    folder (RunLayout.results): a flow-run retry or a run with nothing new gets them back as "Cached" states
+    without starting a child, unless the folder no longer holds what the key produced (then the cache is
+    refreshed: Prefect keeps the record, not the files)."""
 
-    last_cached = False
+    read_secret = staticmethod(read_secret)
 
-    def _cached(self, task_fn, done: bool, layout: RunLayout):
-        return task_fn.with_options(result_storage=layout.results, **({} if done else {"refresh_cache": True}))
+    def __init__(self, layout: RunLayout):
+        self.layout = layout
+        # names the publication: the flow run's id, stable across task and flow retries, distinct between runs
+        self.run_id = str(flow_run.id).replace("-", "")[:12] if flow_run.id else None
 
-    def _keep(self, state):
-        self.last_cached = state.name == "Cached"
-        return state.result()
-
-    def prepare_data(self, config, layout):
-        # the stamp (a Hub dataset's commit) is read once: the cache key and the data loaded name one revision
-        return self._cached(prepare_data, layout.prepared_exists(config), layout)(
-            config, str(layout.root), stamp=source_stamp(config.data.dataset))
-
-    def train(self, dataset, config, layout, fresh=False):
-        return self._keep(self._cached(train, layout.train_done(dataset, config, fresh), layout)(
-            dataset, config, str(layout.root), fresh=fresh, return_state=True))
-
-    def evaluate(self, model, dataset, config, layout, name="adapter"):
-        return self._keep(self._cached(evaluate, layout.eval_done(model, dataset, config, name), layout)(
-            model, dataset, config, str(layout.root), name=name, return_state=True))
-
-    def merge(self, adapter, dataset, config, layout):
-        return self._cached(merge, layout.merge_done(adapter, dataset, config), layout)(
-            adapter, dataset, config, str(layout.root))
-
-    def resolve_token(self, config):
-        return resolve_token(config)
-
-    def find_champion(self, config, layout, token):
-        return find_champion(config, token=token, workdir=str(layout.root))
-
-    def measure_champion(self, champion, report, dataset, config, layout, token):
-        return measure_champion(champion, report, dataset, config, str(layout.root), token=token,
-                                evaluate_with=lambda model, cfg: self.evaluate(model, dataset, cfg, layout, "champion"))
-
-    def gate(self, report, config, layout, *, token, champion, champion_report, dataset, name="adapter"):
-        return gate(report, config, token=token, workdir=str(layout.root), champion=champion,
-                    champion_report=champion_report, dataset=dataset, name=name)
-
-    def publish(self, merged, report, dataset, adapter, decision, config, layout, token):
-        return publish(merged, report, dataset, adapter, decision, config, str(layout.root), token=token)
+    def __call__(self, step: Step, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+        task_fn = task_of(step)
+        if step.key:
+            done = step.is_done(step.arguments(*args, **kwargs))
+            task_fn = task_fn.with_options(result_storage=self.layout.results, **({} if done else {"refresh_cache": True}))
+        state = task_fn(*args, return_state=True, **kwargs)
+        return state.result(), state.name == "Cached"
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(preset: str = "smoke", workdir: str = "runs/latest", threshold: float | None = None,
-            dataset: str | None = None, overrides: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
+            dataset: str | None = None, overrides: dict[str, Any] | None = None, force: bool = False,
+            resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and (when the gate passes) merge and publish.
 
     preset: a name from vlmdet/config/presets or a YAML path. threshold / dataset: shortcuts for
     gate.threshold / data.dataset. overrides: any setting by dotted key, e.g. {"train.max_steps": 10}.
     force: retrain from the base even when data, configuration and base model are unchanged since
     the last success (without it such a run skips training and evaluation and says so).
+    resolved: the configuration `vlmdet retrain` already checked and resolved from these parameters
+    (pipeline.Resolved.to_dict()); without it (the UI, a schedule) they are resolved here.
     """
     log = get_run_logger()
-    resolved = pipeline.resolve(preset, overrides, threshold=threshold, dataset=dataset)
-    if resolved.check_run:
-        log.warning(resolved.check_run)
+    run_with = (pipeline.Resolved.from_dict(resolved) if resolved
+                else pipeline.resolve(preset, overrides, threshold=threshold, dataset=dataset))
+    if run_with.check_run:
+        log.warning(run_with.check_run)
     layout = RunLayout.at(workdir, str(flow_run.id or "manual"))
     # the tracker run names this flow run (its UI address: None without a UI, unlike flow_run.ui_url's "None/...")
     with tracking.flow_run_env(flow_run.id, url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None):
-        summary = pipeline.run(resolved, layout, PrefectSteps(), force=force, logger=log)
-    summary_artifact(summary, layout.summary_file)
-    tracker_artifact(summary.tracker)
+        summary = pipeline.run(run_with, layout, PrefectDriver(layout), force=force, logger=log)
+    show(Show("retrain-summary", "markdown", summary_markdown(summary.to_dict(), layout.summary_file)))
+    for item in tracker_shows(summary.tracker):
+        show(item)
     return summary.to_dict()

@@ -1,56 +1,103 @@
-"""What the task modules and the flow share: picture, table and summary artifacts."""
+"""A Prefect task made from each step's declaration (vlmdet.pipeline.steps), and the artifacts it shows.
+
+`task_of(step)` is the one place that turns a declaration into a task: its retries and the one retry
+predicate (Retry.worth_retrying), its cache key and how long it keeps, its task-run name, the progress
+artifact of a running child, the log line and the artifacts of a finished call, and the events an
+Automation can act on (tasks/events.py). The tasks/ modules hold the tasks of the shipped steps.
+"""
 from __future__ import annotations
 
-import base64
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
+from prefect import Task, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
 
-def image_markdown(path: str | None, alt: str, max_bytes: int = 400_000) -> str:
-    """Inline a PNG into a markdown artifact (the UI cannot reach files on the worker's disk)."""
-    if not path or not Path(path).is_file():
-        return ""
-    data = Path(path).read_bytes()
-    if len(data) > max_bytes:
-        return f"_{alt}: {path}_"
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})\n\n_{path}_"
+from tasks.progress import progress_artifact
+from vlmdet.pipeline.step import Show, Step
 
-
-def summary_artifact(summary: Any, path: Path) -> None:
-    """The run's summary (vlmdet.pipeline.run.RunSummary) as the flow run's markdown artifact."""
-    from prefect.artifacts import create_markdown_artifact
-
-    rows = [("adapter", summary.metrics), ("base", summary.base_metrics), ("merged", summary.merged_metrics),
-            ("champion", summary.champion_metrics)]
-    images = summary.evaluation.get("images", "")
-    table = "\n".join(f"| {name} | {m['map']:.4f} | {m['map50']:.4f} | {m['map75']:.4f} | {images} |"
-                      for name, m in rows if m)
-    g = summary.gate
-    create_markdown_artifact(
-        f"## Retrain summary\n\n| model | mAP | mAP50 | mAP75 | images |\n|---|---|---|---|---|\n{table}\n\n"
-        f"**Gate** ({g['metric']} >= {g['threshold']}): {'passed' if g['passed'] else 'closed'} — {g['reason']}\n\n"
-        f"**Published**: {summary.published['target'] if summary.published else 'nothing'}\n\n"
-        + (f"**Skipped**: {summary.skip_reason}\n\n" if summary.skipped else "")
-        + (f"**Check run**: {summary.check_run}\n\n" if summary.check_run else "") + f"Summary: `{path}`",
-        key="retrain-summary")
+_TASKS: dict[str, Task] = {}
 
 
-def tracker_artifact(tracker: dict[str, Any]) -> None:
-    """Where tonight's loss curve and numbers are in the experiment tracker (summary.tracker, written by
-    vlmdet.run.tracking): a link when the tracker has an address (an MLflow server), else the command that
-    opens it on the run folder. Nothing with train.report_to=none."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+def task_of(step: Step) -> Task:
+    """The Prefect task of `step` (one per step name: the flow and the tasks/ module share it)."""
+    if step.name in _TASKS:
+        return _TASKS[step.name]
 
-    if not tracker or not tracker.get("report_to"):
-        return
-    kind = tracker["report_to"]
-    if tracker.get("url"):
-        create_link_artifact(tracker["url"], link_text=f"{kind} run {tracker.get('run_id', '')}".strip(),
-                             key="tracker-run", description=f"This run in {kind}")
-        return
-    where = {k: tracker[k] for k in ("log_dir", "tracking_uri", "experiment_id", "run_id") if tracker.get(k)}
-    create_markdown_artifact(
-        f"## This run in {kind}\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in where.items())
-        + (f"\nOpen it on the worker: `{tracker['command']}`\n" if tracker.get("command") else "")
-        + (f"\n**Not logged**: {tracker['error']}\n" if tracker.get("error") else ""),
-        key="tracker-run", description=f"This run in {kind}")
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from prefect.runtime import task_run
+
+        from tasks import events
+
+        arguments = step.arguments(*args, **kwargs)
+        if step.retry.adjust and task_run.run_count > 1:
+            arguments = step.retry.adjust(arguments, task_run.run_count)
+        if step.progress:
+            arguments["on_progress"] = progress_artifact(*step.progress(arguments))
+        record = step.call(**arguments)
+        line = step.says(record, arguments) if step.says else None
+        if line:
+            get_run_logger().info(line)
+        for item in step.shows(record, arguments) if step.shows else []:
+            show(item)
+        events.after(step.name, record, arguments)
+        return record
+
+    run.__name__ = run.__qualname__ = step.name.replace("-", "_")
+    run.__doc__ = step.call.__doc__
+    run.__signature__ = _signature(step)  # what Prefect binds and shows: the call's own parameters
+    retry = step.retry
+    options: dict[str, Any] = dict(name=step.name, retries=retry.attempts)
+    if retry.attempts:
+        options.update(retry_delay_seconds=[retry.delays[min(i, len(retry.delays) - 1)] for i in range(retry.attempts)],
+                       retry_condition_fn=_retry_condition(step))
+    if step.key:
+        options.update(cache_key_fn=lambda context, parameters: step.cache_key(step.arguments(**parameters)),
+                       persist_result=True, cache_expiration=timedelta(days=step.cache_days))
+    else:  # the champion changes outside the run, and a token must never feed a key
+        options.update(cache_policy=NONE)
+    if step.run_name:
+        options["task_run_name"] = step.run_name
+    _TASKS[step.name] = task(**options)(run)
+    return _TASKS[step.name]
+
+
+def _signature(step: Step):
+    import inspect
+
+    sig = inspect.signature(step.call)
+    # the child's environment and the progress callback are the driver's, never a task parameter
+    return sig.replace(parameters=[p for name, p in sig.parameters.items() if name not in ("env", "on_progress")])
+
+
+def _retry_condition(step: Step):
+    def worth_retrying(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+        try:
+            state.result()
+        except BaseException as err:  # noqa: BLE001 - the declaration says which errors heal by waiting
+            return step.retry.worth_retrying(err)
+        return False
+
+    return worth_retrying
+
+
+def show(item: Show) -> None:
+    """One artifact on the current task or flow run."""
+    if item.kind == "table":
+        create_table_artifact(item.body, key=item.key, description=item.description)
+    elif item.kind == "link":
+        create_link_artifact(item.body["url"], link_text=item.body["text"], key=item.key, description=item.description)
+    else:
+        create_markdown_artifact(item.body, key=item.key, description=item.description)
+
+
+def read_secret(name: str) -> str | None:
+    """A Prefect Secret block's value; None where there is no block of that name."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name, _sync=True).get()
+    except ValueError:  # "Unable to find block document named ...": the environment is used instead
+        return None
+    return str(value) if value else None

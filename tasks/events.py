@@ -59,3 +59,15 @@ def champion_unreadable(champion: Champion, config: RunConfig, workdir: str) -> 
         "reason": champion.unreadable, "fault": champion.fault or None, "source": champion.source,
         "revision": champion.revision or None, "replace_on_purpose": config.gate.replace_unreadable_champion,
         "run": {"flow_run_id": _flow_run_id()}})
+
+
+def after(step: str, record: Any, arguments: dict[str, Any]) -> None:
+    """The events a finished step's record calls for (tasks.common.task_of calls this after every step)."""
+    layout = arguments.get("layout")
+    workdir = str(layout.root) if layout is not None else "."
+    if step == "find-champion" and record is not None and record.unreadable:
+        champion_unreadable(record, arguments["config"], workdir)
+    elif step == "gate" and not record.passed:
+        gate_closed(record, arguments["config"], workdir, arguments["name"])
+    elif step == "publish":
+        published(record, arguments["report"], arguments["config"], workdir)

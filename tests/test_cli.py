@@ -171,31 +171,31 @@ def test_add_settings_is_the_hook_for_another_command():
 
 def test_a_skipped_rerun_says_the_gate_and_publication_are_the_earlier_runs(capsys, tmp_path):
     # "no champion published at the target yet" was true when that run decided, not now that it published
-    from vlmdet.cli import _print_summary
+    from vlmdet.pipeline.show import summary_text
 
     m = {"map": 0.7, "map50": 0.9, "map75": 0.8}
     summary = {"metrics": m, "adapter": "a", "published": {"target": "local:published"}, "skipped": True,
                "skip_reason": "data, configuration and base model unchanged since 2026-11-27T02:00:00",
                "gate": {"passed": True, "reason": "map50=0.9000 >= threshold 0.5000; no champion published at the target yet."}}
-    _print_summary(tmp_path, summary)
+    print(summary_text(summary, tmp_path / "summary.json"))
     out = capsys.readouterr().out
     assert "Nothing new: data, configuration and base model unchanged since 2026-11-27T02:00:00" in out
     assert "gate (that run): PASSED" in out and "published (that run): local:published" in out
-    _print_summary(tmp_path, dict(summary, skipped=False))
+    print(summary_text(dict(summary, skipped=False), tmp_path / "summary.json"))
     out = capsys.readouterr().out
     assert "gate:      PASSED" in out and "(that run)" not in out
 
 
 def test_the_summary_table_has_the_champions_row_when_the_gate_measured_one(capsys, tmp_path):
-    from vlmdet.cli import _print_summary
+    from vlmdet.pipeline.show import summary_text
 
     summary = {"metrics": {"map": 0.71, "map50": 0.9, "map75": 0.8}, "adapter": "a", "published": None,
                "champion_metrics": {"map": 0.655, "map50": 0.812, "map75": 0.7},
                "gate": {"passed": False, "reason": "map50=0.9000 vs champion 0.8120: not better often enough"}}
-    _print_summary(tmp_path, summary)
+    print(summary_text(summary, tmp_path / "summary.json"))
     lines = capsys.readouterr().out.splitlines()
     table = lines[lines.index(f"{'model':<12}{'mAP':>8}{'mAP50':>8}{'mAP75':>8}") + 1:][:2]
     assert table == ["fine-tuned     0.710   0.900   0.800",
                      "champion       0.655   0.812   0.700"]
-    _print_summary(tmp_path, dict(summary, champion_metrics=None))  # no champion at the target: no row
+    print(summary_text(dict(summary, champion_metrics=None), tmp_path / "summary.json"))  # no champion at the target: no row
     assert "champion  " not in capsys.readouterr().out

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from vlmdet.run.layout import RunLayout
 from prefect import flow
 
 from flows.retrain import retrain
@@ -69,7 +71,7 @@ def test_prepared_data_follows_the_data_settings(tmp_path):
 
     @flow
     def three():
-        return [prepare_data(cfg, str(tmp_path)) for cfg in (a, b, a)]
+        return [prepare_data(cfg, RunLayout.at(tmp_path)) for cfg in (a, b, a)]
 
     ra, rb, ra2 = three()
     assert ra.fingerprint != rb.fingerprint and ra2.fingerprint == ra.fingerprint

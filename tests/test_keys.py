@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from vlmdet.run.layout import RunLayout
 from prefect import flow
 
 import tasks.prepare_data
@@ -63,7 +65,7 @@ def test_editing_one_box_or_one_image_of_a_coco_dataset_retrains(tmp_path, monke
 
     @flow
     def prep():
-        return prepare_data(config, str(tmp_path / "run"))
+        return prepare_data(config, RunLayout.at(tmp_path / "run"))
 
     first = prep()
     assert prep().fingerprint == first.fingerprint and len(calls) == 1  # unchanged: Prefect's cache, no work

@@ -12,7 +12,7 @@ import pytest
 
 from vlmdet.pipeline import run as pipeline
 from vlmdet.config.settings import ConfigError, load_preset
-from vlmdet.pipeline.steps import PlainSteps
+from vlmdet.pipeline.step import Plain
 
 FORMAT = '''
 """A made-up family: `<box>x1 y1 x2 y2</box>` per box, integers 0-1000 of the image; no box: `none`."""
@@ -118,7 +118,7 @@ def test_a_family_from_another_package_trains_evaluates_and_publishes(family_pac
         "gate.threshold": 0.9}, free_gib=None)
     assert resolved.config.model.family == "spacebox_vl"
     layout = pipeline.RunLayout.at(tmp_path / "run")
-    s = pipeline.run(resolved, layout, PlainSteps())
+    s = pipeline.run(resolved, layout, Plain())
 
     # the training child recorded the family it trained for
     adapter = json.loads((layout.path(s.adapter).parent / "step" / "result.json").read_text())["record"]

@@ -28,7 +28,7 @@ from vlmdet.config.settings import RunConfig
 from vlmdet.run.layout import RunLayout
 from vlmdet.publishing import PermanentPublishError
 from vlmdet.run.records import AdapterRef, DatasetRef, EvalReport
-from vlmdet.pipeline.steps import PlainSteps
+from vlmdet.pipeline.step import Plain
 from vlmdet.pipeline.child import STEPS
 
 
@@ -83,7 +83,7 @@ def _sha256(files: dict[str, bytes]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-class Run(PlainSteps):
+class Run(Plain):
     """One run: its adapter is `adapter` (training and evaluation stand-ins: the merged model scores
     `merged_map50`); merge, gate and publish are the product's. `judged` keeps the bytes of the merged
     folder its evaluation was given; `before_publish` runs between its gate and its publish."""
@@ -92,13 +92,19 @@ class Run(PlainSteps):
         self.adapter, self.data, self.merged_map50, self.before_publish = adapter, data, merged_map50, before_publish
         self.judged: dict[str, bytes] = {}
 
-    def prepare_data(self, config, layout):
-        return self.data
+    def __call__(self, step, *args, **kwargs):
+        a = step.arguments(*args, **kwargs)
+        if step.name == "prepare_data":
+            return self.data, False
+        if step.name == "train":
+            return self.adapter, False
+        if step.name == "evaluate":
+            return self.evaluate(a["model"], a["dataset"], a["layout"], a["name"]), False
+        if step.name == "publish" and self.before_publish:
+            self.before_publish()
+        return super().__call__(step, *args, **kwargs)
 
-    def train(self, dataset, config, layout, fresh=False):
-        return self.adapter
-
-    def evaluate(self, model, dataset, config, layout, name="adapter"):
+    def evaluate(self, model, dataset, layout, name="adapter"):
         value = 0.8
         if name == "merged":
             self.judged = _bytes(model)
@@ -106,11 +112,6 @@ class Run(PlainSteps):
         return EvalReport(map=value, map50=value, map75=value, split="test", num_images=2, parse_failures=0,
                           predictions=str(layout.eval_dir(name) / "predictions.json"), model=model,
                           data_fingerprint=dataset.fingerprint)
-
-    def publish(self, *args, **kwargs):
-        if self.before_publish:
-            self.before_publish()
-        return super().publish(*args, **kwargs)
 
 
 def _data(synth_coco) -> DatasetRef:
@@ -182,8 +183,8 @@ def test_one_byte_changed_after_the_merge_is_refused_with_both_hashes(tiny_model
 def test_merged_bytes_changed_under_their_evaluation_stop_the_run_before_the_gate(tiny_model, synth_coco, adapters,
                                                                                   merges, tmp_path):
     class Changed(Run):
-        def evaluate(self, model, dataset, config, layout, name="adapter"):
-            report = super().evaluate(model, dataset, config, layout, name)
+        def evaluate(self, model, dataset, layout, name="adapter"):
+            report = super().evaluate(model, dataset, layout, name)
             if name == "merged":  # another writer, while the evaluation read the folder
                 (Path(model) / "config.json").write_text("{}")
             return report

@@ -16,56 +16,55 @@ from vlmdet.config import profiles
 
 
 class FakeSteps:
-    """Records each call; evaluate scores each model name as `scores` says."""
+    """A driver that records each step it is asked to run and answers it without a model; evaluate scores
+    each model name as `scores` says. cached: every keyed step answers as if from a cache."""
+
+    run_id, read_secret = None, None
 
     def __init__(self, scores: dict[str, float], cached: bool = False):
         self.calls: list[str] = []
         self.configs: list = []
-        self.scores, self.cached, self.last_cached = scores, cached, False
+        self.scores, self.cached = scores, cached
 
-    def prepare_data(self, config, layout):
+    def __call__(self, step, *args, **kwargs):
+        a = step.arguments(*args, **kwargs)
+        record = getattr(self, step.name.replace("-", "_"))(**{k: v for k, v in a.items() if v is not None or k == "champion"})
+        return record, self.cached and step.key is not None
+
+    def prepare_data(self, config, layout, **_):
         self.calls.append("prepare_data")
         return DatasetRef(fingerprint="f" * 64, root=str(layout.root), splits={"test": "t.json"},
                           counts={"test": {"images": 3}}, source=config.data.dataset)
 
-    def train(self, dataset, config, layout, fresh=False):
+    def train(self, dataset, config, layout, fresh=False, **_):
         self.calls.append("train" + (" fresh" if fresh else ""))
         self.configs.append(config)
-        self.last_cached = self.cached
         return AdapterRef(path=str(layout.train_dir(dataset, config, fresh) / "adapter"), base_model="base",
                           family=config.model.family, global_step=2, losses=[1.0, 0.5])
 
-    def evaluate(self, model, dataset, config, layout, name="adapter"):
+    def evaluate(self, model, dataset, config, layout, name="adapter", **_):
         self.calls.append(f"evaluate {name}")
-        self.last_cached = self.cached
         v = self.scores[name]
         return EvalReport(map=v, map50=v, map75=v, split="test", num_images=3, parse_failures=0,
                           predictions=str(layout.eval_dir(name) / "predictions.json"), model=model,
                           data_fingerprint=dataset.fingerprint)
 
-    def resolve_token(self, config):
-        return None
-
-    def find_champion(self, config, layout, token):
+    def find_champion(self, config, layout, **_):
         self.calls.append("find champion")
         return None
 
-    def measure_champion(self, champion, report, dataset, config, layout, token):
-        self.calls.append("measure champion")
-        return None
-
-    def gate(self, report, config, layout, *, token, champion, champion_report, dataset, name="adapter"):
+    def gate(self, report, config, layout, champion=None, name="adapter", **_):
         self.calls.append(f"gate {name}")
         return decide(report, config.gate, champion)
 
-    def merge(self, adapter, dataset, config, layout):
+    def merge(self, adapter, dataset, config, layout, **_):
         self.calls.append("merge")
         out = layout.merge_dir(adapter, dataset, config)  # a one-file folder, pinned as the merge pins it
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text("{}")
         return MergedRef.pinned(out, "base", 0.0)
 
-    def publish(self, merged, report, dataset, adapter, decision, config, layout, token):
+    def publish(self, merged, report, dataset, adapter, decision, config, layout, **_):
         self.calls.append("publish")
         return Publication(target=str(layout.path("published")), kind="local")
 
@@ -91,7 +90,7 @@ def test_a_passing_adapter_is_merged_measured_again_and_published(tmp_path):
     s = pipeline.run(_resolved(**{"gate.threshold": 0.5, "eval.eval_base": True}), pipeline.RunLayout.at(tmp_path),
                      steps)
     assert steps.calls == ["prepare_data", "train", "evaluate adapter", "evaluate base", "find champion",
-                           "measure champion", "gate adapter", "merge", "evaluate merged", "gate merged", "publish"]
+                           "gate adapter", "merge", "evaluate merged", "gate merged", "publish"]
     assert s.gate["passed"] and s.published["kind"] == "local"
     assert (s.metrics["map50"], s.merged_metrics["map50"], s.base_metrics["map50"]) == (0.8, 0.7, 0.1)
 

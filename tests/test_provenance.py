@@ -9,6 +9,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+from vlmdet.run.layout import RunLayout
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, metadata_load
 
 from data_fixtures import off_dataset  # noqa: F401 - fixture
@@ -73,7 +75,7 @@ def test_hub_dataset_loads_at_the_revision_its_stamp_read(hub, off_dataset, tmp_
 
     @flow
     def prep():
-        return prepare_data(config, str(tmp_path))
+        return prepare_data(config, RunLayout.at(tmp_path))
 
     ref = prep()
     assert loads == [("test/off", {"revision": sha})]

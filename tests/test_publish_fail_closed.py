@@ -415,7 +415,9 @@ def test_the_flows_gate_tasks_close_on_an_unreadable_target_without_evaluating_i
     """Fails on main: weights without card or vlmdet.json were "no champion" and the gate passed."""
     from prefect import flow
 
-    from tasks.gate import find_champion, gate, measure_champion
+    from tasks.gate import fetch_champion, find_champion, gate
+    from vlmdet.pipeline.steps import measure_champion
+    from vlmdet.run.layout import RunLayout
 
     single, _ = models
     cfg = _local_cfg()
@@ -428,10 +430,12 @@ def test_the_flows_gate_tasks_close_on_an_unreadable_target_without_evaluating_i
 
     @flow
     def gate_step(workdir: str):
-        champion = find_champion(cfg, token=None, workdir=workdir)
-        measured = measure_champion(champion, report, dataset, cfg, workdir, evaluate_with=must_not_evaluate)
-        return champion, measured, gate(report, cfg, token=None, workdir=workdir, champion=champion,
-                                        champion_report=measured, dataset=dataset)
+        layout = RunLayout.at(workdir)
+        champion = find_champion(cfg, layout)
+        measured = measure_champion(champion, report, cfg, evaluate_with=must_not_evaluate,
+                                    fetch=lambda c, only: fetch_champion(c, cfg, layout, predictions_only=only))
+        return champion, measured, gate(report, cfg, layout, champion=champion, champion_report=measured,
+                                        dataset=dataset)
 
     champion, measured, decision = gate_step(str(tmp_path))
     assert champion.unreadable and measured is None

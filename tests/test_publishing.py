@@ -124,23 +124,25 @@ def test_tasks_on_a_local_target(tmp_path, merged_dir, prefect_harness):
     """The tasks as the flow calls them: gate with no champion, publish, then the gate sees the champion."""
     from prefect import flow
 
-    from tasks.gate import gate
+    from tasks.gate import find_champion, gate
     from tasks.publish import publish
+    from vlmdet.run.layout import RunLayout
 
     merged, report, dataset, adapter, _ = records(tmp_path, merged_dir, map50=0.7)
     cfg = _cfg(**{"gate.min_delta": 0.05})
 
     @flow
     def two_runs(workdir: str):
-        first = gate(report, cfg, token=None, workdir=workdir)
-        pub = publish(merged, report, dataset, adapter, first, cfg, workdir, token=None)
-        second = gate(report, cfg, token=None, workdir=workdir)
+        layout = RunLayout.at(workdir)
+        first = gate(report, cfg, layout, champion=find_champion(cfg, layout), dataset=dataset)
+        pub = publish(merged, report, dataset, adapter, first, cfg, layout)
+        second = gate(report, cfg, layout, champion=find_champion(cfg, layout), dataset=dataset)
         return first, pub, second
 
     first, pub, second = two_runs(str(tmp_path))
     assert first.passed and first.champion is None
     assert pub.kind == "local" and (tmp_path / "published" / "README.md").is_file()
-    # a caller that measured no champion (no dataset given): read here, and not replaced on a guess
+    # a champion that was not measured on today's images is not replaced on a guess
     assert not second.passed and second.champion == pytest.approx(0.7) and "not measured" in second.reason
 
 

@@ -82,15 +82,18 @@ def _texts_of_dir(root: Path) -> list[tuple[str, bytes]]:
 def test_resolve_token_prefers_the_secret_block_then_env(prefect_harness, monkeypatch):
     from prefect.blocks.system import Secret
 
-    from tasks.publish import resolve_token
+    from tasks.common import read_secret
+    from vlmdet.pipeline.step import resolve_token
 
     cfg = RunConfig().override({"publish.token_secret": "no-such-block-here"})
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    assert resolve_token(cfg) is None
+    assert resolve_token(cfg, read_secret) is None
     monkeypatch.setenv("HF_TOKEN", "hf_fromenv")
-    assert resolve_token(cfg) == "hf_fromenv"
+    assert resolve_token(cfg, read_secret) == "hf_fromenv"
     Secret(value="hf_fromblock").save("hf-token-precedence-test", overwrite=True)
-    assert resolve_token(cfg.override({"publish.token_secret": "hf-token-precedence-test"})) == "hf_fromblock"
+    assert resolve_token(cfg.override({"publish.token_secret": "hf-token-precedence-test"}), read_secret) == "hf_fromblock"
+    # without a secret store (the plain driver) the environment decides
+    assert resolve_token(cfg.override({"publish.token_secret": "hf-token-precedence-test"}), None) == "hf_fromenv"
 
 
 def test_token_appears_nowhere(prefect_harness, tmp_path, all_logs, monkeypatch):
@@ -99,8 +102,11 @@ def test_token_appears_nowhere(prefect_harness, tmp_path, all_logs, monkeypatch)
     from prefect.client.orchestration import get_client
     from prefect.logging.handlers import APILogHandler
 
-    from tasks.gate import gate
-    from tasks.publish import publish, resolve_token
+    from tasks.common import read_secret
+    from tasks.gate import find_champion, gate
+    from tasks.publish import publish
+    from vlmdet.pipeline.step import resolve_token
+    from vlmdet.run.layout import RunLayout
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     Secret(value=SECRET).save(BLOCK, overwrite=True)
@@ -113,11 +119,12 @@ def test_token_appears_nowhere(prefect_harness, tmp_path, all_logs, monkeypatch)
         @flow(name="token-safety")
         def run(workdir: str, map50: float, repo: str = "acme/token-safety"):
             all_logs.install()
-            token = resolve_token(cfg)
+            token = resolve_token(cfg, read_secret)
             merged, report, dataset, adapter, _ = records(Path(workdir), merged_dir, map50=map50)
             target = cfg.override({"publish.target": f"hub:{repo}"})  # an empty repo: no champion blocks the gate
-            decision = gate(report, target, token=token, workdir=workdir)
-            return decision, publish(merged, report, dataset, adapter, decision, target, workdir, token=token)
+            layout = RunLayout.at(workdir)
+            decision = gate(report, target, layout, champion=find_champion(target, layout, token), dataset=dataset)
+            return decision, publish(merged, report, dataset, adapter, decision, target, layout, token)
 
         hub.fail("POST", r"/commit/main$", 500, times=1)  # a retried transient error: warnings get logged
         decision, pub = run(str(tmp_path / "run1"), 0.8)

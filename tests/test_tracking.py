@@ -13,7 +13,7 @@ import pytest
 
 from vlmdet.pipeline import run as pipeline
 from vlmdet.cli import EXIT_CONFIG, main
-from vlmdet.pipeline.steps import PlainSteps
+from vlmdet.pipeline.step import Plain
 
 FLOW_RUN = "0b6f1a52-3c1d-4e8f-9a7b-5d2c6e4f8a10"
 
@@ -27,7 +27,7 @@ def _run(tmp_path: Path, tiny_model: str, **overrides):
         "eval.max_new_tokens": 12, "eval.eval_base": False, "eval.preview_images": 0, "eval.val_max_images": 0,
         "gate.threshold": 0.0, **overrides}, free_gib=None)
     layout = pipeline.RunLayout.at(tmp_path / "run")
-    summary = pipeline.run(resolved, layout, PlainSteps())
+    summary = pipeline.run(resolved, layout, Plain())
     history = json.loads((Path(summary.adapter).parent / "log_history.json").read_text())
     return summary, [(h["step"], h["loss"]) for h in history if "loss" in h]
 

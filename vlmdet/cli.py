@@ -121,67 +121,47 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from vlmdet.pipeline.run import configure
+    from vlmdet.pipeline import run as pipeline
+    from vlmdet.pipeline.show import summary_text
 
     overrides = _overrides(args)
-    # a bad setting, dataset spec or base model is a one-line error now, not after Prefect starts
-    configure(args.preset, overrides, threshold=args.threshold, dataset=args.dataset)
+    # a bad setting, dataset spec or base model is a one-line error now, not after Prefect starts; the flow
+    # runs what was resolved here (no second lookup of the base)
+    resolved = pipeline.resolve(args.preset, overrides, threshold=args.threshold, dataset=args.dataset)
     from flows.console import prefect_console  # Prefect: imported only once the input is known to be good
 
     with prefect_console(args.verbose, _is_user_error):
         from flows.retrain import retrain
 
         summary = retrain(preset=args.preset, workdir=args.workdir, threshold=args.threshold, dataset=args.dataset,
-                          overrides=overrides, force=args.force)
-    _print_summary(Path(args.workdir), summary)
+                          overrides=overrides, force=args.force, resolved=resolved.to_dict())
+    print(summary_text(summary, Path(args.workdir) / "summary.json"))
     return 0
-
-
-def _print_summary(workdir: Path, s: dict[str, Any]) -> None:
-    g = s["gate"]
-    print()
-    if s.get("skipped"):
-        print(f"Nothing new: {s.get('skip_reason')}. Pass --force to retrain.")
-    # champion: the model now at the target, on today's test split (what the gate compared against)
-    rows = [("fine-tuned", s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics")),
-            ("champion", s.get("champion_metrics"))]
-    print(f"{'model':<12}{'mAP':>8}{'mAP50':>8}{'mAP75':>8}")
-    for name, m in rows:
-        if m:
-            print(f"{name:<12}{m['map']:>8.3f}{m['map50']:>8.3f}{m['map75']:>8.3f}")
-    # A skipped run repeats the summary of the run it skipped to: its gate reason and publication
-    # are that run's ("no champion ... yet" was true then, before it published), so say whose they are.
-    then = " (that run)" if s.get("skipped") else ""
-    print(f"{'gate' + then + ':':<10} {'PASSED' if g['passed'] else 'closed'} — {g['reason']}")
-    print(f"adapter:   {s['adapter']}")
-    if s.get("published"):
-        print(f"{'published' + then + ':':<10} {s['published']['target']}")
-    if s.get("evaluation", {}).get("preview"):
-        print(f"preview:   {s['evaluation']['preview']}")
-    print(f"summary:   {(workdir / 'summary.json').resolve()}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vlmdet.pipeline import run as pipeline
-    from vlmdet.pipeline.steps import PlainSteps
+    from vlmdet.pipeline.step import Plain
 
     # the flow's configuration (train.profile resolved once), layout and steps, without Prefect
     resolved = pipeline.resolve(args.preset, _overrides(args))
-    data, adapter = pipeline.trained(resolved.config, pipeline.RunLayout.at(args.workdir), PlainSteps())
+    data, adapter, _ = pipeline.trained(resolved.config, pipeline.RunLayout.at(args.workdir), Plain())
     print(json.dumps({"adapter": adapter.path, "global_step": adapter.global_step, "resumed_from": adapter.resumed_from,
                       "dataset": data.fingerprint}, indent=1))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlmdet.pipeline import run as pipeline
     from vlmdet.modeling.load import check_model_source
-    from vlmdet.pipeline.steps import PlainSteps
+    from vlmdet.pipeline import run as pipeline
+    from vlmdet.pipeline import steps
+    from vlmdet.pipeline.step import Plain
 
     config = pipeline.configure(args.preset, _overrides(args), check_base=False)  # --model is what loads
     check_model_source(args.model, "--model")
-    layout, steps = pipeline.RunLayout.at(args.workdir), PlainSteps()
-    report = steps.evaluate(args.model, steps.prepare_data(config, layout), config, layout, Path(args.model).name)
+    layout, driver = pipeline.RunLayout.at(args.workdir), Plain()
+    data, _ = driver(steps.PREPARE, config, layout)
+    report, _ = driver(steps.EVALUATE, args.model, data, config, layout, name=Path(args.model).name)
     print(json.dumps(dict(report.metrics(), split=report.split, images=report.num_images,
                           parse_failures=report.parse_failures, predictions=report.predictions)))
     return 0

@@ -1,6 +1,7 @@
 """Entry point of the child processes: `python -m vlmdet.pipeline.child STEP REQUEST.json RESULT.json`.
 
-Each step reads its input records from the request, calls one library function and writes
+Each step's child function (declared with the step, vlmdet.pipeline.steps; a step declared elsewhere names
+it as MODULE:FUNCTION) reads its input records from the request, calls one library function and writes
 {"record": ...} or {"kind": "oom"|"config"|"error", "message": ..., "traceback": ...}.
 """
 from __future__ import annotations
@@ -14,40 +15,30 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from vlmdet.config.settings import ConfigError, RunConfig
-from vlmdet.run.records import AdapterRef, DatasetRef, write_json
-from vlmdet.run.timeline import phase, take
+from vlmdet.config.settings import ConfigError
+from vlmdet.run.records import write_json
+from vlmdet.run.timeline import take
 
 
-def _train(req: dict[str, Any]) -> dict[str, Any]:
-    with phase("imports"):  # torch, transformers, TRL, PEFT: seconds before any work
-        from vlmdet.training.train import train
+def _steps() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The child function of every step that declares one (vlmdet.pipeline.steps)."""
+    from vlmdet.pipeline.steps import ALL
 
-    return train(DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"]), req["out"]).to_dict()
-
-
-def _evaluate(req: dict[str, Any]) -> dict[str, Any]:
-    with phase("imports"):
-        from vlmdet.prediction.evaluate import evaluate
-
-    return evaluate(req["model"], DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"]),
-                    req["out"], split=req.get("split")).to_dict()
+    return {step.name: step.child for step in ALL if step.child}
 
 
-def _merge(req: dict[str, Any]) -> dict[str, Any]:
-    with phase("imports"):
-        from vlmdet.data.images import open_image
-        from vlmdet.publishing.merge import merge
-        from vlmdet.data.samples import load_split
-
-    dataset = DatasetRef.from_dict(req["dataset"])
-    with phase("decode images"):  # the few the merge checks its logits on
-        samples, _ = load_split(dataset.splits[req.get("split", "test")])
-        images = [open_image(s.file) for s in samples[: req.get("check_images", 2)]]
-    return merge(AdapterRef.from_dict(req["adapter"]), RunConfig.from_dict(req["config"]), req["out"], images).to_dict()
+STEPS = _steps()
 
 
-STEPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"train": _train, "evaluate": _evaluate, "merge": _merge}
+def child_of(step: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    if step in STEPS:
+        return STEPS[step]
+    module, sep, name = step.partition(":")
+    if not sep:
+        raise KeyError(f"no step {step!r} runs in a child; known: {', '.join(STEPS)} (or MODULE:FUNCTION)")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = int(os.environ.get("RANK", 0)) == 0
     out: dict[str, Any]
     try:
-        out = {"record": STEPS[step](json.loads(Path(request).read_text()))}
+        out = {"record": child_of(step)(json.loads(Path(request).read_text()))}
         code = 0
     except Exception as err:  # the parent turns this into a clear task failure
         import torch

@@ -1,13 +1,13 @@
 """The run, written once: prepare_data -> train -> evaluate -> gate -> merge -> evaluate -> gate -> publish.
 
-Three drivers run it: flows/retrain.py passes Prefect tasks as the steps (retries, caching,
-artifacts, persisted results), `vlmdet train`/`evaluate` and benchmarks/nightly_run.py pass plain
-calls (vlmdet.pipeline.steps.PlainSteps). What this module owns, so that a change to it is one edit:
+Three drivers run it: flows/retrain.py (a Prefect task a step: retries, caching, artifacts, persisted
+results), `vlmdet train`/`evaluate` and benchmarks/nightly_run.py (vlmdet.pipeline.step.Plain: direct calls).
+Each step is declared once (vlmdet.pipeline.steps); a driver is `driver(step, *args) -> (record, cached)`.
+What this module owns, so that a change to it is one edit:
 
 - the configuration, resolved once up front (`resolve`): preset + overrides, inputs checked before
   any data or GPU work, the check-run guard, and train.profile (auto: from the GPU's free memory).
   The resolved configuration is what every step gets and what WORKDIR/config.json records;
-- the run folder (vlmdet.run.layout.RunLayout);
 - the step sequence and its branches (`run`): the gate sees the champion measured on today's test
   images; a passing adapter is merged, the merged model measured and gated again, then published;
 - the run summary (`RunSummary`, WORKDIR/summary.json, docs in DESIGN.md "Contracts").
@@ -21,18 +21,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
-from vlmdet.run import timeline, tracking
 from vlmdet.config.settings import RunConfig, guard_check_run, load_preset
 from vlmdet.decide.gate import Champion, clears_threshold
-from vlmdet.run.keys import decision_settings, evaluation_key
+from vlmdet.pipeline import steps
+from vlmdet.pipeline.step import Step, resolve_token
+from vlmdet.run import timeline, tracking
+from vlmdet.run.keys import decision_settings, evaluation_key, source_stamp
 from vlmdet.run.layout import RunLayout
 from vlmdet.publishing.files import check_folder
 from vlmdet.run.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, Record,
                             write_json)
 
-__all__ = ["RunLayout", "Resolved", "Steps", "RunSummary", "configure", "resolve", "run", "trained"]
+__all__ = ["RunLayout", "Resolved", "Driver", "RunSummary", "configure", "resolve", "run", "trained"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,14 @@ class Resolved:
     config: RunConfig  # train.profile concrete: what every step runs with
     check_run: str | None = None  # why a check run publishes locally, if it was redirected
 
+    def to_dict(self) -> dict[str, Any]:
+        """What `vlmdet retrain` hands the flow, so the flow runs what the command checked and resolved."""
+        return {"config": self.config.to_dict(), "check_run": self.check_run}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Resolved":
+        return cls(RunConfig.from_dict(d["config"]), d.get("check_run"))
+
 
 def resolve(preset: str, overrides: dict[str, Any] | None = None, threshold: float | None = None,
             dataset: str | None = None, free_gib: float | None | str = "query") -> Resolved:
@@ -80,28 +90,16 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None, threshold: flo
     return Resolved(profiles.resolve(config, free_gib), note)
 
 
-# --- steps -----------------------------------------------------------------------------------------------------
-class Steps(Protocol):
-    """What a driver passes in: one call per step (PlainSteps: plain calls; flows/retrain.py: tasks).
+# --- the driver ------------------------------------------------------------------------------------------------
+class Driver(Protocol):
+    """Runs one declared step: `driver(step, *args, **kwargs) -> (record, cached)` (vlmdet.pipeline.step.Plain,
+    flows/retrain.py). run_id names the publication; read_secret reads publish.token_secret where the driver has
+    a secret store."""
 
-    last_cached: whether the result of the latest train/evaluate call came from a cache, not a run."""
+    run_id: str | None
+    read_secret: Callable[[str], str | None] | None
 
-    last_cached: bool
-
-    def prepare_data(self, config: RunConfig, layout: RunLayout) -> DatasetRef: ...
-    def train(self, dataset: DatasetRef, config: RunConfig, layout: RunLayout, fresh: bool = False) -> AdapterRef: ...
-    def evaluate(self, model: str, dataset: DatasetRef, config: RunConfig, layout: RunLayout,
-                 name: str = "adapter") -> EvalReport: ...
-    def resolve_token(self, config: RunConfig) -> str | None: ...
-    def find_champion(self, config: RunConfig, layout: RunLayout, token: str | None) -> Champion | None: ...
-    def measure_champion(self, champion: Champion | None, report: EvalReport, dataset: DatasetRef, config: RunConfig,
-                         layout: RunLayout, token: str | None) -> EvalReport | None: ...
-    def gate(self, report: EvalReport, config: RunConfig, layout: RunLayout, *, token: str | None,
-             champion: Champion | None, champion_report: EvalReport | None, dataset: DatasetRef,
-             name: str = "adapter") -> GateDecision: ...
-    def merge(self, adapter: AdapterRef, dataset: DatasetRef, config: RunConfig, layout: RunLayout) -> MergedRef: ...
-    def publish(self, merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef,
-                decision: GateDecision, config: RunConfig, layout: RunLayout, token: str | None) -> Publication: ...
+    def __call__(self, step: Step, *args: Any, **kwargs: Any) -> tuple[Any, bool]: ...
 
 
 # --- the summary -----------------------------------------------------------------------------------------------
@@ -175,13 +173,17 @@ def _load_last(path: Path) -> dict[str, Any] | None:
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
-def trained(config: RunConfig, layout: RunLayout, steps: Steps, fresh: bool = False) -> tuple[DatasetRef, AdapterRef]:
-    """The prepared data and the adapter trained on it (`vlmdet train`, and the start of `run`)."""
-    data = steps.prepare_data(config, layout)
-    return data, steps.train(data, config, layout, fresh=fresh)
+def trained(config: RunConfig, layout: RunLayout, driver: Driver,
+            fresh: bool = False) -> tuple[DatasetRef, AdapterRef, bool]:
+    """The prepared data, the adapter trained on it, and whether the adapter came from the driver's cache
+    (`vlmdet train`, and the start of `run`). The dataset's stamp (a Hub dataset's commit) is read once: the
+    cache key and the data loaded name one revision."""
+    data, _ = driver(steps.PREPARE, config, layout, stamp=source_stamp(config.data.dataset))
+    adapter, cached = driver(steps.TRAIN, data, config, layout, fresh=fresh)
+    return data, adapter, cached
 
 
-def run(resolved: Resolved, layout: RunLayout, steps: Steps, force: bool = False,
+def run(resolved: Resolved, layout: RunLayout, driver: Driver, force: bool = False,
         logger: logging.Logger | logging.LoggerAdapter = log) -> RunSummary:
     """The whole run; writes WORKDIR/summary.json whatever the gate decides and raises when a step fails.
 
@@ -190,14 +192,13 @@ def run(resolved: Resolved, layout: RunLayout, steps: Steps, force: bool = False
     gate and publish settings, is skipped and says so."""
     config, started = resolved.config, time.time()
     write_json(layout.config_file, config.to_dict())
-    data, adapter = trained(config, layout, steps, fresh=force)
-    retrained, cached = not steps.last_cached, [steps.last_cached]
-    report = steps.evaluate(adapter.path, data, config, layout, "adapter")
-    cached.append(steps.last_cached)
+    data, adapter, train_cached = trained(config, layout, driver, fresh=force)
+    report, eval_cached = driver(steps.EVALUATE, adapter.path, data, config, layout, name="adapter")
+    cached = [train_cached, eval_cached]
     base_report = None
     if config.eval.eval_base:
-        base_report = steps.evaluate(adapter.base_model, data, config, layout, "base")
-        cached.append(steps.last_cached)
+        base_report, base_cached = driver(steps.EVALUATE, adapter.base_model, data, config, layout, name="base")
+        cached.append(base_cached)
     from_cache, key = all(cached), evaluation_key(config, data.fingerprint)
 
     # last_success.json says what a cache cannot: that these cached results were already *decided*
@@ -222,31 +223,36 @@ def run(resolved: Resolved, layout: RunLayout, steps: Steps, force: bool = False
     # Like with like: the champion's detections on today's test split (evaluated again when its card's
     # numbers come from other data), so the gate compares both models on the same images. Below the
     # threshold no comparison is needed.
-    token = steps.resolve_token(config)
-    champion = steps.find_champion(config, layout, token)
-    champion_report = (steps.measure_champion(champion, report, data, config, layout, token)
-                       if clears_threshold(report, config.gate) else None)
-    judged = dict(token=token, champion=champion, champion_report=champion_report, dataset=data)
-    decision = steps.gate(report, config, layout, name="adapter", **judged)
+    token = resolve_token(config, driver.read_secret)
+    champion, _ = driver(steps.FIND_CHAMPION, config, layout, token)
+    champion_report = None
+    if clears_threshold(report, config.gate):
+        champion_report = steps.measure_champion(
+            champion, report, config,
+            fetch=lambda c, only: driver(steps.FETCH_CHAMPION, c, config, layout, token, predictions_only=only)[0],
+            evaluate_with=lambda model, cfg: driver(steps.EVALUATE, model, data, cfg, layout, name="champion")[0])
+    judged = dict(champion=champion, champion_report=champion_report, dataset=data)
+    decision, _ = driver(steps.GATE, report, config, layout, name="adapter", **judged)
     merged = merged_report = published = None
     if decision.passed:
         # Held from the merge to the publication: no other run's merge removes this run's merged folder.
         with layout.holding(layout.merge_dir(adapter, data, config)):
-            merged = steps.merge(adapter, data, config, layout)
+            merged, _ = driver(steps.MERGE, adapter, data, config, layout)
             # The gate measured base + adapter (4-bit base under qlora); what gets published is the adapter
             # merged into unquantized weights. Measure that too, and publish only if it still clears the gate.
-            merged_report = steps.evaluate(merged.path, data, config, layout, "merged")
+            merged_report, _ = driver(steps.EVALUATE, merged.path, data, config, layout, name="merged")
             check_folder(merged, "gating it")  # what was measured is what the merge pinned, and publish checks
-            decision = steps.gate(merged_report, config, layout, name="merged", **judged)
+            decision, _ = driver(steps.GATE, merged_report, config, layout, name="merged", **judged)
             if decision.passed:
-                published = steps.publish(merged, merged_report, data, adapter, decision, config, layout, token)
+                published, _ = driver(steps.PUBLISH, merged, merged_report, data, adapter, decision, config, layout,
+                                      token, run_id=driver.run_id)
     if not published:
         logger.info("gate closed: %s; nothing published", decision.reason)
 
     summary = RunSummary.build(config, data, adapter, report, decision, base_report=base_report, merged=merged,
                                merged_report=merged_report, champion_report=champion_report, published=published,
                                check_run=resolved.check_run, run_key=key, seconds=round(time.time() - started, 1),
-                               retrained=retrained, from_cache=from_cache)
+                               retrained=not train_cached, from_cache=from_cache)
     summary.timeline = timeline.collect(layout.root, since=started)
     summary.timeline_picture = timeline.draw(summary.timeline, layout.root / "timeline.png",
                                              title=f"{config.name}: where the run's seconds went")
