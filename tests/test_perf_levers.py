@@ -89,8 +89,7 @@ def test_processes_default_to_every_visible_gpu(monkeypatch):
 
 
 def test_how_an_evaluation_runs_is_not_what_it_measures(tmp_path):
-    """eval.num_processes and eval.timeout_s change speed only (eval.workers is gone, ignored): the same
-    keys, so nothing re-evaluates."""
+    """eval.num_processes and eval.timeout_s change speed only: the same keys, so nothing re-evaluates."""
     from vlmdet.run.keys import evaluation_key
     from vlmdet.run.layout import RunLayout
 
@@ -98,7 +97,7 @@ def test_how_an_evaluation_runs_is_not_what_it_measures(tmp_path):
         return RunLayout.at(workdir).eval_key(model, ds, config, name)
 
     cfg = load_preset("qwen2-vl-7b-nutrition")
-    other = cfg.override({"eval.workers": 0, "eval.num_processes": 2, "eval.timeout_s": 60})
+    other = cfg.override({"eval.num_processes": 2, "eval.timeout_s": 60})
     ds = DatasetRef(fingerprint="f", root=str(tmp_path), splits={}, counts={})
     assert evaluation_key(other, "f") == evaluation_key(cfg, "f")
     assert task_key("m", ds, other, tmp_path, "adapter") == task_key("m", ds, cfg, tmp_path, "adapter")

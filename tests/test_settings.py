@@ -32,7 +32,7 @@ BEFORE = {
 }
 # eval.cache was documented as "same tokens" yet missing from EVAL_EXECUTION_ONLY, so changing it
 # evaluated again (and changed the run key): it is execution, as its help says. Then eval.workers and
-# eval.cache went altogether (measured slower; config.DEPRECATED), so neither is listed anywhere now.
+# eval.cache went altogether (measured slower; settings.REMOVED), so neither is listed anywhere.
 DELIBERATE_FIXES = {"keys.EVAL_EXECUTION_ONLY": {"cache"}, "keys.evaluation_key leaves out": {"cache"}}
 REMOVED = {"keys.EVAL_EXECUTION_ONLY": {"cache", "workers"}, "keys.evaluation_key leaves out": {"cache", "workers"}}
 
@@ -331,20 +331,11 @@ def test_a_preset_extends_a_base_and_overrides_only_what_it_names(tmp_path):
     assert keys_where(role="execution", section="serve")  # serve.* are execution settings
 
 
-def test_a_removed_setting_still_loads_with_a_one_line_warning(tmp_path, caplog, capsys):
-    from vlmdet.cli import main, parser, settings_overrides
-
-    (tmp_path / "old.yaml").write_text("extends: smoke\neval:\n  workers: 4\n  cache: static\n")
-    with caplog.at_level("WARNING", logger="vlmdet.config.settings"):
-        old = load_preset(str(tmp_path / "old.yaml"), {"eval.workers": 2})
-    assert old.eval == load_preset("smoke").eval
-    warned = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("eval.workers is deprecated and ignored") for m in warned)
-    assert any(m.startswith("eval.cache is deprecated and ignored") for m in warned)
-    # the command line takes them too (not listed in --help)
-    args = parser().parse_args(["predict", "--model", "m", "--out", "o", "--eval.workers", "4",
-                                "--set", "eval.cache=static", "x.jpg"])
-    assert settings_overrides(args) == {"eval.workers": "4", "eval.cache": "static"}
-    with pytest.raises(SystemExit):
-        main(["predict", "--help"])
-    assert "eval.workers" not in capsys.readouterr().out
+def test_a_removed_setting_stops_the_run_naming_what_replaced_it(tmp_path):
+    """eval.workers and eval.cache were taken out after measurement: a preset or override that still sets one is
+    refused at load, by name, with what does its work, instead of running on a value nothing reads."""
+    (tmp_path / "old.yaml").write_text("extends: smoke\neval:\n  workers: 4\n")
+    with pytest.raises(ConfigError, match=r"^eval\.workers is not a setting any more: .*one background thread"):
+        load_preset(str(tmp_path / "old.yaml"))
+    with pytest.raises(ConfigError, match=r"^eval\.cache is not a setting any more: .*dynamic KV cache"):
+        load_preset("smoke").override({"eval.cache": "static"})
