@@ -701,52 +701,9 @@ def train(a) -> None:
 
 # --- CPU check: LoRA fine-tune on nutrition tables, base vs fine-tuned -----------------------------
 
-def _standin_nutrition(seed: int):
-    """Only for `check` when vlmdet.data.synth is absent: a rough nutrition-table scene. Never used to pretrain."""
-    r = random.Random(seed)
-    img = background(r)
-    d = ImageDraw.Draw(img)
-    taken, boxes = [], []
-    n = r.choices([0, 1, 2], [0.15, 0.7, 0.15])[0]
-    rows = ["Energy", "Fat", "of which saturates", "Carbohydrate", "of which sugars", "Fibre", "Protein", "Salt"]
-    for _ in range(n):
-        w, h = r.randint(110, 190), r.randint(90, 170)
-        for _ in range(30):
-            x, y = r.randint(2, W - w - 3), r.randint(2, H - h - 3)
-            if _free(taken, (x, y, x + w, y + h)):
-                break
-        else:
-            continue
-        fs = r.randint(7, 10)
-        lh = max(fs + 2, h // 10)
-        d.rectangle([x, y, x + w, y + h], fill=(255, 255, 255), outline=(0, 0, 0) if r.random() < 0.7 else None)
-        d.text((x + 3, y + 2), "Nutrition declaration", fill=(0, 0, 0), font=font(fs + 1))
-        d.text((x + int(w * 0.6), y + 2 + lh), "per 100 g", fill=(0, 0, 0), font=font(fs))
-        d.line([x, y + 2 * lh, x + w, y + 2 * lh], fill=(0, 0, 0))
-        for i, name in enumerate(rows):
-            ty = y + 2 * lh + 2 + i * lh
-            if ty + lh > y + h:
-                break
-            d.text((x + 3, ty), name, fill=(0, 0, 0), font=font(fs))
-            d.text((x + int(w * 0.65), ty), f"{r.uniform(0, 60):.1f} g", fill=(0, 0, 0), font=font(fs))
-        b = (x, y, x + w, y + h)
-        taken.append(b)
-        boxes.append(b)
-    for kind in r.sample(["barcode", "logo", "text block"], r.randint(1, 3)):
-        spot = _place(r, kind, taken)
-        if spot:
-            taken.append(DRAW[kind](img, d, r, *spot, (20, 20, 20), (240, 240, 240)))
-    clutter(d, r, taken, r.randint(0, 5))
-    img, boxes = augment(img, r, boxes)
-    boxes.sort(key=lambda b: (round(b[1] / 8), b[0]))
-    return img, "nutrition-table", boxes
-
-
 def nutrition_samples(seed: int, n: int) -> tuple[list, str]:
-    try:
-        from vlmdet.data import synth  # the project's own generator, once it exists
-    except ImportError:
-        return [_standin_nutrition(seed * 10**6 + i) for i in range(n)], "stand-in (scripts/pretrain_tiny_base.py)"
+    from vlmdet.data import synth  # the project's synthetic nutrition tables
+
     samples = []
     for i in range(n):  # render() is what synth.generate writes to disk: (image, xyxy pixel boxes)
         img, boxes = synth.render(seed, i)
