@@ -17,17 +17,19 @@ from typing import Any
 from prefect.events import Event, emit_event
 
 from vlmdet.config.settings import RunConfig
-from vlmdet.publishing import parse_target
+from vlmdet.publishing.target import Target, resolve_target
 from vlmdet.run.records import Champion, EvalReport, GateDecision, Publication
 
 PUBLISHED, GATE_CLOSED, CHAMPION_UNREADABLE = "vlmdet.model.published", "vlmdet.gate.closed", "vlmdet.champion.unreadable"
 
 
-def model_resource(config: RunConfig, workdir: str) -> dict[str, str]:
-    """The model at the publish target: `vlmdet.model.hub:ORG/NAME` or `vlmdet.model.local:/abs/folder`."""
-    kind, where = parse_target(config.publish.target, workdir)
-    return {"prefect.resource.id": f"vlmdet.model.{kind}:{where}", "prefect.resource.name": where,
-            "vlmdet.target.kind": kind, "vlmdet.preset": config.name}
+def model_resource(config: RunConfig, workdir: str, target: Target | None = None) -> dict[str, str]:
+    """The model at the publish target: `vlmdet.model.KIND:WHERE`, e.g. `vlmdet.model.hub:ORG/NAME` or
+    `vlmdet.model.local:/abs/folder`."""
+    target = target or resolve_target(config)
+    where = target.location(workdir)
+    return {"prefect.resource.id": f"vlmdet.model.{target.kind}:{where}", "prefect.resource.name": where,
+            "vlmdet.target.kind": target.kind, "vlmdet.preset": config.name}
 
 
 def _flow_run_id() -> str | None:
@@ -36,8 +38,9 @@ def _flow_run_id() -> str | None:
     return str(flow_run.id) if flow_run.id else None
 
 
-def published(pub: Publication, report: EvalReport, config: RunConfig, workdir: str) -> Event | None:
-    return emit_event(PUBLISHED, model_resource(config, workdir), payload={
+def published(pub: Publication, report: EvalReport, config: RunConfig, workdir: str,
+              target: Target | None = None) -> Event | None:
+    return emit_event(PUBLISHED, model_resource(config, workdir, target), payload={
         "target": pub.target, "kind": pub.kind, "revision": pub.revision, "tag": pub.tag, "url": pub.url,
         "metrics": report.metrics(), "split": report.split, "images": report.num_images,
         "run": {"id": pub.run_id, "flow_run_id": _flow_run_id(), "reused": pub.reused}})
@@ -54,8 +57,9 @@ def gate_closed(decision: GateDecision, config: RunConfig, workdir: str, name: s
     return emit_event(GATE_CLOSED, model_resource(config, workdir), payload=payload)
 
 
-def champion_unreadable(champion: Champion, config: RunConfig, workdir: str) -> Event | None:
-    return emit_event(CHAMPION_UNREADABLE, model_resource(config, workdir), payload={
+def champion_unreadable(champion: Champion, config: RunConfig, workdir: str,
+                        target: Target | None = None) -> Event | None:
+    return emit_event(CHAMPION_UNREADABLE, model_resource(config, workdir, target), payload={
         "reason": champion.unreadable, "fault": champion.fault or None, "source": champion.source,
         "revision": champion.revision or None, "replace_on_purpose": config.gate.replace_unreadable_champion,
         "run": {"flow_run_id": _flow_run_id()}})
@@ -66,8 +70,8 @@ def after(step: str, record: Any, arguments: dict[str, Any]) -> None:
     layout = arguments.get("layout")
     workdir = str(layout.root) if layout is not None else "."
     if step == "find-champion" and record is not None and record.unreadable:
-        champion_unreadable(record, arguments["config"], workdir)
+        champion_unreadable(record, arguments["config"], workdir, arguments.get("target"))
     elif step == "gate" and not record.passed:
         gate_closed(record, arguments["config"], workdir, arguments["name"])
     elif step == "publish":
-        published(record, arguments["report"], arguments["config"], workdir)
+        published(record, arguments["report"], arguments["config"], workdir, arguments.get("target"))

@@ -174,7 +174,7 @@ def test_deployments_point_at_the_retrain_flow_with_parameters_it_accepts(prefec
     from prefect.utilities.callables import parameter_schema
 
     schema = parameter_schema(retrain_module.retrain)
-    presets = {p.stem for p in (ROOT / "vlmdet" / "presets").glob("*.yaml")}
+    presets = {p.stem for p in (ROOT / "vlmdet" / "config" / "presets").glob("*.yaml")}
     for dep in prefect_yaml["deployments"]:
         path, func = dep["entrypoint"].split(":")
         assert (ROOT / path).is_file() and getattr(retrain_module, func).name == "retrain"

@@ -8,7 +8,7 @@ import pytest
 from vlmdet.run.layout import RunLayout
 from prefect import flow
 
-import tasks.prepare_data
+import vlmdet.data
 from data_fixtures import encode, noise, write_coco
 from tasks.prepare_data import prepare_data
 from vlmdet.config.settings import CHECK_RUN_TARGET, guard_check_run, load_preset
@@ -60,8 +60,8 @@ def test_editing_one_box_or_one_image_of_a_coco_dataset_retrains(tmp_path, monke
     ann = write_coco(tmp_path / "src", images, [(i, [2, 2, 20, 15], "nutrition-table") for i in range(6)])
     config = load_preset("smoke", {"data.dataset": f"coco:{ann.parent}"})
     calls = []
-    real = tasks.prepare_data.prepare
-    monkeypatch.setattr(tasks.prepare_data, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = vlmdet.data.prepare  # the preparation itself, below the step's cache
+    monkeypatch.setattr(vlmdet.data, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     @flow
     def prep():

@@ -12,7 +12,8 @@ from vlmdet import publishing
 from vlmdet.config.settings import ConfigError, RunConfig
 from vlmdet.decide.gate import decide
 from vlmdet.modeling.tiny import build_tiny_model
-from vlmdet.publishing import PermanentPublishError, parse_target
+from vlmdet.publishing import PermanentPublishError
+from vlmdet.publishing.target import target_of
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +112,17 @@ def test_unfinished_merge_folder_is_refused(tmp_path, merged_dir):
 @pytest.mark.parametrize("target", ["published", "s3:bucket/x", "local:", "hub:"])
 def test_bad_target_names_the_field(target):
     with pytest.raises(ConfigError, match="publish.target"):
-        parse_target(target, ".")
+        target_of(target)
 
 
 def test_target_paths(tmp_path):
-    assert parse_target("local:out", tmp_path) == ("local", str(tmp_path / "out"))
-    assert parse_target(f"local:{tmp_path}/abs", "/elsewhere") == ("local", f"{tmp_path}/abs")
-    assert parse_target("hub:org/name", tmp_path) == ("hub", "org/name")
+    def where(spec, workdir):
+        target = target_of(spec)
+        return target.kind, target.location(workdir)
+
+    assert where("local:out", tmp_path) == ("local", str(tmp_path / "out"))
+    assert where(f"local:{tmp_path}/abs", "/elsewhere") == ("local", f"{tmp_path}/abs")
+    assert where("hub:org/name", tmp_path) == ("hub", "org/name")
 
 
 def test_tasks_on_a_local_target(tmp_path, merged_dir, prefect_harness):

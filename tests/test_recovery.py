@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import tasks.prepare_data
+import vlmdet.data
 from flows.retrain import retrain
 from flows.retries import task_run_attempts
 
@@ -20,8 +20,8 @@ def _overrides(tiny_model, **extra):
 
 def test_killed_training_resumes_from_its_checkpoint_on_flow_retry(tiny_model, tmp_path, monkeypatch):
     calls = []
-    real_prepare = tasks.prepare_data.prepare
-    monkeypatch.setattr(tasks.prepare_data, "prepare", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
+    real_prepare = vlmdet.data.prepare  # the preparation itself, below the step's cache
+    monkeypatch.setattr(vlmdet.data, "prepare", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
     # the training child SIGKILLs itself right after writing checkpoint-2 of 4, as a preempted machine
     monkeypatch.setenv("VLMDET_FAULTS", "kill-after-checkpoint:2")
     flow = retrain.with_options(retries=1, retry_delay_seconds=0)

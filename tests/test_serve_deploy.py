@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from vlmdet.cli import _overrides, cmd_serve, parser
+from vlmdet.cli import cmd_serve, parser, settings_overrides
 from vlmdet.config.settings import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +25,10 @@ def test_compose_command_is_a_valid_serve_invocation():
     assert command[:2] == ["vlmdet", "serve"]
     args = parser().parse_args(command[1:])
     assert args.fn is cmd_serve and args.host == "0.0.0.0" and args.port == 8000
-    config = RunConfig().override(_overrides(args))  # a misspelt or invalid setting raises here
+    config = RunConfig().override(settings_overrides(args))  # a misspelt or invalid setting raises here
     assert config.serve.reload_interval_s > 0  # follows the repo: a new champion without a restart
     # the nightly deployment's preset publishes where this serves from
-    nightly = yaml.safe_load((ROOT / "vlmdet" / "presets" / "qwen2-vl-7b-nutrition.yaml").read_text())
+    nightly = yaml.safe_load((ROOT / "vlmdet" / "config" / "presets" / "qwen2-vl-7b-nutrition.yaml").read_text())
     assert nightly["publish"]["target"] == f"hub:{args.model}"
     # the token file is the compose secret, the image the one deployments/Dockerfile builds
     assert args.token_file == "/run/secrets/serve_token" and "serve_token" in compose["secrets"]

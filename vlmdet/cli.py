@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from vlmdet.config.settings import DEPRECATED, ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
+from vlmdet.config.settings import REMOVED, ConfigError, RunConfig, field_help, keys_where, list_presets, load_preset
 
 # Exit codes, documented in README "Exit codes"; scripts and schedulers can tell the kinds apart.
 EXIT_OK = 0
@@ -50,7 +50,7 @@ def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] |
     """Add `--KEY V` for each dotted setting in `keys` (all of vlmdet/config/settings.py when None) and `--set KEY=VALUE`.
 
     The hook for every command with settings: `add_settings(p, INFERENCE_SETTINGS)`, then
-    `settings_overrides(args)` gives the dict for `RunConfig.override`/`load_preset` (only those keys
+    `settingssettings_overrides(args)` gives the dict for `RunConfig.override`/`load_preset` (only those keys
     are accepted; another is a ConfigError naming the ones the command reads), or
     `inference_config(args)` the whole RunConfig of a model-running command.
     """
@@ -65,8 +65,6 @@ def add_settings(p: argparse.ArgumentParser, keys: tuple[str, ...] | list[str] |
         # argparse %-formats help text: a literal % (e.g. "~30% slower") must be doubled
         g.add_argument(f"--{key}", dest=f"set:{key}", default=None, metavar="V",
                        help=f"{help_} [default {default!r}]".replace("%", "%%"))
-    for key in DEPRECATED:  # still accepted (ignored, with a warning); not listed
-        g.add_argument(f"--{key}", dest=f"set:{key}", default=None, help=argparse.SUPPRESS)
     g.add_argument("--set", dest="set_pairs", action="append", default=[], metavar="KEY=VALUE",
                    help="Any of the settings above by dotted key, repeatable.")
     p.set_defaults(settings_keys=tuple(keys))
@@ -81,16 +79,13 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=10")
-        if key not in allowed and key not in DEPRECATED:
+        if key not in allowed and key not in REMOVED:  # a removed setting: the configuration says what replaced it
             if key not in field_help():
                 raise ConfigError(f"--set {key}: unknown setting; `{command}` reads: {', '.join(allowed)}")
             raise ConfigError(f"--set {key}: `{command}` does not use this setting; it reads: "
                               f"{', '.join(allowed)}")
         out[key] = value
     return out
-
-
-_overrides = settings_overrides  # the name the commands below use
 
 
 def inference_config(args: argparse.Namespace) -> RunConfig:
@@ -100,7 +95,7 @@ def inference_config(args: argparse.Namespace) -> RunConfig:
     (a published model), unless set explicitly."""
     # The smoke preset's short answers would cut a JSON box in half, hence the defaults without --preset.
     preset = getattr(args, "preset", None)
-    return load_preset(preset, _overrides(args)) if preset else RunConfig().override(_overrides(args))
+    return load_preset(preset, settings_overrides(args)) if preset else RunConfig().override(settings_overrides(args))
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -124,8 +119,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from vlmdet.pipeline import run as pipeline
     from vlmdet.pipeline.show import summary_text
 
-    overrides = _overrides(args)
-    # a bad setting, dataset spec or base model is a one-line error now, not after Prefect starts; the flow
+    overrides = settings_overrides(args)
+    # a bad setting, dataset spec or base model is a one-line error before Prefect starts; the flow
     # runs what was resolved here (no second lookup of the base)
     resolved = pipeline.resolve(args.preset, overrides, threshold=args.threshold, dataset=args.dataset)
     from flows.console import prefect_console  # Prefect: imported only once the input is known to be good
@@ -144,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmdet.pipeline.step import Plain
 
     # the flow's configuration (train.profile resolved once), layout and steps, without Prefect
-    resolved = pipeline.resolve(args.preset, _overrides(args))
+    resolved = pipeline.resolve(args.preset, settings_overrides(args))
     data, adapter, _ = pipeline.trained(resolved.config, pipeline.RunLayout.at(args.workdir), Plain())
     print(json.dumps({"adapter": adapter.path, "global_step": adapter.global_step, "resumed_from": adapter.resumed_from,
                       "dataset": data.fingerprint}, indent=1))
@@ -157,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vlmdet.pipeline import steps
     from vlmdet.pipeline.step import Plain
 
-    config = pipeline.configure(args.preset, _overrides(args), check_base=False)  # --model is what loads
+    config = pipeline.configure(args.preset, settings_overrides(args), check_base=False)  # --model is what loads
     check_model_source(args.model, "--model")
     layout, driver = pipeline.RunLayout.at(args.workdir), Plain()
     data, _ = driver(steps.PREPARE, config, layout)
@@ -180,7 +175,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
     if not files:
         raise ConfigError("no images given: pass image files or folders holding .jpg/.png files")
-    explicit = set(_overrides(args))
+    explicit = set(settings_overrides(args))
     out = predict_files(args.model, files, Path(args.out), config, explicit, echo=tqdm.write)
     result = json.loads(out.read_text()) if out.is_file() else {}
     failed = int(result.get("failed", 0))
@@ -193,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from vlmdet.serving.server import serve
 
-    serve(args.model, config, set(_overrides(args)), host=args.host, port=args.port, token_file=args.token_file,
+    serve(args.model, config, set(settings_overrides(args)), host=args.host, port=args.port, token_file=args.token_file,
           revision=args.revision)
     return EXIT_OK
 

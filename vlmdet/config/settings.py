@@ -74,7 +74,6 @@ REMOVED = {
     "eval.cache": "generate keeps its dynamic KV cache, which measured faster than a static one "
                   "(benchmarks/RESULTS.md)",
 }
-DEPRECATED = REMOVED  # the name vlmdet/cli.py imports for its hidden flags; it goes with them
 
 
 def _refuse_removed(key: str) -> None:

@@ -27,6 +27,7 @@ from vlmdet.config.settings import RunConfig, guard_check_run, load_preset
 from vlmdet.decide.gate import Champion, clears_threshold
 from vlmdet.pipeline import steps
 from vlmdet.pipeline.step import Step, resolve_token
+from vlmdet.publishing.target import Target, resolve_target
 from vlmdet.run import timeline, tracking
 from vlmdet.run.keys import decision_settings, evaluation_key, source_stamp
 from vlmdet.run.layout import RunLayout
@@ -70,6 +71,7 @@ def check_inputs(config: RunConfig, check_base: bool = True) -> None:
 class Resolved:
     config: RunConfig  # train.profile concrete: what every step runs with
     check_run: str | None = None  # why a check run publishes locally, if it was redirected
+    target: Target | None = None  # config.publish.target, parsed once: where the champion is read and what publishes
 
     def to_dict(self) -> dict[str, Any]:
         """What `vlmdet retrain` hands the flow, so the flow runs what the command checked and resolved."""
@@ -77,7 +79,8 @@ class Resolved:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Resolved":
-        return cls(RunConfig.from_dict(d["config"]), d.get("check_run"))
+        config = RunConfig.from_dict(d["config"])
+        return cls(config, d.get("check_run"), resolve_target(config))
 
 
 def resolve(preset: str, overrides: dict[str, Any] | None = None, threshold: float | None = None,
@@ -87,7 +90,7 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None, threshold: flo
 
     config = configure(preset, overrides, threshold, dataset)
     config, note = guard_check_run(config, set(overrides or {}))
-    return Resolved(profiles.resolve(config, free_gib), note)
+    return Resolved(profiles.resolve(config, free_gib), note, resolve_target(config))
 
 
 # --- the driver ------------------------------------------------------------------------------------------------
@@ -191,6 +194,7 @@ def run(resolved: Resolved, layout: RunLayout, driver: Driver, force: bool = Fal
     run whose training and evaluation all came from the driver's cache, already decided under the same
     gate and publish settings, is skipped and says so."""
     config, started = resolved.config, time.time()
+    target = resolved.target or resolve_target(config)
     write_json(layout.config_file, config.to_dict())
     data, adapter, train_cached = trained(config, layout, driver, fresh=force)
     report, eval_cached = driver(steps.EVALUATE, adapter.path, data, config, layout, name="adapter")
@@ -224,12 +228,13 @@ def run(resolved: Resolved, layout: RunLayout, driver: Driver, force: bool = Fal
     # numbers come from other data), so the gate compares both models on the same images. Below the
     # threshold no comparison is needed.
     token = resolve_token(config, driver.read_secret)
-    champion, _ = driver(steps.FIND_CHAMPION, config, layout, token)
+    champion, _ = driver(steps.FIND_CHAMPION, config, layout, token, target=target)
     champion_report = None
     if clears_threshold(report, config.gate):
         champion_report = steps.measure_champion(
             champion, report, config,
-            fetch=lambda c, only: driver(steps.FETCH_CHAMPION, c, config, layout, token, predictions_only=only)[0],
+            fetch=lambda c, only: driver(steps.FETCH_CHAMPION, c, config, layout, token, predictions_only=only,
+                                          target=target)[0],
             evaluate_with=lambda model, cfg: driver(steps.EVALUATE, model, data, cfg, layout, name="champion")[0])
     judged = dict(champion=champion, champion_report=champion_report, dataset=data)
     decision, _ = driver(steps.GATE, report, config, layout, name="adapter", **judged)
@@ -245,7 +250,7 @@ def run(resolved: Resolved, layout: RunLayout, driver: Driver, force: bool = Fal
             decision, _ = driver(steps.GATE, merged_report, config, layout, name="merged", **judged)
             if decision.passed:
                 published, _ = driver(steps.PUBLISH, merged, merged_report, data, adapter, decision, config, layout,
-                                      token, run_id=driver.run_id)
+                                      token, run_id=driver.run_id, target=target)
     if not published:
         logger.info("gate closed: %s; nothing published", decision.reason)
 

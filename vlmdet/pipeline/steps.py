@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from vlmdet.config.settings import ConfigError, RunConfig
 from vlmdet.data.errors import DataError
@@ -23,6 +23,9 @@ from vlmdet.run.records import (AdapterRef, Champion, DatasetRef, EvalReport, Ga
                                 atomic_write_text)
 from vlmdet.run.runner import OnProgress, OutOfMemory, StepFailed, plan_processes, run_step
 from vlmdet.run.timeline import phase
+
+if TYPE_CHECKING:
+    from vlmdet.publishing.target import Target
 
 log = logging.getLogger(__name__)
 
@@ -236,19 +239,20 @@ MERGE = Step(
 
 
 # --- the champion ----------------------------------------------------------------------------------------------
-def find_champion(config: RunConfig, layout: RunLayout, token: str | None = None) -> Champion | None:
-    """The model now at publish.target (None when there is none yet)."""
+def find_champion(config: RunConfig, layout: RunLayout, token: str | None = None,
+                  target: Target | None = None) -> Champion | None:
+    """The model now at publish.target (None when there is none yet); target: the run's, parsed once."""
     from vlmdet.publishing import read_champion
 
-    return read_champion(config, str(layout.root), token)
+    return read_champion(config, str(layout.root), token, target=target)
 
 
 def fetch_champion(champion: Champion, config: RunConfig, layout: RunLayout, token: str | None = None,
-                   predictions_only: bool = False) -> str | None:
+                   predictions_only: bool = False, target: Target | None = None) -> str | None:
     """The champion's published predictions (predictions_only) or a local folder with its model."""
     from vlmdet.publishing import fetch_champion as fetch
 
-    return fetch(champion, config, str(layout.root), token, predictions_only)
+    return fetch(champion, config, str(layout.root), token, predictions_only, target=target)
 
 
 # Reading and downloading the champion are network calls, retried for transient errors only: a 401/403 or a
@@ -327,14 +331,15 @@ GATE = Step("gate", judge, run_name="gate-{name}", shows=_gate_shows,
 
 # --- publish ---------------------------------------------------------------------------------------------------
 def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, decision: GateDecision,
-            config: RunConfig, layout: RunLayout, token: str | None = None, run_id: str | None = None) -> Publication:
+            config: RunConfig, layout: RunLayout, token: str | None = None, run_id: str | None = None,
+            target: Target | None = None) -> Publication:
     """The merged model, its card and predictions to publish.target (compare-and-swap against the champion
     read; transient Hub errors retried inside, with a check that this run's commit has not already landed).
     run_id: names the publication; stable across retries of one run (a Prefect flow run's id)."""
     from vlmdet import publishing
 
     return publishing.publish(merged, report, dataset, adapter, decision, config, str(layout.root), token,
-                              run_id=run_id)
+                              run_id=run_id, target=target)
 
 
 def _publish_shows(pub: Publication, a: dict[str, Any]) -> list[Show]:

@@ -27,18 +27,11 @@ from vlmdet.config.settings import RunConfig
 from vlmdet.publishing import card as cardlib
 from vlmdet.publishing.errors import PermanentPublishError, PublishError, TargetChangedError, TransientPublishError
 from vlmdet.publishing.files import check_pinned, make_run_id, plan
-from vlmdet.publishing.target import Outgoing, Target, resolve_target, target_of
+from vlmdet.publishing.target import Outgoing, Target, resolve_target
 from vlmdet.run.records import AdapterRef, Champion, DatasetRef, EvalReport, GateDecision, MergedRef, Publication
 
-__all__ = ["publish", "read_champion", "fetch_champion", "resolve_target", "parse_target", "Target", "PublishError",
+__all__ = ["publish", "read_champion", "fetch_champion", "resolve_target", "Target", "PublishError",
            "PermanentPublishError", "TransientPublishError", "TargetChangedError", "make_run_id"]
-
-
-def parse_target(target: str, workdir: str | Path = ".") -> tuple[str, str]:
-    """(kind, where) of a publish.target spec: where as records and events name it (an absolute folder, a
-    repo id); a ConfigError naming publish.target and the kinds installed otherwise."""
-    resolved = target_of(target)
-    return resolved.kind, resolved.location(workdir)
 
 
 def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, decision: GateDecision,

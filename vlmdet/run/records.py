@@ -140,7 +140,7 @@ class Champion:
     source: str = ""  # where it was read: a folder or repo@revision, for the reason text
     run_id: str = ""
     extra: dict = field(default_factory=dict)
-    kind: str = ""  # "local" (location is the folder) or "hub" (location is the repo id)
+    kind: str = ""  # the target's kind (publish.target KIND:...): local, hub, or an installed one; location is its where
     location: str = ""
     # The exact state the gate read and the publication must still find (compare-and-swap): the Hub
     # commit sha (card, vlmdet.json, predictions and weights are all read at it), or for a local
@@ -265,7 +265,7 @@ class MergedRef(Record):
 @dataclass
 class Publication(Record):
     target: str  # a folder or a Hub repo id
-    kind: str  # "local" or "hub"
+    kind: str  # the target's kind: local, hub, or an installed one (vlmdet.publishing.target)
     revision: str | None = None
     url: str | None = None
     files: list[str] = field(default_factory=list)
