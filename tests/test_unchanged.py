@@ -26,7 +26,9 @@ the flow run's id (its first 12 hex digits), read back from the test server and 
 way. A local target's revision hashes its files' modification times: only its shape is kept.
 
 Floats are compared exactly: two runs on this machine gave the same losses, metrics, predictions and
-weights bit for bit. The children run with OMP_NUM_THREADS=1: with 2 threads the detections' scores
+weights bit for bit. The golden records the machine it was made on (`machine`: the CPU's vector
+instructions as torch uses them, its model, torch and transformers): elsewhere the same code may give other
+bits, so the test skips there and says so rather than fail on arithmetic. The children run with OMP_NUM_THREADS=1: with 2 threads the detections' scores
 (eval predictions.json) came out different from 1 thread's, while weights, losses and metrics did not,
 so the core count of the machine would otherwise show up in the golden. Another CPU (other vector
 instructions) or other torch/transformers versions may still give other bits: regenerate there.
@@ -167,6 +169,18 @@ def _capture() -> dict[str, Any]:
     }, ids)
 
 
+def _machine() -> dict[str, str]:
+    """What decides the floats' last bits besides the code: the vector instructions torch's CPU kernels use,
+    the CPU, and the two libraries that compute."""
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "") if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 # --- comparison ------------------------------------------------------------------------------------------
 def _differences(want: Any, got: Any, path: str = "") -> list[str]:
     """One line per differing leaf, named by its path (a unified diff where a file's lines were added or removed)."""
@@ -230,12 +244,17 @@ def test_a_run_leaves_what_the_code_before_the_restructuring_left(run_folder):
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     got = _capture()
+    got["machine"] = _machine()
 
     if os.environ.get("VLMDET_WRITE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"wrote {GOLDEN} from the code at {ROOT}; nothing compared")
-    differences = _differences(json.loads(GOLDEN.read_text()), got)
+    golden = json.loads(GOLDEN.read_text())
+    if golden.get("machine") != got["machine"]:
+        pytest.skip(f"the golden's floats are bit-exact for {golden.get('machine')}; this is {got['machine']}: "
+                    "regenerate it here at 99a8b85 (this module's docstring) to compare")
+    differences = _differences(golden, got)
     if differences:
         pytest.fail(f"{len(differences)} differences from {GOLDEN.name} (the code before the restructuring):\n"
                     + "\n".join(differences[:60]), pytrace=False)

@@ -6,10 +6,12 @@ it as MODULE:FUNCTION) reads its input records from the request, calls one libra
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -65,5 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _exit_now(code: int) -> None:
+    """End the child without the interpreter's teardown of torch, transformers, PEFT and TRL (3.95 s against
+    0.39 s for this exit, benchmarks/child_startup.py), after every exit handler has run (TensorBoard's and
+    MLflow's flushes, a sitecustomize's memory report) and every non-daemon thread has ended, as at a normal
+    exit: the result file is already written."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -31,7 +31,7 @@ from vlmdet.publishing.target import Target, resolve_target
 from vlmdet.run import timeline, tracking
 from vlmdet.run.keys import decision_settings, evaluation_key, source_stamp
 from vlmdet.run.layout import RunLayout
-from vlmdet.publishing.files import check_folder
+from vlmdet.publishing.files import check_folder, hash_ahead
 from vlmdet.run.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, Publication, Record,
                             write_json)
 
@@ -245,7 +245,10 @@ def run(resolved: Resolved, layout: RunLayout, driver: Driver, force: bool = Fal
             merged, _ = driver(steps.MERGE, adapter, data, config, layout)
             # The gate measured base + adapter (4-bit base under qlora); what gets published is the adapter
             # merged into unquantized weights. Measure that too, and publish only if it still clears the gate.
+            # This process's one full read of the merged bytes runs beside that evaluation.
+            hashing = hash_ahead(merged)
             merged_report, _ = driver(steps.EVALUATE, merged.path, data, config, layout, name="merged")
+            hashing.join()
             check_folder(merged, "gating it")  # what was measured is what the merge pinned, and publish checks
             decision, _ = driver(steps.GATE, merged_report, config, layout, name="merged", **judged)
             if decision.passed:

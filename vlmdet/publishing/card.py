@@ -41,7 +41,6 @@ GATE_PICTURE = "assets/gate_disagreements.png"
 PREDICTIONS = "eval/predictions.json"  # the published model's detections on its test split (COCO results)
 METRIC_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@.5", "map75": "mAP@.75"}
 
-_REPO_ID = REPO_ID  # vlmdet.run.keys: one pattern for Hub ids
 _HUB_SHA = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit; our fingerprints are 64 hex characters
 
 
@@ -51,7 +50,7 @@ def hub_dataset_id(source: str) -> str | None:
     if kind != "hub":
         return None
     name = rest.split("@", 1)[0]
-    return name if _REPO_ID.match(name) else None
+    return name if REPO_ID.match(name) else None
 
 
 def dataset_label(source: str) -> str:
@@ -156,7 +155,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         model_name=meta["model_name"], license=license, library_name="transformers",
         pipeline_tag="image-text-to-text",
         # base_model must be a Hub id for the Hub to accept the card; tiny:/local bases are not.
-        base_model=base if _REPO_ID.match(base or "") else None,
+        base_model=base if REPO_ID.match(base or "") else None,
         datasets=[hub_ds] if hub_ds else None,
         tags=["vlmdet", "object-detection", meta["family"], "qlora" if meta["config"]["model"]["quantization"] == "nf4"
               else "lora", ds.get("category", "nutrition-table")],
@@ -504,7 +503,7 @@ def base_model_id(configured: str, resolved: str | None) -> str:
     local = Path(configured).expanduser()
     if local.is_absolute() or local.exists() or (resolved and resolved != configured):
         return f"a local folder named {local.name!r} (not a Hub id; its origin is not recorded)"
-    return configured if _REPO_ID.match(configured) else f"{configured!r} (not a Hub id)"
+    return configured if REPO_ID.match(configured) else f"{configured!r} (not a Hub id)"
 
 
 def usage_snippet(repo: str, prompt: str, family: str) -> str:

@@ -1,4 +1,4 @@
-"""The sha256 of the merged model's files, read once in a process (issue 29).
+"""The sha256 of the merged model's files, read once in a process.
 
 A passing night checks the merged folder twice in the run's own process after the merge child pinned it:
 before the gate (files.check_folder, after the merged model's evaluation) and in the publication (the sha256

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,21 @@ def check_pinned(merged: MergedRef, digests: dict[str, str], what: str = "publis
         f"{merged.sha256 or '(none)'} ({why}). Most likely another run on the same workdir wrote there, or the "
         f"folder was edited. Nothing was published. Run again; if nothing else runs on this workdir, delete "
         f"{merged.path} first so that it is merged afresh.")
+
+
+def hash_ahead(merged: MergedRef) -> threading.Thread:
+    """Hash the merged folder's files in a thread (while its evaluation runs on the GPU), so that the
+    check_folder after it is a stat of each file; a file written meanwhile is read again and refused there.
+    Join the thread before checking. An unreadable file is left for check_folder to report."""
+    def run() -> None:
+        try:
+            digests.file_digests(model_files(merged.path))
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=run, name="hash merged", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_folder(merged: MergedRef, what: str) -> None:

@@ -31,7 +31,7 @@ def training_key(config: RunConfig, data_fingerprint: str) -> str:
     # How the effective batch is split (per-device x accumulation) is an execution detail: an
     # out-of-memory retry halves one and doubles the other and is still the same run.
     train["effective_batch"] = train.pop("per_device_batch") * train.pop("grad_accum")
-    # Execution settings (config.py roles; train.profile among them: what a profile changes, quantization
+    # Execution settings (vlmdet/config/settings.py roles; train.profile among them: what a profile changes, quantization
     # and batch split, is in the other fields, so a resolved and an unresolved config share the key) are
     # left out; save_steps and save_total_limit move to `selection` below.
     for name in TRAIN_EXECUTION_ONLY + ("save_steps", "save_total_limit"):
