@@ -12,6 +12,7 @@ import torch
 from vlmdet.formats import Box, get_format
 from vlmdet.formats.resize import smart_resize
 from vlmdet.publishing.card import how_to_use
+from vlmdet.publishing.target import target_of
 
 PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
 
@@ -21,7 +22,7 @@ def card_section(family: str, target: str = "hub:acme/detector") -> str:
             "config": {"data": {"category": "nutrition-table"}, "publish": {"target": target},
                        "model": {"prompt": "Detect the {category} in this image.", "min_pixels": 3136,
                                  "max_pixels": 1024 * 28 * 28}}}
-    return "\n".join(how_to_use(meta))
+    return "\n".join(how_to_use(meta, target_of(target).load_name()))
 
 
 @pytest.mark.parametrize("family", list(PATCH))

@@ -25,13 +25,10 @@ from typing import Any, Callable, ClassVar
 
 import yaml
 
+from vlmdet.config.errors import ConfigError  # raised here; callers import it from here too
 from vlmdet.config.specs import split_spec
 
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration mistake: the message names the field, the value and the fix."""
 
 
 # What changing a setting changes; the keys of vlmdet/run/keys.py and the run-folder layout follow from it.

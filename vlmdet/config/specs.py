@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from vlmdet.config.errors import ConfigError
+
 
 def split_spec(value: str, field: str, kinds: Mapping[str, str] | Sequence[str] = (), *, default: str | None = None,
                error: type[Exception] | None = None) -> tuple[str, str]:
@@ -31,7 +33,5 @@ def split_spec(value: str, field: str, kinds: Mapping[str, str] | Sequence[str] 
              else "KIND:REST")
     noun = field.rsplit(".", 1)[-1].lstrip("-")
     if error is None:
-        from vlmdet.config.settings import ConfigError  # settings imports this module: looked up when raised
-
         error = ConfigError
     raise error(f"{field}={value!r} is not a {noun} spec; use {'one of: ' if kinds else ''}{forms}.")

@@ -11,9 +11,9 @@ without editing vlmdet: an entry point in the group `vlmdet.families` (`NAME = m
 """
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
 from dataclasses import dataclass, field
+
+from vlmdet.plugins import installed, load
 
 
 @dataclass
@@ -90,18 +90,14 @@ ENTRY_POINTS = "vlmdet.families"
 
 def families() -> dict[str, str]:
     """Family name -> "module:Class": the shipped ones, then those installed packages declare."""
-    found = dict(REGISTRY)
-    for ep in entry_points(group=ENTRY_POINTS):
-        found.setdefault(ep.name, ep.value)
-    return found
+    return installed(REGISTRY, ENTRY_POINTS)
 
 
 def format_class(family: str) -> type[BoxFormat]:
     known = families()
     if family not in known:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(known)}")
-    module, cls = known[family].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load(known[family])
 
 
 def family_for_model_type(model_type: str) -> str | None:

@@ -50,7 +50,7 @@ def publish(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter:
     name = target.model_name(workdir) or config.name
     if not merged.sha256:  # nothing to check the bytes against: refused before anything is staged
         check_pinned(merged, {})
-    files = plan(merged, report, dataset, adapter, decision, config, run_id, name, target=target)
+    files = plan(merged, report, dataset, adapter, decision, config, run_id, name, load_name=target.load_name())
     meta = cardlib.build_metadata(report=report, dataset=dataset, adapter=adapter, decision=decision, config=config,
                                   run_id=run_id, model_name=name)
     pub = target.publish(Outgoing(files, run_id, decision.champion_revision, meta, merged), workdir, token,

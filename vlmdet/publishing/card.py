@@ -15,7 +15,7 @@ import logging
 import re
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from huggingface_hub import ModelCardData
@@ -28,9 +28,6 @@ from vlmdet.decide.gate import decision_markdown
 from vlmdet.run.keys import REPO_ID
 from vlmdet.run.records import CONTENT, AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
 from vlmdet.modeling.carried import ANSWER_SETTINGS, META_FILE, read_meta
-
-if TYPE_CHECKING:
-    from vlmdet.publishing.target import Target
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +128,10 @@ def _metadata(*, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, g
 
 
 def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, has_loss_curve: bool,
-                has_preview: bool, has_gate_picture: bool = False, target: Target | None = None) -> str:
+                has_preview: bool, has_gate_picture: bool = False, load_name: str | None = None) -> str:
     """README.md text: YAML front matter (model-index etc.) and a body for people; the decision shown is
-    the public one of `meta` (no local paths). target: where it is published (default: meta's publish.target)."""
+    the public one of `meta` (no local paths). load_name: what the model loads by where it is published
+    (Target.load_name(): a Hub id), None where the target has no such name."""
     decision = GateDecision.from_dict(meta["gate"])
     ev = meta["eval"]
     ds = meta["dataset"]
@@ -171,7 +169,7 @@ def render_card(meta: dict[str, Any], decision: GateDecision, *, license: str, h
         f"**{ds.get('category', 'nutrition-table')}** regions in photos. It answers a detection prompt with boxes in the "
         "family's native format; vlmdet parses them into xyxy pixel boxes.",
         "",
-        *how_to_use(meta, target),
+        *how_to_use(meta, load_name),
         "## Intended use and limits",
         "",
         f"- Intended: locating {ds.get('category')} regions on product photos similar to the training data, as a "
@@ -529,17 +527,15 @@ def usage_snippet(repo: str, prompt: str, family: str) -> str:
     ])
 
 
-def how_to_use(meta: dict[str, Any], target: Target | None = None) -> list[str]:
+def how_to_use(meta: dict[str, Any], load_name: str | None = None) -> list[str]:
     """The card's "How to use" section: the exact prompt, plain transformers code, the answer format.
-    target: where the model is published, which names what to load (default: meta's publish.target)."""
+    load_name: what the model loads by where it is published (a Hub id); None: a path to the folder."""
     from vlmdet.formats import Box, get_format
-    from vlmdet.publishing.target import target_of  # target.py imports files.py, which imports this module
 
     cfg = meta["config"]
     family, category = meta["family"], cfg["data"]["category"]
     prompt = cfg["model"]["prompt"].format(category=category)
-    load = (target or target_of(cfg["publish"]["target"])).load_name()
-    repo = load or f"path/to/{meta['model_name']}"
+    repo = load_name or f"path/to/{meta['model_name']}"
     lo, hi = cfg["model"]["min_pixels"], cfg["model"]["max_pixels"]
     fmt = get_format(family, lo, hi)
     example = fmt.render([Box(64, 48, 320, 240, category)], 640, 480, category)
@@ -561,7 +557,7 @@ def how_to_use(meta: dict[str, Any], target: Target | None = None) -> list[str]:
         "`generation_config.json` decodes greedily (no sampling, no repetition penalty: it would penalise a "
         "coordinate digit already written) and stops at `<|im_end|>` or `<|endoftext|>`.",
         "",
-        f"Served over HTTP with batching: `vlmdet serve --model {load or 'FOLDER'}` (see vlmdet's docs/serving.md).",
+        f"Served over HTTP with batching: `vlmdet serve --model {load_name or 'FOLDER'}` (see vlmdet's docs/serving.md).",
         "",
     ]
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vlmdet.config.settings import RunConfig
 from vlmdet.publishing import card as cardlib
@@ -22,9 +21,6 @@ from vlmdet.publishing import digests
 from vlmdet.publishing.errors import PermanentPublishError
 from vlmdet.run.records import (AdapterRef, DatasetRef, EvalReport, GateDecision, MergedRef, content_sha256,
                             files_sha256, model_files)
-
-if TYPE_CHECKING:
-    from vlmdet.publishing.target import Target
 
 Source = Path | bytes
 
@@ -45,9 +41,10 @@ def make_run_id(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adap
 
 
 def plan(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: AdapterRef, decision: GateDecision,
-         config: RunConfig, run_id: str, model_name: str, target: Target | None = None) -> dict[str, Source]:
+         config: RunConfig, run_id: str, model_name: str, load_name: str | None = None) -> dict[str, Source]:
     """Every file of the publication; raises FileNotFoundError naming the merged folder if it is not one.
-    target: where it goes, which the card names (default: config.publish.target)."""
+    load_name: what the card's code loads the model by where it is published (Target.load_name(): a Hub
+    id), None where the target has no such name."""
     root = Path(merged.path)
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"merged model folder {root} has no config.json; the merge step did not finish "
@@ -75,7 +72,7 @@ def plan(merged: MergedRef, report: EvalReport, dataset: DatasetRef, adapter: Ad
     files[cardlib.META_FILE] = (json.dumps(meta, indent=2, default=str) + "\n").encode()
     files[cardlib.CARD_FILE] = cardlib.render_card(meta, decision, license=config.publish.license,
                                                    has_loss_curve=has_loss, has_preview=has_preview,
-                                                   has_gate_picture=has_picture, target=target).encode()
+                                                   has_gate_picture=has_picture, load_name=load_name).encode()
     return files
 
 

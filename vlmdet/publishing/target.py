@@ -20,16 +20,15 @@ What every kind promises, because the gate relies on it (DESIGN.md "The gate"):
 """
 from __future__ import annotations
 
-import importlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from vlmdet.config.settings import PublishConfig, RunConfig
 from vlmdet.config.specs import split_spec
+from vlmdet.plugins import installed, load
 from vlmdet.publishing.files import Source, check_pinned, check_staged, pinned_names
 from vlmdet.run.records import Champion, MergedRef, Publication
 
@@ -122,18 +121,14 @@ class Target(ABC):
 
 def kinds() -> dict[str, str]:
     """Kind -> "module:Class": the shipped ones, then those installed packages declare."""
-    found = dict(REGISTRY)
-    for ep in entry_points(group=ENTRY_POINTS):
-        found.setdefault(ep.name, ep.value)
-    return found
+    return installed(REGISTRY, ENTRY_POINTS)
 
 
 def target_class(kind: str) -> type[Target]:
     where = kinds().get(kind)
     if where is None:
         raise KeyError(kind)
-    module, cls = where.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load(where)
 
 
 def _form(kind: str) -> str:
