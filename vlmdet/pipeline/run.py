@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from vlmdet.config.settings import RunConfig, guard_check_run, load_preset
-from vlmdet.decide.gate import Champion, clears_threshold
+from vlmdet.decide.gate import clears_threshold
 from vlmdet.pipeline import steps
 from vlmdet.pipeline.step import Step, resolve_token
 from vlmdet.publishing.target import Target, resolve_target

@@ -10,7 +10,6 @@ output once complete, so a cache is trusted only while the folder still holds wh
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from vlmdet.config.settings import ConfigError, RunConfig

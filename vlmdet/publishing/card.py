@@ -27,7 +27,7 @@ from vlmdet.formats.base import format_class
 from vlmdet.decide.gate import decision_markdown
 from vlmdet.run.keys import REPO_ID
 from vlmdet.run.records import CONTENT, AdapterRef, Champion, DatasetRef, EvalReport, GateDecision
-from vlmdet.modeling.carried import ANSWER_SETTINGS, META_FILE, read_meta
+from vlmdet.modeling.carried import ANSWER_SETTINGS, META_FILE
 
 log = logging.getLogger(__name__)
 
