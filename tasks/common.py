@@ -32,7 +32,9 @@ def task_of(step: Step) -> Task:
 
         arguments = step.arguments(*args, **kwargs)
         if step.retry.adjust and task_run.run_count > 1:
-            arguments = step.retry.adjust(arguments, task_run.run_count)
+            arguments, note = step.retry.adjust(arguments, task_run.run_count)
+            if note:
+                get_run_logger().warning(note)
         if step.progress:
             arguments["on_progress"] = progress_artifact(*step.progress(arguments))
         record = step.call(**arguments)

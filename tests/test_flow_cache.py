@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-import tasks.publish
+import vlmdet.publishing
 import vlmdet.pipeline.steps
 from flows.retrain import retrain
 from vlmdet.config.settings import load_preset
@@ -33,7 +33,7 @@ def test_retry_after_publish_failure_gate_change_nothing_new_and_edit(tiny_model
     real = vlmdet.pipeline.steps.run_step  # every heavy step's child starts there
     monkeypatch.setattr(vlmdet.pipeline.steps, "run_step", lambda step, *a, **k: steps.append(step) or real(step, *a, **k))
     publishes = []
-    real_publish = tasks.publish.publishing.publish
+    real_publish = vlmdet.publishing.publish
 
     def flaky_publish(*args, **kwargs):
         publishes.append(1)
@@ -41,7 +41,7 @@ def test_retry_after_publish_failure_gate_change_nothing_new_and_edit(tiny_model
             raise PermanentPublishError("injected: the upload failed")
         return real_publish(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.publish.publishing, "publish", flaky_publish)
+    monkeypatch.setattr(vlmdet.publishing, "publish", flaky_publish)
     wd = str(tmp_path / "run")
 
     # 1. a check run (max_steps set) of a preset that targets the Hub: its publish fails once, the flow

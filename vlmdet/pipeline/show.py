@@ -21,10 +21,10 @@ def image_markdown(path: str | None, alt: str, max_bytes: int = 400_000) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})\n\n_{path}_"
 
 
-def _rows(s: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """(model, metrics) of every model the run measured. champion: the model now at the target, on today's
-    test split (what the gate compared against)."""
-    rows = [("fine-tuned", s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics")),
+def _rows(s: dict[str, Any], adapter: str) -> list[tuple[str, dict[str, float]]]:
+    """(model, metrics) of every model the run measured, the adapter's row named `adapter`. champion: the model
+    now at the target, on today's test split (what the gate compared against)."""
+    rows = [(adapter, s["metrics"]), ("base", s.get("base_metrics")), ("merged", s.get("merged_metrics")),
             ("champion", s.get("champion_metrics"))]
     return [(name, m) for name, m in rows if m]
 
@@ -35,7 +35,7 @@ def summary_text(s: dict[str, Any], summary_file: Path) -> str:
     if s.get("skipped"):
         lines.append(f"Nothing new: {s.get('skip_reason')}. Pass --force to retrain.")
     lines.append(f"{'model':<12}{'mAP':>8}{'mAP50':>8}{'mAP75':>8}")
-    lines += [f"{name:<12}{m['map']:>8.3f}{m['map50']:>8.3f}{m['map75']:>8.3f}" for name, m in _rows(s)]
+    lines += [f"{name:<12}{m['map']:>8.3f}{m['map50']:>8.3f}{m['map75']:>8.3f}" for name, m in _rows(s, "fine-tuned")]
     # A skipped run repeats the summary of the run it skipped to: its gate reason and publication
     # are that run's ("no champion ... yet" was true then, before it published), so say whose they are.
     then = " (that run)" if s.get("skipped") else ""
@@ -53,7 +53,7 @@ def summary_markdown(s: dict[str, Any], summary_file: Path) -> str:
     """summary.json as markdown: the flow run's artifact and the benchmark's report."""
     images = s.get("evaluation", {}).get("images", "")
     table = "\n".join(f"| {name} | {m['map']:.4f} | {m['map50']:.4f} | {m['map75']:.4f} | {images} |"
-                      for name, m in _rows(s))
+                      for name, m in _rows(s, "adapter"))  # named as the steps and artifacts name it
     g = s["gate"]
     return (f"## Retrain summary\n\n| model | mAP | mAP50 | mAP75 | images |\n|---|---|---|---|---|\n{table}\n\n"
             f"**Gate** ({g['metric']} >= {g['threshold']}): {'passed' if g['passed'] else 'closed'} — {g['reason']}\n\n"

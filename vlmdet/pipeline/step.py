@@ -26,14 +26,14 @@ log = logging.getLogger("vlmdet.pipeline")
 class Retry:
     """When a failed attempt is worth another: an error of `when` that is not one of `unless`.
 
-    adjust(arguments, attempt) -> arguments: what attempt 2+ changes (train halves its batch after an
-    out-of-memory); arguments are the call's bound arguments by name."""
+    adjust(arguments, attempt) -> (arguments, note): what attempt 2+ changes (train halves its batch after an
+    out-of-memory), and a line saying so for the run's log; arguments are the call's bound arguments by name."""
 
     attempts: int = 0  # retries after the first attempt
     delays: tuple[float, ...] = (0,)  # seconds before each retry (the last one repeats)
     when: tuple[type[BaseException], ...] = ()
     unless: tuple[type[BaseException], ...] = ()
-    adjust: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
+    adjust: Callable[[dict[str, Any], int], tuple[dict[str, Any], str | None]] | None = None
 
     def worth_retrying(self, err: BaseException) -> bool:
         return isinstance(err, self.when) and not isinstance(err, self.unless)

@@ -107,16 +107,15 @@ def _train_child(req: dict[str, Any]) -> dict[str, Any]:
     return train_adapter(DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"]), req["out"]).to_dict()
 
 
-def halved_batch(arguments: dict[str, Any], attempt: int) -> dict[str, Any]:
+def halved_batch(arguments: dict[str, Any], attempt: int) -> tuple[dict[str, Any], str | None]:
     """Attempt 2+ after an out-of-memory: the same effective batch in smaller pieces (so the same key)."""
     config: RunConfig = arguments["config"]
     if attempt <= 1 or config.train.per_device_batch == 1:
-        return arguments
+        return arguments, None
     config = config.override({"train.per_device_batch": max(1, config.train.per_device_batch // 2),
                               "train.grad_accum": config.train.grad_accum * 2})
-    log.warning("retrying after out of GPU memory with per_device_batch=%d grad_accum=%d",
-                config.train.per_device_batch, config.train.grad_accum)
-    return dict(arguments, config=config)
+    return dict(arguments, config=config), (f"retrying after out of GPU memory with per_device_batch="
+                                            f"{config.train.per_device_batch} grad_accum={config.train.grad_accum}")
 
 
 def _train_says(adapter: AdapterRef, a: dict[str, Any]) -> str:
