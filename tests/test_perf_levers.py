@@ -227,6 +227,10 @@ def test_pre_resized_images_and_lengths(tmp_path, micro_config):
         assert (a["pixel_values"] - b["pixel_values"]).abs().mean() < 0.02
         assert fast[i]["length"] == (h // 28) * (w // 28) + len(fast[i]["completion"][0]["content"][0]["text"])
     assert len(list((tmp_path / "cache").iterdir())) == 2
+    for s, row in zip(samples, fast):  # stored losslessly: the copy's pixels are the bicubic resize's, exactly
+        h, w = smart_resize(s.height, s.width, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+        expected = Image.open(s.file).convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+        assert row["images"][0].convert("RGB").tobytes() == expected.tobytes()
     again = build_dataset(str(path), micro_config.override({"train.pre_resize": True}), image_cache=tmp_path / "cache")
     assert again[0]["images"][0].size == fast[0]["images"][0].size  # stored once, reused
 
