@@ -501,7 +501,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not sep:
             raise SystemExit(f"--set {item!r}: use KEY=VALUE, e.g. --set train.max_steps=20")
         overrides[key] = value
-    load_preset(PRESET, overrides)  # a bad setting fails here, before minutes of setup (data and base come later)
+    preset = load_preset(PRESET)  # read once: checked with the overrides now, its epochs for the extrapolation
+    preset.override(overrides)  # a bad setting fails here, before minutes of setup (data and base come later)
 
     meta: dict[str, Any] = {"preset": PRESET, "overrides": {k: v for k, v in overrides.items()
                                                             if k != "publish.endpoint"},
@@ -541,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rec.started = time.perf_counter()  # wall_seconds: the run itself, setup excluded
         result = nightly(resolved, run_dir, rec)
         summary = rec.summary("done")
-        summary.update(result, extrapolated=extrapolate(summary, load_preset(PRESET).train, config.train))
+        summary.update(result, extrapolated=extrapolate(summary, preset.train, config.train))
         finish(out, summary)
         return summary
     except BaseException as err:
