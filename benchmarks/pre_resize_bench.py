@@ -3,19 +3,14 @@
 The train step's data phase (51 s of the real-size night, benchmarks/RESULTS.md) decodes every photo, resizes
 it to the model's pixel budget (bicubic, as the processor does) and stores the copy; the trainer's collator
 then reads the copy once an epoch. Old: PNG at compress_level 1 (the copy of the commit before this one,
-kept here as the baseline). New: `vlmdet.data.images.resized_copy` as it is, an uncompressed BMP. Both
+kept here as the baseline). New: `vlmdet.training.speed.resized_copy` as it is, an uncompressed BMP. Both
 store the same pixels; the script checks that they read back equal.
 
 The photos are ../shared/data/real-photos (2-8 MP photos), each used --repeat times under another name (a
 copy per name, so every store is a miss), at the nightly preset's pixel budget. Writes run in the thread
 pool the data phase uses (min(8, cores) threads); reads are one thread, as one collator worker reads.
 
-Second part, the train child's start: a fresh interpreter imports what the train step imports
-(vlmdet.training.train: torch, transformers, TRL, PEFT) and then builds the training split with its copies
-(build_dataset, the data phase), once with the copies started before the imports (the train child's
-resize ahead, vlmdet.pipeline.steps) and once after, alternating, --starts times each (medians).
-
-    python benchmarks/pre_resize_bench.py [--photos ../shared/data/real-photos --repeat 4 --epochs 3 --starts 3]
+    python benchmarks/pre_resize_bench.py [--photos ../shared/data/real-photos --repeat 4 --epochs 3]
 
 Prints a markdown table (machine, cores, date, versions, ms an image, MB an image, ratios) and writes it
 with the raw numbers to benchmarks/results/pre_resize-<commit>-<date>.json unless --no-save.
@@ -27,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,8 +36,9 @@ sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 
 from vlmdet.config.settings import load_preset  # noqa: E402
-from vlmdet.data.images import open_image, resized_copy  # noqa: E402
+from vlmdet.data.images import open_image  # noqa: E402
 from vlmdet.formats.resize import factor, smart_resize  # noqa: E402
+from vlmdet.training.speed import resized_copy  # noqa: E402
 
 
 def png_copy(src: str, width: int, height: int, family: str, min_pixels: int, max_pixels: int,
@@ -74,58 +69,15 @@ def run(store, photos: list[tuple[str, int, int]], model, cache: Path, epochs: i
             "mb_per_image": round(sum(os.path.getsize(p) for p in paths) / n / 1e6, 2), "paths": paths}
 
 
-CHILD = """
-import json, sys, time
-t0 = time.perf_counter()
-from pathlib import Path
-from vlmdet.config.settings import RunConfig
-from vlmdet.run.records import DatasetRef
-ahead, split, config, cache = sys.argv[1] == "ahead", sys.argv[2], RunConfig.from_dict(json.loads(sys.argv[3])), Path(sys.argv[4])
-if ahead:
-    from vlmdet.pipeline.steps import _resize_ahead
-    _resize_ahead(DatasetRef(fingerprint="b", root=str(Path(split).parent), splits={"train": split}, counts={}), config, cache)
-t1 = time.perf_counter()
-import vlmdet.training.train as tr
-import peft, trl
-t2 = time.perf_counter()
-tr.build_dataset(split, config, image_cache=cache)
-t3 = time.perf_counter()
-print(json.dumps({"imports_s": t2 - t1, "data_s": t3 - t2, "total_s": t3 - t0}))
-"""
-
-
-def child_starts(photos: list[tuple[str, int, int]], preset, work: Path, starts: int) -> dict:
-    """The train child's imports and data phase, with and without the copies made ahead (fresh caches)."""
-    coco = {"images": [{"id": i, "file_name": p, "width": w, "height": h} for i, (p, w, h) in enumerate(photos)],
-            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 50, 50]}
-                            for i in range(len(photos))],
-            "categories": [{"id": 1, "name": preset.data.category}]}
-    split = work / "train.json"
-    split.write_text(json.dumps(coco))
-    config = json.dumps(preset.override({"train.pre_resize": True}).to_dict())
-    runs: dict[str, list[dict]] = {"after": [], "ahead": []}
-    for i in range(starts):
-        for how in ("after", "ahead") if i % 2 == 0 else ("ahead", "after"):
-            cache = work / f"cache-{how}-{i}"
-            out = subprocess.run([sys.executable, "-c", CHILD, how, str(split), config, str(cache)], cwd=REPO,
-                                 capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-            runs[how].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            shutil.rmtree(cache)
-    med = {how: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for how, rs in runs.items()}
-    return {"median": med, "runs": runs}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", default=str(REPO.parent / "shared" / "data" / "real-photos"))
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--preset", default="qwen2-vl-7b-nutrition")
-    ap.add_argument("--starts", type=int, default=3, help="train-child starts of each kind (0: not this part)")
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args()
-    preset = load_preset(a.preset)
-    model = preset.model
+    model = load_preset(a.preset).model
     work = Path(tempfile.mkdtemp(prefix="pre-resize-"))
     try:
         photos = []
@@ -140,7 +92,6 @@ def main() -> None:
         new = run(resized_copy, photos, model, work / "bmp", a.epochs)
         for p, q in zip(old.pop("paths"), new.pop("paths")):
             assert Image.open(p).convert("RGB").tobytes() == Image.open(q).convert("RGB").tobytes(), (p, q)
-        starts = child_starts(photos, preset, work, a.starts) if a.starts else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from importlib.metadata import version
@@ -165,17 +116,10 @@ def main() -> None:
                      f"{r['write_s']} | {r['read_s']} |")
     table.append(f"| ratio new/old | {new['write_s'] / old['write_s']:.2f} | {new['read_s'] / old['read_s']:.2f} | "
                  f"{new['mb_per_image'] / old['mb_per_image']:.2f} | | |")
-    if starts:
-        after, ahead = starts["median"]["after"], starts["median"]["ahead"]
-        table += ["", f"The train child's start ({a.starts} fresh interpreters each, medians, s):", "",
-                  "| copies made | imports | data phase | imports + data |", "| --- | ---: | ---: | ---: |",
-                  f"| after the imports (before) | {after['imports_s']} | {after['data_s']} | {after['total_s']} |",
-                  f"| ahead, during the imports | {ahead['imports_s']} | {ahead['data_s']} | {ahead['total_s']} |",
-                  f"| ratio | {ahead['imports_s'] / after['imports_s']:.2f} | | {ahead['total_s'] / after['total_s']:.2f} |"]
     print("\n".join(table))
     if not a.no_save:
         out = REPO / "benchmarks" / "results" / f"pre_resize-{commit}-{date}.json"
-        out.write_text(json.dumps({**head, "old_png": old, "new_bmp": new, "child_starts": starts, "table": table}, indent=1) + "\n")
+        out.write_text(json.dumps({**head, "old_png": old, "new_bmp": new, "table": table}, indent=1) + "\n")
         print(f"wrote {out.relative_to(REPO)}")
 
 

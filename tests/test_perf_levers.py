@@ -5,7 +5,6 @@ Speed itself is measured by benchmarks/bench.py on a GPU; here each lever's corr
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -234,60 +233,6 @@ def test_pre_resized_images_and_lengths(tmp_path, micro_config):
         assert row["images"][0].convert("RGB").tobytes() == expected.tobytes()
     again = build_dataset(str(path), micro_config.override({"train.pre_resize": True}), image_cache=tmp_path / "cache")
     assert again[0]["images"][0].size == fast[0]["images"][0].size  # stored once, reused
-
-
-def test_copies_made_ahead_are_waited_for_not_made_twice(tmp_path, micro_config, monkeypatch):
-    """The train child starts the copies of the training and validation photos before its imports
-    (pipeline.steps._resize_ahead); the data phase then waits for them: every photo is decoded once."""
-    from vlmdet.data import images
-    from vlmdet.data.errors import ImageError
-    from vlmdet.formats.resize import smart_resize
-    from vlmdet.pipeline.steps import _resize_ahead
-    from vlmdet.training.train import build_dataset
-
-    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "nutrition-table"}]}
-    for i in range(6):
-        w, h = 1200 + 40 * i, 900
-        arr = (torch.rand(h, w, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
-        Image.fromarray(arr).save(tmp_path / f"p{i}.png")
-        coco["images"].append({"id": i, "file_name": f"p{i}.png", "width": w, "height": h})
-        coco["annotations"].append({"id": i, "image_id": i, "category_id": 1, "bbox": [100, 200, 300, 400]})
-    splits = {}
-    for name, ids in (("train", range(4)), ("val", range(4, 6))):
-        part = dict(coco, images=[coco["images"][i] for i in ids], annotations=[coco["annotations"][i] for i in ids])
-        (tmp_path / f"{name}.json").write_text(json.dumps(part))
-        splits[name] = str(tmp_path / f"{name}.json")
-    dataset = DatasetRef(fingerprint="t", root=str(tmp_path), splits=splits, counts={})
-    decoded: list[str] = []
-    real_open = images.open_image
-
-    def slow_open(path):  # decoding slower than the data phase's start: it would make copies still being made
-        decoded.append(str(path))
-        time.sleep(0.4)
-        return real_open(path)
-
-    monkeypatch.setattr(images, "open_image", slow_open)
-    cfg = micro_config.override({"train.pre_resize": True})
-    cache = tmp_path / "cache"
-
-    _resize_ahead(dataset, cfg, cache)
-    train = build_dataset(splits["train"], cfg, image_cache=cache)
-    val = build_dataset(splits["val"], cfg, image_cache=cache)
-    assert sorted(decoded) == sorted(str(tmp_path / f"p{i}.png") for i in range(6))  # each once, train and val
-    assert not images._AHEAD
-    m = cfg.model
-    for i, row in enumerate(list(train) + list(val)):
-        h, w = smart_resize(900, 1200 + 40 * i, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
-        want = Image.open(tmp_path / f"p{i}.png").convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
-        assert row["images"][0].convert("RGB").tobytes() == want.tobytes()
-
-    (tmp_path / "p0.png").write_bytes(b"not an image")  # a file broken since prepare: the data phase says which
-    images.resize_ahead([(str(tmp_path / "p0.png"), 1200, 900)], m.family, m.min_pixels, m.max_pixels,
-                        tmp_path / "cache2")
-    with pytest.raises(ImageError, match="p0.png|cannot|identify"):
-        images.resized_copies([(str(tmp_path / "p0.png"), 1200, 900)], m.family, m.min_pixels, m.max_pixels,
-                              tmp_path / "cache2")
-    assert not images._AHEAD
 
 
 def test_profile_settings_reach_the_trainer(synth_coco, micro_config, tmp_path):

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -103,55 +99,3 @@ def to_rgb(im: Image.Image) -> Image.Image:
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     return im.convert("RGB")
-
-
-# --- the copies at the model's pixel budget (train.pre_resize) ----------------------------------------------------
-def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int, max_pixels: int,
-                 cache_dir: Path) -> str:
-    """The image at the size the processor resizes it to (same resampling), stored once in cache_dir.
-
-    The processor's own resize of a picture already at its target size is the identity, so what the
-    model sees is the same; the answer is rendered from the original width/height, not the copy's.
-    Returns src itself when no resize would happen.
-    """
-    from vlmdet.formats.resize import factor, smart_resize
-
-    h, w = smart_resize(height, width, factor=factor(family), min_pixels=min_pixels, max_pixels=max_pixels)
-    if (w, h) == (width, height):
-        return src
-    st = os.stat(src)
-    dst = cache_dir / f"{Path(src).stem}-{st.st_size}-{st.st_mtime_ns}-{w}x{h}.bmp"
-    if not dst.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # bicubic, as Qwen2VLImageProcessor resizes. Stored uncompressed, so the pixels are exactly these and
-        # neither writing nor the collator's read of every epoch pays for zlib: a 756x1008 copy is 2.1 MB against
-        # PNG's 1.0 MB, and ~1 ms to write or read against PNG's ~53 and ~23 (benchmarks/pre_resize_bench.py)
-        im = open_image(src).resize((w, h), Image.Resampling.BICUBIC)
-        tmp = dst.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-        im.save(tmp, format="BMP")
-        os.replace(tmp, dst)  # atomic: ranks of a multi-GPU run, or two threads, may write the same file
-    return str(dst)
-
-
-_AHEAD: dict[Path, Future] = {}  # cache folder -> the copies being made ahead (resize_ahead)
-
-
-def resized_copies(images: Sequence[tuple[str, int, int]], family: str, min_pixels: int, max_pixels: int,
-                   cache_dir: Path) -> list[str]:
-    """resized_copy of every (file, width, height), in threads (decoding and resizing release the GIL), in order.
-    Copies that resize_ahead is still making for cache_dir are waited for, not made twice."""
-    ahead = _AHEAD.pop(Path(cache_dir), None)
-    if ahead is not None:
-        ahead.result()  # its error (an unreadable photo) is this call's
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda i: resized_copy(*i, family, min_pixels, max_pixels, cache_dir), images))
-
-
-def resize_ahead(images: Sequence[tuple[str, int, int]], family: str, min_pixels: int, max_pixels: int,
-                 cache_dir: Path) -> None:
-    """Start making the copies in the background; resized_copies for the same folder waits for them. The train
-    child starts them before it imports torch, transformers, TRL and PEFT (seconds of one core)."""
-    cache_dir = Path(cache_dir)
-    runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize-ahead")
-    _AHEAD[cache_dir] = runner.submit(resized_copies, list(images), family, min_pixels, max_pixels, cache_dir)
-    runner.shutdown(wait=False)

@@ -10,7 +10,6 @@ output once complete, so a cache is trusted only while the folder still holds wh
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from vlmdet.config.settings import ConfigError, RunConfig
@@ -102,25 +101,10 @@ def train(dataset: DatasetRef, config: RunConfig, layout: RunLayout, fresh: bool
 
 
 def _train_child(req: dict[str, Any]) -> dict[str, Any]:
-    dataset, config = DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"])
-    if config.train.pre_resize:  # the photos' copies at the pixel budget are made while the imports run
-        _resize_ahead(dataset, config, Path(req["out"]) / "images")
-    with phase("imports"):  # torch, transformers, TRL, PEFT: seconds of one core before any work
+    with phase("imports"):  # torch, transformers, TRL, PEFT: seconds before any work
         from vlmdet.training.train import train as train_adapter
 
-    return train_adapter(dataset, config, req["out"]).to_dict()
-
-
-def _resize_ahead(dataset: DatasetRef, config: RunConfig, cache: Path) -> None:
-    """Start the training and validation photos' copies (vlmdet.data.images.resize_ahead); the train step's data
-    phase (vlmdet.training.train.build_dataset, the same folder) waits for what is not yet done."""
-    from vlmdet.data.images import resize_ahead
-    from vlmdet.data.samples import load_split
-
-    images = [(s.file, s.width, s.height) for split in ("train", "val") if dataset.splits.get(split)
-              and Path(dataset.splits[split]).is_file() for s in load_split(dataset.splits[split])[0]]
-    m = config.model
-    resize_ahead(images, m.family, m.min_pixels, m.max_pixels, cache)
+    return train_adapter(DatasetRef.from_dict(req["dataset"]), RunConfig.from_dict(req["config"]), req["out"]).to_dict()
 
 
 def halved_batch(arguments: dict[str, Any], attempt: int) -> tuple[dict[str, Any], str | None]:

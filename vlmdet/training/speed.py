@@ -159,6 +159,35 @@ def grouping_independent_of_gpus(sampler, args):
     return sampler
 
 
+def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int, max_pixels: int,
+                 cache_dir: Path) -> str:
+    """The image at the size the processor resizes it to (same resampling), stored once in cache_dir.
+
+    The processor's own resize of a picture already at its target size is the identity, so what the
+    model sees is the same; the answer is rendered from the original width/height, not the copy's.
+    Returns src itself when no resize would happen.
+    """
+    from PIL import Image
+
+    from vlmdet.data.images import open_image
+
+    h, w = smart_resize(height, width, factor=factor(family), min_pixels=min_pixels, max_pixels=max_pixels)
+    if (w, h) == (width, height):
+        return src
+    st = os.stat(src)
+    dst = cache_dir / f"{Path(src).stem}-{st.st_size}-{st.st_mtime_ns}-{w}x{h}.bmp"
+    if not dst.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # bicubic, as Qwen2VLImageProcessor resizes. Stored uncompressed, so the pixels are exactly these and
+        # neither writing nor the collator's read of every epoch pays for zlib: a 756x1008 copy is 2.1 MB against
+        # PNG's 1.0 MB, and ~1 ms to write or read against PNG's ~53 and ~23 (benchmarks/pre_resize_bench.py)
+        im = open_image(src).resize((w, h), Image.Resampling.BICUBIC)
+        tmp = dst.with_suffix(f".{os.getpid()}.tmp")
+        im.save(tmp, format="BMP")
+        os.replace(tmp, dst)  # atomic: ranks of a multi-GPU run may write the same file
+    return str(dst)
+
+
 class StepTimes(TrainerCallback):
     """VLMDET_STEP_TIMES=FILE: the wall time of every optimizer step, written as JSON by rank 0
     (benchmarks/multi_gpu.py reads it from a training child it cannot reach otherwise)."""

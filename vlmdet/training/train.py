@@ -23,7 +23,6 @@ from vlmdet.formats import get_format
 from vlmdet.formats.resize import visual_tokens
 from vlmdet.modeling.load import has_cuda, load_model, load_processor, resolve_base, torch_dtype
 from vlmdet.run.records import AdapterRef, DatasetRef
-from vlmdet.data.images import resized_copies
 from vlmdet.data.samples import load_split, training_example
 from vlmdet.run.timeline import folder_bytes, phase
 from vlmdet.training import faults, select, speed
@@ -52,10 +51,14 @@ def add_speed_columns(rows: list[dict], samples: list, config: RunConfig, image_
     size, so boxes are unchanged); train.group_by_length: a `length` column for the sampler."""
     m = config.model
     if config.train.pre_resize and image_cache is not None:
-        paths = resized_copies([(s.file, s.width, s.height) for s in samples], m.family, m.min_pixels, m.max_pixels,
-                               image_cache)
-        for row, path in zip(rows, paths):
-            row["images"] = [path]
+        from concurrent.futures import ThreadPoolExecutor
+
+        def resized(s) -> str:
+            return speed.resized_copy(s.file, s.width, s.height, m.family, m.min_pixels, m.max_pixels, image_cache)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decode/resize release the GIL
+            for row, path in zip(rows, pool.map(resized, samples)):
+                row["images"] = [path]
     if config.train.group_by_length:
         for row, s in zip(rows, samples):  # visual tokens dominate; the answer's characters bound its tokens
             answer = row["completion"][0]["content"][0]["text"]
