@@ -145,6 +145,37 @@ def test_exif_rotated_jpeg_is_normalised_upright(tmp_path):
     assert top_left[2] > 200
 
 
+def test_a_corrupt_exif_block_keeps_the_stored_pixels(tmp_path, monkeypatch):
+    """The image is turned in place; an EXIF block that breaks the turn halfway leaves the pixels as stored."""
+    from PIL import ImageOps
+
+    from vlmdet.data.images import load_image
+
+    stored = Image.new("RGB", (60, 40), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))
+    (tmp_path / "rot.jpg").write_bytes(encode(stored, orientation=6, quality=95))
+    turn = ImageOps.exif_transpose
+
+    def breaks_halfway(image, *, in_place=False):
+        turn(image, in_place=in_place)  # the pixels turned, then the EXIF rewrite fails
+        raise SyntaxError("corrupt EXIF")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", breaks_halfway)
+    im, fmt, changed = load_image(tmp_path / "rot.jpg")
+    assert (im.size, fmt, changed) == ((60, 40), "JPEG", False)
+    assert im.getpixel((4, 4))[0] > 200  # the red mark where it is stored
+
+
+def test_an_unreadable_file_is_named_in_its_reason(tmp_path):
+    """load_image decodes the file's bytes from memory; Pillow's message still names the file."""
+    from vlmdet.data.images import load_image
+
+    (tmp_path / "junk.jpg").write_bytes(b"not a picture")
+    with pytest.raises(ImageError) as err:
+        load_image(tmp_path / "junk.jpg")
+    assert (err.value.reason, err.value.detail) == ("unreadable", f"cannot identify image file {str(tmp_path / 'junk.jpg')!r}")
+
+
 def test_plain_jpeg_and_png_are_copied_byte_for_byte(tmp_path):
     images = _good(3) + [{"file": "p.png", "bytes": encode(noise((20, 20), 9), "PNG"), "size": (20, 20)}]
     ref = prepare(write_coco(tmp_path / "src", images, []), tmp_path / "out", DataConfig())

@@ -41,29 +41,32 @@ def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, boo
     The third value tells prepare() whether the file's bytes can be kept as they are: only an RGB
     file without a rotating EXIF tag is already in normalised form.
     """
-    if isinstance(source, bytes):
+    name = None
+    if not isinstance(source, bytes):
+        name = str(source)
+        # the bytes in memory, the file closed at once (multi-frame formats such as GIF, TIFF and phones' MPO
+        # JPEGs keep their file open otherwise): the decoded image needs no copy to outlive the file
+        with open(name, "rb") as fh:
+            source = fh.read()
         if not source:
-            raise ImageError("empty-file", "0 bytes")
-        fh: io.BytesIO | Path = io.BytesIO(source)
-    else:
-        fh = Path(source)
-        if fh.stat().st_size == 0:
-            raise ImageError("empty-file", f"{fh} has 0 bytes")
+            raise ImageError("empty-file", f"{name} has 0 bytes")
+    if not source:
+        raise ImageError("empty-file", "0 bytes")
     try:
         # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above; both are "too
         # large" here. The filter is local: the global limit stays in force for everyone else.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fh)
-        with im:  # closes the file even for multi-frame formats (GIF, TIFF) that keep it open
-            im.load()
-            fmt = im.format
-            orientation = im.getexif().get(ORIENTATION_TAG, 1)
-            try:
-                shown = ImageOps.exif_transpose(im)  # a new image: it outlives the file
-            except Exception:  # a corrupt EXIF block: keep the stored orientation rather than lose the image
-                shown, orientation = im.copy(), 1
-            mode = im.mode
+            im = Image.open(_Bytes(source, name))
+        im.load()
+        fmt, mode = im.format, im.mode
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+        shown = im
+        try:
+            ImageOps.exif_transpose(im, in_place=True)  # no copy of the pixels where nothing turns
+        except Exception:  # a corrupt EXIF block: keep the stored orientation rather than lose the image
+            shown, orientation = Image.open(_Bytes(source, name)), 1  # as stored, whatever the failed turn did
+            shown.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError("too-large", str(err)) from err
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...
@@ -73,6 +76,17 @@ def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, boo
     rgb = to_rgb(shown)
     changed = mode != "RGB" or orientation not in (None, 1)
     return rgb, fmt, changed
+
+
+class _Bytes(io.BytesIO):
+    """A file's bytes that Pillow's messages name as the file ("cannot identify image file '/data/x.jpg'")."""
+
+    def __init__(self, data: bytes, name: str | None):
+        super().__init__(data)
+        self.label = name
+
+    def __repr__(self) -> str:
+        return repr(self.label) if self.label else "<bytes>"
 
 
 def _looks_truncated(message: str) -> bool:
