@@ -259,6 +259,32 @@ def test_max_images_caps_usable_images_and_removes_stale_files(tmp_path):
     assert capped.fingerprint != full.fingerprint
 
 
+@pytest.mark.parametrize("max_images", [0, 7])
+def test_decoding_in_threads_gives_the_serial_outcome(tmp_path, monkeypatch, max_images):
+    """Pass 2 decodes in threads and takes the results in order: splits, quarantine and files are the ones a
+    single thread gives, also when data.max_images stops early (the images decoded past it leave no file)."""
+    import sys
+
+    prep = sys.modules["vlmdet.data.prepare"]  # the package's `prepare` is the function
+    in_order = prep._in_order
+    images = _good(14) + [{"file": "bad.jpg", "bytes": b"junk", "size": (8, 8)}] + _good(6, start=14)
+    boxes = [(i, [2, 2, 20, 10], "nutrition-table") for i in range(0, 21, 2)] + [(3, [500, 500, 5, 5], "nutrition-table")]
+    ann = write_coco(tmp_path / "src", images, boxes)
+
+    def outcome(out: Path, threads: int) -> tuple:
+        monkeypatch.setattr(prep, "_in_order", lambda fn, work: in_order(fn, work, threads=threads))
+        ref = prepare(ann, out, DataConfig(max_images=max_images))
+        return ({s: Path(p).read_text() for s, p in ref.splits.items()}, ref.quarantine, ref.fingerprint,
+                sorted(f.name for f in (out / "images").iterdir()))
+
+    serial, threaded = outcome(tmp_path / "one", 1), outcome(tmp_path / "four", 4)
+    assert threaded == serial
+    kept = sum(len(json.loads(text)["images"]) for text in serial[0].values())
+    assert kept == (max_images or 19) and len(serial[3]) == kept  # 21 less the unreadable and the one out of bounds
+    if not max_images:
+        assert sorted(q["reason"] for q in serial[1]) == ["box-outside", "unreadable"]
+
+
 def test_resized_file_scales_boxes(tmp_path):
     """Labels made on a 200x150 original, file shipped at 40x30: boxes scale with the image."""
     images = _good(4)

@@ -32,17 +32,21 @@ Rules (each rejected image or box becomes a QuarantineEntry with a reason and a 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -123,28 +127,45 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
     if cfg.max_images > 0:
         candidates.sort(key=lambda c: (c[0].rank, c[0].order))
 
-    # Pass 2 (decode): unreadable images and bad boxes; normalise what is kept.
+    # Pass 2 (decode): unreadable images and bad boxes; normalise what is kept. The images are decoded in
+    # threads (Pillow's decoders release the GIL) and taken in order, so the outcome is the serial one's.
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    items: list[_Item] = []
-    bar = tqdm(candidates, desc="prepare images", unit="img", disable=len(candidates) <= PROGRESS_MIN_IMAGES)
-    for item, img, path in bar:
-        if 0 < cfg.max_images <= len(items):
-            break
+
+    def decode(candidate: tuple[_Item, dict, Path]) -> _Decoded:
+        item, img, path = candidate
         try:
             im, fmt, changed = load_image(path)
         except ImageError as err:
-            quarantine.append(QuarantineEntry(item.file, err.reason, err.detail))
-            continue
-        item.width, item.height = im.size
+            return _Decoded(error=QuarantineEntry(item.file, err.reason, err.detail))
         boxes, rejected = _check_boxes(item.file, by_image.get(img.get("id"), []), categories, cfg.category,
                                        im.size, (img.get("width"), img.get("height")))
-        quarantine += rejected
-        if boxes is None:
-            continue
-        item.boxes = boxes
-        item.name, item.normalised_hash = _normalise(im, fmt, changed, path, item.content_hash, out_dir / "images")
-        items.append(item)
-    bar.close()
+        name = digest = ""
+        if boxes is not None:
+            name, digest = _normalise(im, fmt, changed, path, item.content_hash, out_dir / "images")
+        return _Decoded(size=im.size, boxes=boxes, rejected=rejected, name=name, normalised_hash=digest)
+
+    items: list[_Item] = []
+    bar = tqdm(total=len(candidates), desc="prepare images", unit="img",
+               disable=len(candidates) <= PROGRESS_MIN_IMAGES)
+    decoded = _in_order(decode, candidates)
+    try:
+        for (item, _, _), done in zip(candidates, decoded):
+            # with data.max_images, the few decoded past the limit are dropped here (their files by _remove_stale)
+            if 0 < cfg.max_images <= len(items):
+                break
+            bar.update()
+            if done.error:
+                quarantine.append(done.error)
+                continue
+            item.width, item.height = done.size
+            quarantine += done.rejected
+            if done.boxes is None:
+                continue
+            item.boxes, item.name, item.normalised_hash = done.boxes, done.name, done.normalised_hash
+            items.append(item)
+    finally:
+        decoded.close()  # the threads still decoding have finished: no file is written after this
+        bar.close()
     items.sort(key=lambda it: it.order)
     items = _drop_products_in_test(items, quarantine)
     _remove_stale(out_dir / "images", {it.name for it in items})
@@ -179,6 +200,37 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
              ", ".join(f"{k} {v['images']} images / {v['boxes']} boxes / {v['groups']} groups" for k, v in counts.items()),
              report["groups"]["total"], products, dict(ref.quarantine_counts) or "nothing")
     return ref
+
+
+@dataclass
+class _Decoded:
+    """One image's pass 2, done in a worker thread: an error, or its size, boxes and normalised file."""
+
+    error: QuarantineEntry | None = None
+    size: tuple[int, int] = (0, 0)
+    boxes: list[list[float]] | None = None
+    rejected: list[QuarantineEntry] = field(default_factory=list)
+    name: str = ""
+    normalised_hash: str = ""
+
+
+def _in_order(fn: Callable[[Any], Any], work: list[Any], threads: int = min(8, os.cpu_count() or 1)) -> Iterator[Any]:
+    """fn over work in threads, yielded in work's order, at most 2 x threads ahead of the consumer (memory: a
+    few decoded photos); the rest is cancelled when the consumer stops early."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: collections.deque[Future] = collections.deque()
+        it = iter(work)
+        try:
+            for w in itertools.islice(it, 2 * threads):
+                pending.append(pool.submit(fn, w))
+            while pending:
+                result = pending.popleft().result()
+                for w in itertools.islice(it, 1):
+                    pending.append(pool.submit(fn, w))
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _read_coco(path: Path) -> dict[str, Any]:
