@@ -183,6 +183,13 @@ def test_plain_jpeg_and_png_are_copied_byte_for_byte(tmp_path):
         for im in _coco(ref, split)["images"]:
             assert content_hash(tmp_path / "out" / im["file_name"]) == im["content_hash"] == \
                 content_hash(tmp_path / "src" / im["source_file"])
+    # the fingerprint pins the bytes in the prepared folder
+    other = prepare(write_coco(tmp_path / "src2", images, []), tmp_path / "out2", DataConfig())
+    assert other.fingerprint == ref.fingerprint
+    first = next(p for p in (tmp_path / "out" / "images").iterdir())
+    first.write_bytes(first.read_bytes() + b"x")  # the same name, other bytes: prepared again, another fingerprint
+    again = prepare(write_coco(tmp_path / "src", images, []), tmp_path / "out", DataConfig())
+    assert again.fingerprint != ref.fingerprint
 
 
 def test_duplicates_never_cross_splits_and_held_out_split_becomes_test(tmp_path):

@@ -337,7 +337,7 @@ def _normalise(im, fmt: str | None, changed: bool, src: Path, digest: str, folde
         else:
             im.save(tmp, "PNG" if ext == ".png" else "JPEG", quality=95)
         tmp.replace(dst)
-    return f"images/{dst.name}", content_hash(dst)
+    return f"images/{dst.name}", content_hash(dst)  # the bytes there are what is pinned, whoever wrote them
 
 
 def _remove_stale(folder: Path, keep: set[str]) -> None:
