@@ -7,8 +7,8 @@ for 1,207 photos (benchmarks/RESULTS.md). It is CPU work, so it is measured on a
 The photos are ../shared/data/real-photos (21 JPEGs, 2-8 MP, some with an EXIF orientation), each used
 --repeat times under another name and with other bytes (a comment appended after the JPEG's end, which
 decoders ignore), so none is a duplicate; one box each. Every start prepares into a fresh folder; the
-median of --starts is printed with a digest of the split files and the normalised images' names and
-hashes: two commits that prepare the same dataset print the same digest.
+median of --starts is printed with a digest of the split files, the normalised images' names and hashes
+and the dataset's fingerprint: two commits that prepare the same dataset print the same digest.
 
     python benchmarks/prepare_bench.py [--repo PATH] [--repeat 4 --starts 3] [--json OUT.json]
 
@@ -53,9 +53,10 @@ def photos_dataset(src: Path, repeat: int, work: Path) -> Path:
     return path
 
 
-def digest(out: Path) -> str:
-    """What prepare wrote that a later step reads: the splits and the normalised images' names and bytes."""
-    h = hashlib.sha256()
+def digest(out: Path, fingerprint: str) -> str:
+    """What prepare wrote that a later step reads: the splits, the normalised images' names and bytes, and the
+    dataset's fingerprint (the training key's part)."""
+    h = hashlib.sha256(fingerprint.encode())
     for split in ("train", "val", "test"):
         p = out / f"{split}.json"
         if p.is_file():
@@ -88,7 +89,7 @@ def main() -> None:
             t = time.perf_counter()
             ref = prepare(ann, out, cfg)
             seconds.append(time.perf_counter() - t)
-            digests.add(digest(out))
+            digests.add(digest(out, ref.fingerprint))
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
