@@ -275,6 +275,7 @@ def test_decoding_in_threads_gives_the_serial_outcome(tmp_path, monkeypatch, max
     prep = sys.modules["vlmdet.data.prepare"]  # the package's `prepare` is the function
     in_order = prep._in_order
     images = _good(14) + [{"file": "bad.jpg", "bytes": b"junk", "size": (8, 8)}] + _good(6, start=14)
+    images += [dict(images[5], file="again.jpg"), {"file": "empty.jpg", "bytes": b"", "size": (8, 8)}]
     boxes = [(i, [2, 2, 20, 10], "nutrition-table") for i in range(0, 21, 2)] + [(3, [500, 500, 5, 5], "nutrition-table")]
     ann = write_coco(tmp_path / "src", images, boxes)
 
@@ -289,7 +290,7 @@ def test_decoding_in_threads_gives_the_serial_outcome(tmp_path, monkeypatch, max
     kept = sum(len(json.loads(text)["images"]) for text in serial[0].values())
     assert kept == (max_images or 19) and len(serial[3]) == kept  # 21 less the unreadable and the one out of bounds
     if not max_images:
-        assert sorted(q["reason"] for q in serial[1]) == ["box-outside", "unreadable"]
+        assert [q["reason"] for q in serial[1]] == ["duplicate", "empty-file", "box-outside", "unreadable"]
 
 
 def test_resized_file_scales_boxes(tmp_path):
