@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from vlmdet.formats import get_format
 from vlmdet.run.records import DatasetRef
 from vlmdet.data.samples import load_split
-from vlmdet.training import faults, select
+from vlmdet.training import faults, select, speed
 from vlmdet.training.train import build_trainer, train
 
 
@@ -66,8 +66,14 @@ def test_resume_runs_only_the_remaining_steps_with_the_saved_optimizer_state(syn
     """A run continued on the same folder starts at checkpoint-2 with its Adam moments and runs steps 3
     and 4 only; a restart from zero would run 1-4 with an empty optimizer state."""
     out = tmp_path / "train"
-    first = train(_dataset(synth_coco), micro_config.override({"train.max_steps": 2, "train.save_steps": 1}), out)
+    copies: list[str] = []  # train.pre_resize: the photos' copies are made for each run and gone once it ends
+    resized_copy = speed.resized_copy
+    monkeypatch.setattr(speed, "resized_copy", lambda *a: copies.append(resized_copy(*a)) or copies[-1])
+    config = micro_config.override({"train.pre_resize": True, "train.save_steps": 1})
+    first = train(_dataset(synth_coco), config.override({"train.max_steps": 2}), out)
     assert first.resumed_from is None and first.steps_run == 2
+    assert copies and all(Path(c).parent == out / "images" for c in copies) and not (out / "images").exists()
+    copies.clear()
     saved = torch.load(out / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
     assert saved and all("exp_avg" in v for v in saved.values())
 
@@ -82,8 +88,9 @@ def test_resume_runs_only_the_remaining_steps_with_the_saved_optimizer_state(syn
             seen["steps"].append(state.global_step)
 
     monkeypatch.setattr(faults, "callbacks", lambda: [Probe()])
-    second = train(_dataset(synth_coco), micro_config.override({"train.max_steps": 4, "train.save_steps": 1}), out)
+    second = train(_dataset(synth_coco), config.override({"train.max_steps": 4}), out)
     assert seen["start"] == 2 and seen["steps"] == [3, 4]  # only the remaining optimizer steps ran
+    assert copies and not (out / "images").exists()
     assert second.steps_run == 2 and second.global_step == 4
     assert second.resumed_from and second.resumed_from.endswith("checkpoint-2")
     assert set(seen["exp_avg"]) == set(saved)

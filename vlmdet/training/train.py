@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -212,6 +213,9 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
                                                                 "model": config.to_dict()["model"]}, indent=1))
             (out / "log_history.json").write_text(json.dumps(history, indent=1))
             curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
+            # the photos' copies at the pixel budget (train.pre_resize) served the trainer only: ~2 MB a photo that
+            # a finished training folder need not keep (a resumed run makes them again)
+            shutil.rmtree(out / "images", ignore_errors=True)
     with phase("provenance"):  # what the adapter was trained from: data, configuration, base and code
         from vlmdet.run.provenance import provenance
 
