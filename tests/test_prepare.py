@@ -16,6 +16,12 @@ from vlmdet.data import DataError, ImageError, open_image, prepare
 from vlmdet.data.images import content_hash
 
 
+def content_hash_of(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def _split_of(ref) -> dict[str, str]:
     """source file -> split."""
     out = {}
@@ -174,6 +180,62 @@ def test_an_unreadable_file_is_named_in_its_reason(tmp_path):
     with pytest.raises(ImageError) as err:
         load_image(tmp_path / "junk.jpg")
     assert (err.value.reason, err.value.detail) == ("unreadable", f"cannot identify image file {str(tmp_path / 'junk.jpg')!r}")
+
+
+def test_a_folder_is_unreadable_and_the_bomb_check_is_one_thread_at_a_time(tmp_path, monkeypatch):
+    """The decompression-bomb check turns a process-wide warning into an error: threads decoding at once (prepare,
+    the training copies) take turns through it, or one would open an oversized image unchecked."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmdet.data import images
+
+    with pytest.raises(ImageError) as err:
+        images.load_image(tmp_path)
+    assert err.value.reason == "unreadable" and "Is a directory" in err.value.detail
+
+    inside, most = [0], [0]
+    real_open = Image.open
+
+    def slow_open(*a, **kw):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        inside[0] -= 1
+        return real_open(*a, **kw)
+
+    (tmp_path / "p.png").write_bytes(encode(noise((20, 20), 1), "PNG"))
+    monkeypatch.setattr(images.Image, "open", slow_open)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(im.size == (20, 20) for im, _, _ in pool.map(images.load_image, [tmp_path / "p.png"] * 8))
+    assert most[0] == 1
+
+
+def test_an_image_past_max_images_cannot_fail_prepare(tmp_path, monkeypatch):
+    """Images past data.max_images are never examined: one decoded ahead in a thread that fails does not fail the
+    run, while the same failure on an image that is needed does."""
+    import sys
+
+    prep = sys.modules["vlmdet.data.prepare"]
+    images = _good(6)
+    late = content_hash_of(images[5]["bytes"])
+    rank = prep._rank
+    monkeypatch.setattr(prep, "_rank", lambda seed, key: 0.999 if key == late else rank(seed, key) * 0.9)
+    check = prep._check_boxes
+
+    def broken_for_late(file, *a):
+        if file == "ok5.jpg":
+            raise RuntimeError("a bug on the last image")
+        return check(file, *a)
+
+    monkeypatch.setattr(prep, "_check_boxes", broken_for_late)
+    ann = write_coco(tmp_path / "src", images, [])
+    ref = prepare(ann, tmp_path / "capped", DataConfig(max_images=5))
+    assert sum(c["images"] for c in ref.counts.values()) == 5 and "ok5.jpg" not in _split_of(ref)
+    assert len(list((tmp_path / "capped" / "images").iterdir())) == 5
+    with pytest.raises(RuntimeError, match="a bug on the last image"):
+        prepare(ann, tmp_path / "all", DataConfig())
 
 
 def test_plain_jpeg_and_png_are_copied_byte_for_byte(tmp_path):

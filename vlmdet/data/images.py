@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from vlmdet.data.errors import ImageError
 
 # EXIF tag 0x0112: values 5-8 store the pixels transposed (width and height swap when displayed).
 ORIENTATION_TAG = 0x0112
+_BOMB_CHECK = threading.Lock()
 
 
 def content_hash(path: str | Path) -> str:
@@ -46,8 +48,13 @@ def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, boo
         name = str(source)
         # the bytes in memory, the file closed at once (multi-frame formats such as GIF, TIFF and phones' MPO
         # JPEGs keep their file open otherwise): the decoded image needs no copy to outlive the file
-        with open(name, "rb") as fh:
-            source = fh.read()
+        try:
+            with open(name, "rb") as fh:
+                source = fh.read()
+        except FileNotFoundError:  # not an image's fault: the caller says the file is missing
+            raise
+        except OSError as err:  # a folder, a file the worker may not read
+            raise ImageError("unreadable", str(err) or type(err).__name__) from err
         if not source:
             raise ImageError("empty-file", f"{name} has 0 bytes")
     if not source:
@@ -55,9 +62,10 @@ def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, boo
     try:
         # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above; both are "too
         # large" here. The filter is local: the global limit stays in force for everyone else.
-        with warnings.catch_warnings():
+        # The filter is process-wide state: one thread at a time (prepare and the training copies decode in threads)
+        with _BOMB_CHECK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(_Bytes(source, name))
+            im = Image.open(_Bytes(source, name))  # the header only: the lock is held for microseconds
         im.load()
         fmt, mode = im.format, im.mode
         orientation = im.getexif().get(ORIENTATION_TAG, 1)
