@@ -149,10 +149,12 @@ def prepare(annotations: str | Path, out_dir: str | Path, cfg: DataConfig, sourc
                disable=len(candidates) <= PROGRESS_MIN_IMAGES)
     decoded = _in_order(decode, candidates)
     try:
-        for (item, _, _), done in zip(candidates, decoded):
-            # with data.max_images, the few decoded past the limit are dropped here (their files by _remove_stale)
+        for item, _, _ in candidates:
+            # with data.max_images, the few decoded past the limit are never taken (their files go in _remove_stale,
+            # their errors with them)
             if 0 < cfg.max_images <= len(items):
                 break
+            done = next(decoded)
             bar.update()
             if done.error:
                 quarantine.append(done.error)
