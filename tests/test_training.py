@@ -70,9 +70,13 @@ def test_resume_runs_only_the_remaining_steps_with_the_saved_optimizer_state(syn
     resized_copy = speed.resized_copy
     monkeypatch.setattr(speed, "resized_copy", lambda *a: copies.append(resized_copy(*a)) or copies[-1])
     config = micro_config.override({"train.pre_resize": True, "train.save_steps": 1})
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "mine.bmp").write_bytes(b"a file vlmdet did not write")
     first = train(_dataset(synth_coco), config.override({"train.max_steps": 2}), out)
     assert first.resumed_from is None and first.steps_run == 2
-    assert copies and all(Path(c).parent == out / "images" for c in copies) and not (out / "images").exists()
+    assert copies and all(Path(c).parent == out / "images" for c in copies)
+    assert [p.name for p in (out / "images").iterdir()] == ["mine.bmp"]  # the copies gone, nothing else
+    (out / "images" / "mine.bmp").unlink()
     copies.clear()
     saved = torch.load(out / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
     assert saved and all("exp_avg" in v for v in saved.values())

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -186,6 +187,22 @@ def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int
         im.save(tmp, format="BMP")
         os.replace(tmp, dst)  # atomic: ranks of a multi-GPU run may write the same file
     return str(dst)
+
+
+_COPY_NAME = re.compile(r"^.+-\d+-\d+-\d+x\d+\.bmp$")  # resized_copy's names: stem-size-mtime-WxH.bmp
+
+
+def drop_copies(cache_dir: Path) -> None:
+    """Delete resized_copy's files in cache_dir (nothing else that may be there), then the folder if empty."""
+    if not cache_dir.is_dir():
+        return
+    for path in cache_dir.iterdir():
+        if _COPY_NAME.match(path.name):
+            path.unlink(missing_ok=True)
+    try:
+        cache_dir.rmdir()
+    except OSError:  # something else is kept there
+        pass
 
 
 class StepTimes(TrainerCallback):

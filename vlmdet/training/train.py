@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -215,7 +214,7 @@ def train(dataset: DatasetRef, config: RunConfig, out: str | Path) -> AdapterRef
             curve = plot_loss(steps, losses, out / "loss_curve.png", title=f"{config.name}: training loss")
             # the photos' copies at the pixel budget (train.pre_resize) served the trainer only: ~2 MB a photo that
             # a finished training folder need not keep (a resumed run makes them again)
-            shutil.rmtree(out / "images", ignore_errors=True)
+            speed.drop_copies(out / "images")
     with phase("provenance"):  # what the adapter was trained from: data, configuration, base and code
         from vlmdet.run.provenance import provenance
 
