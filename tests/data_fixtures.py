@@ -121,3 +121,35 @@ def off_dataset(tmp_path_factory):
             boxes = [[x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h] for y1, x1, y2, x2 in r["boxes"]]
             expected[r["id"]] = (split, r["bytes"], (w, h), boxes)
     return disk, parquet, expected
+
+
+def boxed_split(folder: Path, n: int = 6) -> str:
+    """n 100x80 images with one box each, as a COCO test split beside them (the gate and publish tests')."""
+    images, anns = [], []
+    for i in range(1, n + 1):
+        Image.new("RGB", (100, 80), (40 * i % 255, 90, 120)).save(folder / f"im{i}.png")
+        images.append({"id": i, "file_name": f"im{i}.png", "width": 100, "height": 80})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0})
+    gt = folder / "test.json"
+    gt.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "t"}]}))
+    return str(gt)
+
+
+def boxed_predictions(hits: set[int], n: int = 6) -> str:
+    """Predictions for boxed_split: a hit is the true box; a miss the box shifted by its width (IoU 0)."""
+    return json.dumps([{"image_id": i, "category_id": 1, "bbox": [10 if i in hits else 50, 10, 40, 30],
+                        "score": 0.5 + i / 100} for i in range(1, n + 1)])
+
+
+def install_package(root: Path, name: str, files: dict[str, str], entry_points: str) -> Path:
+    """A package as pip would leave it: root/name/ with `files`, and its dist-info declaring `entry_points`
+    (the text of entry_points.txt). The caller puts root on sys.path."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("")
+    for file, text in files.items():
+        (root / name / file).write_text(text)
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return root

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from data_fixtures import install_package
+
 from vlmdet.pipeline import run as pipeline
 from vlmdet.config.settings import ConfigError, load_preset
 from vlmdet.pipeline.step import Plain
@@ -58,15 +60,9 @@ model:
 def family_package(tmp_path, monkeypatch):
     """spacebox/ (format + preset) and its dist-info declaring the entry point, on sys.path and on the
     PYTHONPATH of the step children."""
-    root = tmp_path / "site"
-    (root / "spacebox").mkdir(parents=True)
-    (root / "spacebox" / "__init__.py").write_text("")
-    (root / "spacebox" / "format.py").write_text(textwrap.dedent(FORMAT))
-    (root / "spacebox" / "spacebox.yaml").write_text(textwrap.dedent(PRESET))
-    info = root / "spacebox-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: spacebox\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[vlmdet.families]\nspacebox_vl = spacebox.format:SpaceBoxFormat\n")
+    root = install_package(tmp_path / "site", "spacebox", {"format.py": textwrap.dedent(FORMAT),
+                                                           "spacebox.yaml": textwrap.dedent(PRESET)},
+                           "[vlmdet.families]\nspacebox_vl = spacebox.format:SpaceBoxFormat\n")
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), *sys.path]))
     return root

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from hub_server import HubServer
+from data_fixtures import boxed_predictions, boxed_split
 from pubkit import NO_SLEEP, online_classic_lfs, records
 from vlmdet import publishing
 from vlmdet.decide.champion import reuse_report
@@ -292,8 +293,8 @@ def test_local_a_crash_between_the_renames_then_a_new_run_recovers_and_compares_
     """Fails on main: recovery ran only inside a publish, after the gate had read "no champion"."""
     single, sharded = models
     cfg = _local_cfg(**{"gate.resamples": 200})
-    gt = _split(tmp_path)
-    first = _publish(cfg, tmp_path, single, 0.70, predictions=_preds({1, 2, 3}))
+    gt = boxed_split(tmp_path)
+    first = _publish(cfg, tmp_path, single, 0.70, predictions=boxed_predictions({1, 2, 3}))
     target = tmp_path / "published"
     real_rename = Path.rename
 
@@ -309,7 +310,8 @@ def test_local_a_crash_between_the_renames_then_a_new_run_recovers_and_compares_
     assert not target.exists()
 
     # the next run: its gate finds the champion back in place and compares against it
-    merged, report, dataset, adapter, _ = _records(tmp_path, single, 0.90, predictions=_preds({1, 2, 3, 4, 5, 6}))
+    merged, report, dataset, adapter, _ = _records(tmp_path, single, 0.90,
+                                                     predictions=boxed_predictions({1, 2, 3, 4, 5, 6}))
     champ = _read(cfg, tmp_path)
     assert champ is not None and not champ.unreadable and champ.revision == first.revision
     assert champ.measured_on(report)
@@ -320,24 +322,6 @@ def test_local_a_crash_between_the_renames_then_a_new_run_recovers_and_compares_
     pub = publishing.publish(merged, report, dataset, adapter, decision, cfg, tmp_path)
     assert json.loads((target / "vlmdet.json").read_text())["run_id"] == pub.run_id
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".published")] == []
-
-
-def _split(tmp_path: Path, n: int = 6) -> str:
-    """n images with one box each, as a COCO file beside them."""
-    images, anns = [], []
-    for i in range(1, n + 1):
-        Image.new("RGB", (100, 80), (40 * i % 255, 90, 120)).save(tmp_path / f"im{i}.png")
-        images.append({"id": i, "file_name": f"im{i}.png", "width": 100, "height": 80})
-        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0})
-    gt = tmp_path / "test.json"
-    gt.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "t"}]}))
-    return str(gt)
-
-
-def _preds(hits: set[int], n: int = 6) -> str:
-    """A hit is the true box; a miss the box shifted by its width (IoU 0)."""
-    return json.dumps([{"image_id": i, "category_id": 1, "bbox": [10 if i in hits else 50, 10, 40, 30],
-                        "score": 0.5 + i / 100} for i in range(1, n + 1)])
 
 
 # --- 4. one revision for everything read from the champion ----------------------------------------------

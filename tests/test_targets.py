@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from data_fixtures import boxed_predictions, boxed_split, install_package
 from pubkit import records
 from vlmdet import publishing
 from vlmdet.config.settings import ConfigError, RunConfig
@@ -102,14 +103,8 @@ class ShelfTarget(Target):
 @pytest.fixture
 def shelf_package(tmp_path, monkeypatch):
     """shelfkit/ and its dist-info declaring the entry point, on sys.path: installed as a user would."""
-    root = tmp_path / "site"
-    (root / "shelfkit").mkdir(parents=True)
-    (root / "shelfkit" / "__init__.py").write_text("")
-    (root / "shelfkit" / "target.py").write_text(textwrap.dedent(SHELF))
-    info = root / "shelfkit-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shelfkit\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[vlmdet.targets]\nshelf = shelfkit.target:ShelfTarget\n")
+    root = install_package(tmp_path / "site", "shelfkit", {"target.py": textwrap.dedent(SHELF)},
+                           "[vlmdet.targets]\nshelf = shelfkit.target:ShelfTarget\n")
     monkeypatch.syspath_prepend(str(root))
     return root
 
@@ -123,26 +118,10 @@ def _cfg(target: str) -> RunConfig:
     return RunConfig(name="smoke").override({"publish.target": target})
 
 
-def _split(folder: Path, n: int = 6) -> str:
-    """n test images with one box each (COCO)."""
-    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0}
-            for i in range(1, n + 1)]
-    images = [{"id": i, "file_name": f"im{i}.png", "width": 100, "height": 80} for i in range(1, n + 1)]
-    gt = folder / "test.json"
-    gt.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "t"}]}))
-    return str(gt)
-
-
-def _preds(hits: set[int], n: int = 6) -> str:
-    """A hit is the true box; a miss the box moved by its width (IoU 0)."""
-    return json.dumps([{"image_id": i, "category_id": 1, "bbox": [10 if i in hits else 50, 10, 40, 30],
-                        "score": 0.5 + i / 100} for i in range(1, n + 1)])
-
-
 def _run(tmp_path: Path, merged: Path, map50: float, hits: set[int]):
     """One run's records (a distinct map50, a distinct run id) with its test predictions written."""
     rec = records(tmp_path / f"run-{map50}", merged, map50=map50)
-    Path(rec[1].predictions).write_text(_preds(hits))
+    Path(rec[1].predictions).write_text(boxed_predictions(hits))
     return rec
 
 
@@ -168,7 +147,7 @@ def test_the_gate_and_publish_run_against_a_kind_from_another_package(tmp_path, 
     config = _cfg("shelf:models")
     target = publishing.resolve_target(config)
     assert type(target).__module__ == "shelfkit.target" and target.location(tmp_path) == str(tmp_path / "models")
-    gt = _split(tmp_path)
+    gt = boxed_split(tmp_path)
 
     # an empty target: no champion, the threshold alone decides, the first publication lands as v1
     assert publishing.read_champion(config, tmp_path, target=target) is None
@@ -190,7 +169,7 @@ def test_the_gate_and_publish_run_against_a_kind_from_another_package(tmp_path, 
     merged2, report2, dataset2, adapter2, _ = _run(tmp_path, merged_dir, 0.95, hits={1, 2, 3, 4, 5, 6})
     assert champion.measured_on(report2)
     predictions = publishing.fetch_champion(champion, config, tmp_path, predictions_only=True, target=target)
-    assert Path(predictions).read_text() == _preds({1, 2, 3})
+    assert Path(predictions).read_text() == boxed_predictions({1, 2, 3})
     model = publishing.fetch_champion(champion, config, tmp_path, target=target)
     assert (Path(model) / "model.safetensors").read_bytes() == (merged_dir / "model.safetensors").read_bytes()
     comparison, _, _ = compare(report2, reuse_report(champion, report2, predictions), gt, config.gate,
