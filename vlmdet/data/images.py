@@ -55,10 +55,8 @@ def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, boo
             raise
         except OSError as err:  # a folder, a file the worker may not read
             raise ImageError("unreadable", str(err) or type(err).__name__) from err
-        if not source:
-            raise ImageError("empty-file", f"{name} has 0 bytes")
     if not source:
-        raise ImageError("empty-file", "0 bytes")
+        raise ImageError("empty-file", f"{name} has 0 bytes" if name else "0 bytes")
     try:
         # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above; both are "too
         # large" here. The filter is local: the global limit stays in force for everyone else.

@@ -16,6 +16,7 @@ No Prefect here: the library never imports it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -71,7 +72,11 @@ def check_inputs(config: RunConfig, check_base: bool = True) -> None:
 class Resolved:
     config: RunConfig  # train.profile concrete: what every step runs with
     check_run: str | None = None  # why a check run publishes locally, if it was redirected
-    target: Target | None = None  # config.publish.target, parsed once: where the champion is read and what publishes
+
+    @functools.cached_property
+    def target(self) -> Target:
+        """config.publish.target, parsed once: where the champion is read and what publishes."""
+        return resolve_target(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         """What `vlmdet retrain` hands the flow, so the flow runs what the command checked and resolved."""
@@ -80,7 +85,7 @@ class Resolved:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Resolved":
         config = RunConfig.from_dict(d["config"])
-        return cls(config, d.get("check_run"), resolve_target(config))
+        return cls(config, d.get("check_run"))
 
 
 def resolve(preset: str, overrides: dict[str, Any] | None = None, threshold: float | None = None,
@@ -90,7 +95,9 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None, threshold: flo
 
     config = configure(preset, overrides, threshold, dataset)
     config, note = guard_check_run(config, set(overrides or {}))
-    return Resolved(profiles.resolve(config, free_gib), note, resolve_target(config))
+    resolved = Resolved(profiles.resolve(config, free_gib), note)
+    resolved.target  # noqa: B018 - a bad publish.target fails here, with the other settings
+    return resolved
 
 
 # --- the driver ------------------------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def run(resolved: Resolved, layout: RunLayout, driver: Driver, force: bool = Fal
     run whose training and evaluation all came from the driver's cache, already decided under the same
     gate and publish settings, is skipped and says so."""
     config, started = resolved.config, time.time()
-    target = resolved.target or resolve_target(config)
+    target = resolved.target
     write_json(layout.config_file, config.to_dict())
     data, adapter, train_cached = trained(config, layout, driver, fresh=force)
     report, eval_cached = driver(steps.EVALUATE, adapter.path, data, config, layout, name="adapter")

@@ -21,8 +21,9 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from vlmdet.run.records import files_sha256
 
 # A file's times come from a coarse clock (a scheduler tick; a whole second on some file systems), so a write
 # in the same tick as the write before it can leave them as they were: a file changed less than RACY_S before
@@ -58,10 +59,8 @@ def file_digest(path: str | Path) -> str:
 
 
 def file_digests(files: dict[str, Path]) -> dict[str, str]:
-    """name -> sha256 (file_digest). Files to read are hashed in parallel threads (hashlib lets go of the GIL):
-    a sharded model takes about one shard's time where there are as many free cores."""
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(files), os.cpu_count() or 1))) as pool:
-        return dict(zip(files, pool.map(file_digest, files.values())))
+    """name -> sha256 (file_digest), the files to read hashed in parallel threads (records.files_sha256)."""
+    return files_sha256(files, file_digest)
 
 
 def forget() -> None:

@@ -215,10 +215,11 @@ def publish_repo(repo_id: str, files: dict[str, Source], meta: dict[str, Any], r
         if check is not None:  # the sha256 each file's LFS pointer will name, as the client will send it
             # huggingface_hub >= 2 hashes a file when upload_info.sha256 is first read: give it this process's
             # digests instead (read in parallel, once a process while the file's stat is unchanged: digests.py)
-            lazy = {op.path_in_repo: Path(op.path_or_fileobj) for op in ops if isinstance(op, CommitOperationAdd)
+            lazy = {op.path_in_repo: op for op in ops if isinstance(op, CommitOperationAdd)
                     and isinstance(op.path_or_fileobj, str) and not getattr(op.upload_info, "is_hashed", True)}
-            for rel, hexdigest in digests.file_digests(lazy).items():
-                next(op for op in ops if op.path_in_repo == rel).upload_info.sha256 = bytes.fromhex(hexdigest)
+            hashed = digests.file_digests({rel: Path(op.path_or_fileobj) for rel, op in lazy.items()})
+            for rel, hexdigest in hashed.items():
+                lazy[rel].upload_info.sha256 = bytes.fromhex(hexdigest)
             check({op.path_in_repo: op.upload_info.sha256.hex() for op in ops if isinstance(op, CommitOperationAdd)})
         try:
             info = api.create_commit(repo_id, ops, commit_message=title, commit_description=body, parent_commit=head)
@@ -399,9 +400,6 @@ class HubTarget(Target):
 
     def location(self, workdir: str | Path = ".") -> str:
         return self.rest
-
-    def model_name(self, workdir: str | Path = ".") -> str:
-        return self.rest.split("/")[-1]
 
     def load_name(self) -> str:
         return self.rest

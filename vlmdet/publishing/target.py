@@ -142,7 +142,9 @@ def target_of(spec: str, publish: PublishConfig | None = None) -> Target:
     """The Target `spec` names; `publish`: the rest of its settings (endpoint, privacy), defaults if None.
     A ConfigError naming publish.target, the value and the kinds installed when no kind is `spec`'s."""
     known = kinds()
-    head = spec.partition(":")[0] if isinstance(spec, str) else ""
+    head, _, tail = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if head in known and tail:  # the common case: no forms to import for an error message
+        return load(known[head])(tail, publish or PublishConfig(target=spec))
     kind, rest = split_spec(spec, FIELD, {k: _form(k) for k in ([head] if head in known else known)})
     return target_class(kind)(rest, publish or PublishConfig(target=spec))
 
