@@ -54,12 +54,15 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str,
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():  # accelerate launch / torchrun set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+    ours = not dist.is_initialized()
+    if ours:  # accelerate launch / torchrun set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
         if torch.cuda.is_available():  # NCCL gathers through the current device: this rank's, not every rank's cuda:0
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     gathered: list = [None] * world
     dist.all_gather_object(gathered, [(rank + world * k, p) for k, p in enumerate(preds)])
+    if ours:  # every rank is past the gather. A group left to the interpreter's exit can abort the process
+        dist.destroy_process_group()  # (gloo's threads: SIGABRT, "terminate called without an active exception")
     return [p for _, p in sorted((t for part in gathered for t in part), key=lambda t: t[0])]
 
 
