@@ -339,18 +339,18 @@ def bench_driver(rec: Recorder, hook: Path):
     def size_gb(path: str) -> float:
         return round(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e9, 2)
 
-    def prepare_data(data, a, row):
+    def prepare_data(data, a, row, step_dir):
         driver.out["counts"] = data.counts
         rec.add(row, images=sum(c["images"] for c in data.counts.values()), quarantined=len(data.quarantine))
 
-    def train(adapter, a, row):
-        config, dataset, layout = a["config"], a["dataset"], a["layout"]
-        train_out = layout.train_dir(dataset, config, a["fresh"])
+    def train(adapter, a, row, step_dir):
+        config, dataset = a["config"], a["dataset"]
+        train_out = step_dir.parent
         history = json.loads((train_out / "log_history.json").read_text()) \
             if (train_out / "log_history.json").is_file() else []
         final = next((h for h in reversed(history) if "train_runtime" in h), {})
         t, processes = config.train, plan_processes(config.train.num_processes)[0]
-        rec.add(row, **peak_of(train_out / "step"), **timeline_of(train_out / "step"), global_step=adapter.global_step,
+        rec.add(row, **peak_of(step_dir), **timeline_of(step_dir), global_step=adapter.global_step,
                 train_images=dataset.counts["train"]["images"], epochs=t.epochs, max_steps=t.max_steps,
                 processes=processes, effective_batch=t.per_device_batch * t.grad_accum * processes,
                 trainer_runtime_s=final.get("train_runtime"), samples_per_s=final.get("train_samples_per_second"),
@@ -358,27 +358,25 @@ def bench_driver(rec: Recorder, hook: Path):
                 loss_last=adapter.losses[-1] if adapter.losses else None, profile=t.profile)
         driver.out["train_config"] = config.to_dict()
 
-    def evaluate(report, a, row):
+    def evaluate(report, a, row, step_dir):
         seconds = next(r for r in rec.steps if r["step"] == row)["seconds"]
-        step_dir = a["layout"].eval_dir(a["name"]) / "step"
         rec.add(row, **peak_of(step_dir), **timeline_of(step_dir), images=report.num_images,
                 ms_per_image=round(1000 * seconds / max(1, report.num_images), 1),
                 processes=plan_processes(a["config"].eval.num_processes, setting="eval.num_processes")[0],
                 map=report.map, map50=report.map50, parse_failures=report.parse_failures)
 
-    def find_champion(champion, a, row):
+    def find_champion(champion, a, row, step_dir):
         rec.add(row, found=champion.source if champion else None)
 
-    def gate(decision, a, row):
+    def gate(decision, a, row, step_dir):
         rec.add(row, passed=decision.passed, reason=decision.reason)
         print(f"[nightly] {row}: {'passed' if decision.passed else 'closed'}: {decision.reason}", flush=True)
 
-    def merge(merged, a, row):
-        step_dir = a["layout"].merge_step_dir
+    def merge(merged, a, row, step_dir):
         rec.add(row, **peak_of(step_dir), **timeline_of(step_dir), merged_gb=size_gb(merged.path),
                 max_abs_logit_diff=merged.max_abs_logit_diff)
 
-    def publish(pub, a, row):
+    def publish(pub, a, row, step_dir):
         commits = HfApi(endpoint=a["config"].publish.endpoint, token=a["token"]).list_repo_commits(pub.target)
         landed = any(c.commit_id == pub.revision for c in commits)
         rec.add(row, target=f"hub:{pub.target}", revision=pub.revision, files=len(pub.files),
@@ -408,7 +406,7 @@ def bench_driver(rec: Recorder, hook: Path):
             row = step.name.replace("-", " ") + (f" {a['name']}" if "name" in a else "")
             record, cached = rec.run(row, lambda: super(BenchDriver, self).__call__(step, *args, **kwargs))
             if step.name in notes:
-                notes[step.name](record, a, row)
+                notes[step.name](record, a, row, step.step_dir(a))  # where the step's child wrote, if it has one
             return record, cached
 
     driver = BenchDriver()

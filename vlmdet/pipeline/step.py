@@ -109,10 +109,11 @@ class Plain:
         return {}
 
     def __call__(self, step: Step, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+        bound = step.arguments(*args, **kwargs)
         if step.child:
-            kwargs.setdefault("env", self.env(step.step_dir(step.arguments(*args, **kwargs))))
+            kwargs.setdefault("env", self.env(step.step_dir(bound)))
         record = step.call(*args, **kwargs)
-        line = step.says(record, step.arguments(*args, **kwargs)) if step.says else None
+        line = step.says(record, bound) if step.says else None
         if line:
             log.info("%s: %s", step.name, line)
         return record, False
