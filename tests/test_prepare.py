@@ -182,6 +182,20 @@ def test_an_unreadable_file_is_named_in_its_reason(tmp_path):
     assert (err.value.reason, err.value.detail) == ("unreadable", f"cannot identify image file {str(tmp_path / 'junk.jpg')!r}")
 
 
+@pytest.mark.parametrize("fmt", ["TIFF", "MPO"])
+def test_a_multi_frame_files_first_frame_holds_only_its_pixels(tmp_path, fmt):
+    """A phone's MPO JPEG or a multi-page TIFF decodes to its first frame, which keeps no reference to the
+    file's bytes (Pillow holds them to seek other frames): a decoded image costs its pixels, nothing more."""
+    from vlmdet.data.images import load_image
+
+    first, second = Image.new("RGB", (40, 30), (10, 20, 30)), Image.new("RGB", (40, 30), (200, 20, 30))
+    path = tmp_path / f"two.{fmt.lower()}"
+    first.save(path, format=fmt, save_all=True, append_images=[second])
+    im, _, changed = load_image(path)
+    assert (im.mode, im.size, im.getpixel((0, 0)), changed) == ("RGB", (40, 30), (10, 20, 30), False)
+    assert getattr(im, "fp", None) is None and getattr(im, "_fp", None) is None
+
+
 def test_a_folder_is_unreadable_and_the_bomb_check_is_one_thread_at_a_time(tmp_path, monkeypatch):
     """The decompression-bomb check turns a process-wide warning into an error: threads decoding at once (prepare,
     the training copies) take turns through it, or one would open an oversized image unchecked."""

@@ -80,6 +80,8 @@ def load_image(source: str | Path | bytes) -> tuple[Image.Image, str | None, boo
         reason = "truncated" if _looks_truncated(message) else "unreadable"
         raise ImageError(reason, message) from err
     rgb = to_rgb(shown)
+    if getattr(rgb, "n_frames", 1) > 1:  # a multi-frame image (TIFF pages, a phone's MPO) keeps the file's bytes to
+        rgb = rgb.copy()  # seek its other frames: its first frame alone, so an image held holds only its pixels
     changed = mode != "RGB" or orientation not in (None, 1)
     return rgb, fmt, changed
 
