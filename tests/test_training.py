@@ -72,6 +72,9 @@ def test_resume_runs_only_the_remaining_steps_with_the_saved_optimizer_state(syn
     config = micro_config.override({"train.pre_resize": True, "train.save_steps": 1})
     (out / "images").mkdir(parents=True)
     (out / "images" / "mine.bmp").write_bytes(b"a file vlmdet did not write")
+    # copies too: one as PNG (what the copies were before they were BMP) and one whose writer was killed mid-save
+    (out / "images" / "old-1234-1700000000000000000-28x28.png").write_bytes(b"an older copy")
+    (out / "images" / "cut-1234-1700000000000000000-28x28.4242.tmp").write_bytes(b"half a copy")
     first = train(_dataset(synth_coco), config.override({"train.max_steps": 2}), out)
     assert first.resumed_from is None and first.steps_run == 2
     assert copies and all(Path(c).parent == out / "images" for c in copies)

@@ -189,7 +189,9 @@ def resized_copy(src: str, width: int, height: int, family: str, min_pixels: int
     return str(dst)
 
 
-_COPY_NAME = re.compile(r"^.+-\d+-\d+-\d+x\d+\.bmp$")  # resized_copy's names: stem-size-mtime-WxH.bmp
+# resized_copy's names, stem-size-mtime-WxH.bmp; .png as they were before (a resumed older folder holds them) and
+# .PID.tmp where a writer was killed mid-save
+_COPY_NAME = re.compile(r"^.+-\d+-\d+-\d+x\d+\.(bmp|png|\d+\.tmp)$")
 
 
 def drop_copies(cache_dir: Path) -> None:
