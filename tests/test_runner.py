@@ -148,3 +148,40 @@ def test_a_stale_child_of_a_crashed_parent_is_killed_before_the_step_runs(fake_s
         for p in (stale, other):
             p.kill()
             p.wait()
+
+
+def test_a_step_running_in_a_live_run_is_refused_not_killed(fake_steps, tmp_path):
+    """Two runs of one step and configuration in one work folder (a manual run while the nightly trains): the
+    second is refused with who holds the folder; the first's child runs on. Once that run's process is gone
+    the folder is free again."""
+    from vlmdet.run.runner import StepBusy
+
+    pidfile, step_dir = tmp_path / "childpid", tmp_path / "s"
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        from vlmdet.run import runner
+        runner.command = lambda step, req, res, n=1: [
+            runner.sys.executable, "-c",
+            f"import sys, fakesteps; from vlmdet.pipeline.child import main; sys.exit(main({{[step, str(req), str(res)]!r}}))"]
+        runner.run_step("sleep", {{"pidfile": {str(pidfile)!r}}}, {str(step_dir)!r}, timeout_s=120)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "parent ended before its child started"
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        with pytest.raises(StepBusy, match=rf"step 'ok' is already running in {re.escape(str(step_dir))} "
+                                           rf"\(pid {parent.pid} on ") as err:
+            run_step("ok", {"x": 1}, step_dir, timeout_s=60)
+        assert err.value.kind == "busy"
+        assert not runner._gone(child), "the running step's child was killed"
+        assert "pidfile" in json.loads((step_dir / "request.json").read_text())  # its request untouched
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(child, within_s=5)
+        assert run_step("ok", {"x": 1}, step_dir, timeout_s=60) == {"echo": 2}  # the kernel dropped its lock
+    finally:
+        parent.kill()
+        parent.wait()

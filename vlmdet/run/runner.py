@@ -4,20 +4,28 @@ The child returns its GPU memory to the system when it ends, a crash or an out-o
 as such instead of poisoning the parent, a timeout really stops it (the whole process group is
 killed), and the same command scales to several GPUs with `accelerate launch`. The child writes
 its result record as JSON; the parent reads it back.
+
+One attempt at a time owns a step's folder (an exclusive flock on STEP_DIR/step.lock while its child runs):
+another run of the same step and configuration in the same work folder is refused (StepBusy) instead of
+overwriting the request, checkpoints and files of the one running, and a child.pid left there is a crashed
+parent's only when nobody holds the lock (the kernel drops it with the process).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from vlmdet.run import progress, timeline
 from vlmdet.run.records import write_json
@@ -43,6 +51,35 @@ class StepTimeout(StepFailed):
 
 class OutOfMemory(StepFailed):
     pass
+
+
+class StepBusy(StepFailed):
+    """Another live process is running this step in the same folder."""
+
+
+LOCK = "step.lock"
+
+
+@contextlib.contextmanager
+def owning(step: str, step_dir: Path) -> Iterator[None]:
+    """Hold step_dir for one attempt, or raise StepBusy naming who holds it."""
+    fd = os.open(step_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise StepBusy(step, f"step '{step}' is already running in {step_dir} ({holder}): another run with the "
+                                 "same step and settings in this work folder. Two at once would overwrite each "
+                                 "other's request, checkpoints and files, so this one stops. Run again once it has "
+                                 "finished (its result is then reused), or give this run its own --workdir.",
+                           kind="busy") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def command(step: str, request: Path, result: Path, num_processes: int = 1) -> list[str]:
@@ -134,7 +171,8 @@ def _gone(pid: int) -> bool:
 
 
 def kill_stale_child(step_dir: Path, wait_s: float = 10.0) -> bool:
-    """Kill the process group of a step child left by a crashed parent (step_dir/child.pid).
+    """Kill the process group of a step child left by a crashed parent (step_dir/child.pid); called while holding
+    step_dir (owning), so a live parent's child is never taken for one.
 
     Only a live process whose command line runs vlmdet.pipeline.child is touched: a pid can be reused by an
     unrelated process after a reboot or a long time. Returns True when one was killed.
@@ -172,7 +210,13 @@ def run_step(step: str, request: dict[str, Any], step_dir: str | Path, timeout_s
     step succeeded. An error inside it is logged and never stops the step."""
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True, exist_ok=True)
-    kill_stale_child(step_dir)
+    with owning(step, step_dir):  # a child.pid still running now is a crashed parent's, not a live run's
+        kill_stale_child(step_dir)
+        return _run_child(step, request, step_dir, timeout_s, num_processes, env, on_progress)
+
+
+def _run_child(step: str, request: dict[str, Any], step_dir: Path, timeout_s: float, num_processes: int,
+               env: dict[str, str] | None, on_progress: OnProgress | None) -> dict[str, Any]:
     req, res = step_dir / "request.json", step_dir / "result.json"
     req.write_text(json.dumps(request, indent=1, default=str))
     res.unlink(missing_ok=True)
