@@ -62,7 +62,8 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str,
     gathered: list = [None] * world
     dist.all_gather_object(gathered, [(rank + world * k, p) for k, p in enumerate(preds)])
     if ours:  # every rank is past the gather. A group left to the interpreter's exit can abort the process
-        dist.destroy_process_group()  # (gloo's threads: SIGABRT, "terminate called without an active exception")
+        dist.destroy_process_group()  # (gloo's threads: SIGABRT, "terminate called without an active exception");
+    # not after a failed gather: destroying while a peer may still be in the collective can hang (NCCL)
     return [p for _, p in sorted((t for part in gathered for t in part), key=lambda t: t[0])]
 
 
