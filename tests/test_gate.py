@@ -7,6 +7,7 @@ import math
 import pytest
 from PIL import Image
 
+from data_fixtures import boxed_predictions, boxed_split
 from vlmdet.config.settings import ConfigError, GateConfig, load_preset
 from vlmdet.decide.gate import Champion, Comparison, compare, decide, decision_markdown, disagreement_picture
 from vlmdet.run.records import EvalReport, GateDecision
@@ -97,29 +98,14 @@ def test_markdown_has_both_numbers_and_reason_and_round_trips():
 
 # --- compare(): real predictions files on a real split, the picture of disagreements -------------------------
 
-def _split(tmp_path, n: int = 6):
-    """n images, one box each; COCO file beside them as prepare_data writes it."""
-    images, anns = [], []
-    for i in range(1, n + 1):
-        Image.new("RGB", (100, 80), (40 * i % 255, 90, 120)).save(tmp_path / f"im{i}.png")
-        images.append({"id": i, "file_name": f"im{i}.png", "width": 100, "height": 80})
-        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0})
-    gt = tmp_path / "test.json"
-    gt.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "t"}]}))
-    return str(gt)
-
-
-def _preds(tmp_path, name: str, hits: set[int], n: int = 6) -> str:
-    """A hit is the true box; a miss the box shifted by its width (IoU 0)."""
-    out = [{"image_id": i, "category_id": 1, "bbox": [10 if i in hits else 50, 10, 40, 30], "score": 0.5 + i / 100}
-           for i in range(1, n + 1)]
+def _preds(tmp_path, name: str, hits: set[int]) -> str:
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(out))
+    path.write_text(boxed_predictions(hits))
     return str(path)
 
 
 def test_compare_scores_both_models_on_the_same_images_and_draws_where_they_differ(tmp_path):
-    gt = _split(tmp_path)
+    gt = boxed_split(tmp_path)
     champion = _report(0.5, predictions=_preds(tmp_path, "champ", {1, 2, 3}), n=6)
     challenger = _report(1.0, predictions=_preds(tmp_path, "new", {1, 2, 3, 4, 5, 6}), n=6)
     cfg = GateConfig(threshold=0.5, resamples=200)
@@ -139,7 +125,7 @@ def test_compare_scores_both_models_on_the_same_images_and_draws_where_they_diff
 
 
 def test_compare_refuses_reports_on_different_splits(tmp_path):
-    gt = _split(tmp_path)
+    gt = boxed_split(tmp_path)
     with pytest.raises(ValueError, match="same test split"):
         compare(_report(1.0, n=6), _report(1.0, split="val", n=6), gt, CFG)
 

@@ -97,9 +97,9 @@ def _wait_gone(pid: int, within_s: float) -> bool:
     return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
-def test_the_child_dies_when_its_parent_is_sigkilled(fake_steps, tmp_path):
-    # The flow-run process killed hard (OOM killer, preemption) must not leave its trainer on the GPU.
+def _parent_running_sleep(tmp_path, step_dir) -> tuple[subprocess.Popen, int]:
+    """A flow-run stand-in in another process, running the `sleep` step in step_dir: (it, its step child's pid)
+    once the child has started."""
     pidfile = tmp_path / "childpid"
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
@@ -107,7 +107,7 @@ def test_the_child_dies_when_its_parent_is_sigkilled(fake_steps, tmp_path):
         runner.command = lambda step, req, res, n=1: [
             runner.sys.executable, "-c",
             f"import sys, fakesteps; from vlmdet.pipeline.child import main; sys.exit(main({{[step, str(req), str(res)]!r}}))"]
-        runner.run_step("sleep", {{"pidfile": {str(pidfile)!r}}}, {str(tmp_path / "s")!r}, timeout_s=120)
+        runner.run_step("sleep", {{"pidfile": {str(pidfile)!r}}}, {str(step_dir)!r}, timeout_s=120)
     """))
     parent = subprocess.Popen([sys.executable, str(script)])
     try:
@@ -115,7 +115,18 @@ def test_the_child_dies_when_its_parent_is_sigkilled(fake_steps, tmp_path):
         while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
             assert parent.poll() is None, "parent ended before its child started"
             time.sleep(0.05)
-        child = int(pidfile.read_text())
+        return parent, int(pidfile.read_text())
+    except BaseException:
+        parent.kill()
+        parent.wait()
+        raise
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_the_child_dies_when_its_parent_is_sigkilled(fake_steps, tmp_path):
+    # The flow-run process killed hard (OOM killer, preemption) must not leave its trainer on the GPU.
+    parent, child = _parent_running_sleep(tmp_path, tmp_path / "s")
+    try:
         assert not runner._gone(child)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
@@ -156,22 +167,9 @@ def test_a_step_running_in_a_live_run_is_refused_not_killed(fake_steps, tmp_path
     the folder is free again."""
     from vlmdet.run.runner import StepBusy
 
-    pidfile, step_dir = tmp_path / "childpid", tmp_path / "s"
-    script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent(f"""
-        from vlmdet.run import runner
-        runner.command = lambda step, req, res, n=1: [
-            runner.sys.executable, "-c",
-            f"import sys, fakesteps; from vlmdet.pipeline.child import main; sys.exit(main({{[step, str(req), str(res)]!r}}))"]
-        runner.run_step("sleep", {{"pidfile": {str(pidfile)!r}}}, {str(step_dir)!r}, timeout_s=120)
-    """))
-    parent = subprocess.Popen([sys.executable, str(script)])
+    step_dir = tmp_path / "s"
+    parent, child = _parent_running_sleep(tmp_path, step_dir)
     try:
-        deadline = time.monotonic() + 60
-        while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
-            assert parent.poll() is None, "parent ended before its child started"
-            time.sleep(0.05)
-        child = int(pidfile.read_text())
         with pytest.raises(StepBusy, match=rf"step 'ok' is already running in {re.escape(str(step_dir))} "
                                            rf"\(pid {parent.pid} on ") as err:
             run_step("ok", {"x": 1}, step_dir, timeout_s=60)
