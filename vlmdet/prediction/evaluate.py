@@ -61,9 +61,11 @@ def detect_sharded(det: Detector, samples: list, config: RunConfig, desc: str,
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     gathered: list = [None] * world
     dist.all_gather_object(gathered, [(rank + world * k, p) for k, p in enumerate(preds)])
-    if ours:  # every rank is past the gather. A group left to the interpreter's exit can abort the process
-        dist.destroy_process_group()  # (gloo's threads: SIGABRT, "terminate called without an active exception");
-    # not after a failed gather: destroying while a peer may still be in the collective can hang (NCCL)
+    # Every rank is past the gather: the group this made goes now, as a group left to the interpreter's exit can
+    # abort the process (gloo's threads: SIGABRT). Not after a failed gather: a peer may still be in the
+    # collective, and destroying then can hang (NCCL).
+    if ours:
+        dist.destroy_process_group()
     return [p for _, p in sorted((t for part in gathered for t in part), key=lambda t: t[0])]
 
 
